@@ -1,0 +1,406 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"reflect"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// maxBodyBytes bounds a PUT body. A valid one is under 100 bytes; NGINX
+// enforces the same limit in front (client_max_body_size).
+const maxBodyBytes = 64 << 10
+
+// dbTimeout bounds the database work of one request, so that a hung database
+// turns into a quick 503 (and an NGINX failover) instead of a hung client.
+const dbTimeout = 3 * time.Second
+
+// newServer returns the HTTP handler of one regional backend: the routes of
+// addRoutes, wrapped so that every response is JSON, carries X-Served-By and
+// is logged.
+func newServer(logger *slog.Logger, region string, db *sql.DB) http.Handler {
+	mux := http.NewServeMux()
+	addRoutes(mux, logger, region, db)
+	var h http.Handler = jsonNotFound(mux)
+	h = servedBy(region, h)
+	h = logRequests(logger, h)
+	return h
+}
+
+// addRoutes is the one list of the service's routes. Every route but the bare
+// /health exists under both region prefixes: either backend serves either
+// region's traffic, which is what NGINX failover needs.
+func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.DB) {
+	mux.Handle("GET /health", handleHealth(region, db))
+	mux.Handle("GET /{region}/health", knownRegion(handleHealth(region, db)))
+	mux.Handle("GET /{region}/properties/{id}", knownRegion(handleGetProperty(logger, db)))
+	mux.Handle("PUT /{region}/properties/{id}", knownRegion(handleUpdateProperty(logger, region, db)))
+}
+
+// handleHealth answers 200 when the database answers, and 503 otherwise so
+// that NGINX moves the region's traffic to the other backend.
+func handleHealth(region string, db *sql.DB) http.Handler {
+	type response struct {
+		Status string `json:"status"`
+		Region string `json:"region"`
+		Error  string `json:"error,omitempty"`
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), time.Second)
+		defer cancel()
+		if err := db.PingContext(ctx); err != nil {
+			encode(w, http.StatusServiceUnavailable, response{"unavailable", region, "database unreachable"})
+			return
+		}
+		encode(w, http.StatusOK, response{Status: "ok", Region: region})
+	})
+}
+
+// handleGetProperty returns one property.
+func handleGetProperty(logger *slog.Logger, db *sql.DB) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id, err := parseID(r.PathValue("id"))
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
+		defer cancel()
+		p, err := getProperty(ctx, db, id)
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		encode(w, http.StatusOK, p)
+	})
+}
+
+// updateRequest is the body of PUT /{region}/properties/{id}. Pointers tell a
+// missing field from a zero one.
+type updateRequest struct {
+	Price     *Money `json:"price"`
+	Version   *int64 `json:"version"`
+	Bedrooms  *int32 `json:"bedrooms"`
+	Bathrooms *int32 `json:"bathrooms"`
+}
+
+// maxRooms is the most bedrooms or bathrooms a listing may have; more is a
+// typo, not a house.
+const maxRooms = 100
+
+// validate checks the fields the JSON decoder cannot and returns the update.
+func (req updateRequest) validate() (propertyUpdate, error) {
+	switch {
+	case req.Price == nil:
+		return propertyUpdate{}, &validationError{"price is required"}
+	case req.Version == nil:
+		return propertyUpdate{}, &validationError{"version is required"}
+	case *req.Version < 1:
+		return propertyUpdate{}, &validationError{"version must be at least 1"}
+	}
+	for name, rooms := range map[string]*int32{"bedrooms": req.Bedrooms, "bathrooms": req.Bathrooms} {
+		if rooms != nil && (*rooms < 0 || *rooms > maxRooms) {
+			return propertyUpdate{}, &validationError{fmt.Sprintf("%s must be between 0 and %d", name, maxRooms)}
+		}
+	}
+	return propertyUpdate{
+		Price:     *req.Price,
+		Version:   *req.Version,
+		Bedrooms:  req.Bedrooms,
+		Bathrooms: req.Bathrooms,
+	}, nil
+}
+
+// handleUpdateProperty applies an optimistic, idempotent update; see
+// updateProperty for the transaction and the contract for the check order.
+func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id, err := parseID(r.PathValue("id"))
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		requestID, err := parseRequestID(r.Header)
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		req, err := decode[updateRequest](w, r)
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		u, err := req.validate()
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
+		defer cancel()
+		p, err := updateProperty(ctx, db, region, requestID, id, u)
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		encode(w, http.StatusOK, p)
+	})
+}
+
+// knownRegion answers 404 for a region prefix other than us or eu.
+func knownRegion(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !validRegion(r.PathValue("region")) {
+			encode(w, http.StatusNotFound, errorBody{Error: "unknown region: use /us/ or /eu/"})
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// parseID parses a property id: a positive 64-bit decimal integer written the
+// canonical way (no sign, no leading zeros), so that one listing has one URL.
+func parseID(s string) (int64, error) {
+	id, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || id < 1 || strconv.FormatInt(id, 10) != s {
+		return 0, &validationError{"id must be a positive 64-bit integer"}
+	}
+	return id, nil
+}
+
+// parseRequestID returns the one X-Request-ID header of a request.
+func parseRequestID(h http.Header) (string, error) {
+	ids := h.Values("X-Request-ID")
+	switch {
+	case len(ids) == 0:
+		return "", &validationError{"X-Request-ID header is required"}
+	case len(ids) > 1:
+		return "", &validationError{"send exactly one X-Request-ID header"}
+	case !validRequestID(ids[0]):
+		return "", &validationError{fmt.Sprintf("X-Request-ID must be 1 to %d visible ASCII characters", maxRequestIDLen)}
+	}
+	return ids[0], nil
+}
+
+// encode writes v as the JSON response with the given status. Headers must be
+// set before WriteHeader, so the content type goes first.
+func encode[T any](w http.ResponseWriter, status int, v T) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	// An error here means the client went away; there is nobody to tell.
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// decode reads a request body of at most maxBodyBytes holding exactly one JSON
+// object with only the fields of T. Every failure is a *validationError or an
+// *http.MaxBytesError, with a message fit for the client.
+func decode[T any](w http.ResponseWriter, r *http.Request) (T, error) {
+	var v T
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	if err != nil {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			return v, tooLarge
+		}
+		return v, &validationError{"could not read the request body"}
+	}
+	if !bytes.HasPrefix(bytes.TrimLeft(body, " \t\r\n"), []byte("{")) {
+		return v, &validationError{"body must be one JSON object"}
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&v); err != nil {
+		return v, decodeError(err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return v, &validationError{"body must be one JSON object with nothing after it"}
+	}
+	return v, nil
+}
+
+// decodeError turns an encoding/json error into a message that names the
+// problem in the client's terms, without Go type names.
+func decodeError(err error) error {
+	var (
+		verr      *validationError
+		typeErr   *json.UnmarshalTypeError
+		syntaxErr *json.SyntaxError
+	)
+	switch {
+	case errors.As(err, &verr):
+		return verr
+	case errors.As(err, &typeErr):
+		want := "a JSON object"
+		switch typeErr.Type.Kind() {
+		case reflect.Int32, reflect.Int64:
+			want = "an integer in range"
+		}
+		if typeErr.Field == "" {
+			return &validationError{"body must be one JSON object"}
+		}
+		return &validationError{fmt.Sprintf("%s must be %s", typeErr.Field, want)}
+	case errors.As(err, &syntaxErr), errors.Is(err, io.ErrUnexpectedEOF):
+		return &validationError{"body is not valid JSON"}
+	case strings.HasPrefix(err.Error(), "json: unknown field "):
+		return &validationError{"unknown field " + strings.TrimPrefix(err.Error(), "json: unknown field ")}
+	}
+	return &validationError{"body is not valid JSON"}
+}
+
+// validationError is a bad request, with a message for the client.
+type validationError struct {
+	msg string
+}
+
+func (e *validationError) Error() string { return e.msg }
+
+// errorBody is the contract's error response, {"error": "..."}.
+type errorBody struct {
+	Error string `json:"error"`
+}
+
+// encodeError is the one place where an error becomes a status code and a
+// JSON body. A 5xx is logged with the real error; the client sees only a
+// generic message, never internals.
+func encodeError(w http.ResponseWriter, r *http.Request, logger *slog.Logger, err error) {
+	var (
+		verr     *validationError
+		tooLarge *http.MaxBytesError
+		dup      *duplicateRequestError
+		mismatch *versionMismatchError
+	)
+	switch {
+	case errors.As(err, &verr):
+		encode(w, http.StatusBadRequest, errorBody{Error: verr.msg})
+	case errors.As(err, &tooLarge):
+		encode(w, http.StatusRequestEntityTooLarge, errorBody{Error: fmt.Sprintf("request body is larger than %d bytes", tooLarge.Limit)})
+	case errors.As(err, &dup):
+		encode(w, http.StatusUnprocessableEntity, struct {
+			Error            string          `json:"error"`
+			RequestID        string          `json:"request_id"`
+			OriginalResponse json.RawMessage `json:"original_response,omitempty"`
+		}{"duplicate request", dup.requestID, dup.original})
+	case errors.Is(err, errNotFound):
+		encode(w, http.StatusNotFound, errorBody{Error: "property not found"})
+	case errors.As(err, &mismatch):
+		encode(w, http.StatusConflict, struct {
+			Error          string `json:"error"`
+			CurrentVersion int64  `json:"current_version"`
+		}{"version mismatch", mismatch.current})
+	case databaseUnreachable(err):
+		logger.WarnContext(r.Context(), "database unreachable", "method", r.Method, "path", r.URL.Path, "err", err)
+		encode(w, http.StatusServiceUnavailable, errorBody{Error: "service unavailable, try again"})
+	default:
+		logger.ErrorContext(r.Context(), "internal error", "method", r.Method, "path", r.URL.Path, "err", err)
+		encode(w, http.StatusInternalServerError, errorBody{Error: "internal error"})
+	}
+}
+
+// databaseUnreachable tells an outage from a bug. If PostgreSQL answered with
+// an error, the request or the code is wrong: a 500. If it did not answer at
+// all (connection refused or lost, timeout, server shutting down), the region
+// is unhealthy: a 503, on which NGINX retries the other region.
+func databaseUnreachable(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		// Class 08 is connection exceptions, 57P0x the server shutting down.
+		return strings.HasPrefix(pgErr.Code, "08") || strings.HasPrefix(pgErr.Code, "57P0")
+	}
+	var netErr net.Error
+	var connectErr *pgconn.ConnectError
+	return errors.As(err, &netErr) ||
+		errors.As(err, &connectErr) ||
+		errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, context.Canceled) ||
+		errors.Is(err, driver.ErrBadConn) ||
+		errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, io.EOF) ||
+		pgconn.Timeout(err)
+}
+
+// jsonNotFound answers the requests the mux has no route for with a JSON 404
+// or 405 (keeping the mux's Allow header) instead of the mux's plain text.
+func jsonNotFound(mux *http.ServeMux) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h, pattern := mux.Handler(r)
+		if pattern != "" {
+			mux.ServeHTTP(w, r)
+			return
+		}
+		rec := &statusRecorder{ResponseWriter: discardWriter{w.Header()}}
+		h.ServeHTTP(rec, r)
+		switch rec.status {
+		case http.StatusMethodNotAllowed:
+			encode(w, rec.status, errorBody{Error: "method not allowed"})
+		case http.StatusNotFound:
+			encode(w, rec.status, errorBody{Error: "not found"})
+		default:
+			// A redirect to the cleaned path: nothing to translate.
+			mux.ServeHTTP(w, r)
+		}
+	})
+}
+
+// discardWriter is a ResponseWriter that keeps headers and drops the body.
+type discardWriter struct{ h http.Header }
+
+func (d discardWriter) Header() http.Header         { return d.h }
+func (d discardWriter) Write(b []byte) (int, error) { return len(b), nil }
+func (d discardWriter) WriteHeader(int)             {}
+
+// servedBy adds the X-Served-By header, which tells a client (and a failover
+// test) which region actually answered.
+func servedBy(region string, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Served-By", region)
+		h.ServeHTTP(w, r)
+	})
+}
+
+// logRequests writes one JSON log line per request.
+func logRequests(logger *slog.Logger, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		rec := &statusRecorder{ResponseWriter: w}
+		h.ServeHTTP(rec, r)
+		logger.LogAttrs(r.Context(), slog.LevelInfo, "request",
+			slog.String("method", r.Method),
+			slog.String("path", r.URL.Path),
+			slog.Int("status", rec.status),
+			slog.Duration("duration", time.Since(start)),
+			slog.String("request_id", r.Header.Get("X-Request-ID")),
+		)
+	})
+}
+
+// statusRecorder remembers the status code a handler wrote.
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (s *statusRecorder) WriteHeader(status int) {
+	if s.status == 0 {
+		s.status = status
+	}
+	s.ResponseWriter.WriteHeader(status)
+}
+
+func (s *statusRecorder) Write(b []byte) (int, error) {
+	if s.status == 0 {
+		s.status = http.StatusOK
+	}
+	return s.ResponseWriter.Write(b)
+}

@@ -1,0 +1,248 @@
+// Property-listing is one regional backend of a two-region (US and EU)
+// property listing service. Each region runs this program against its own
+// PostgreSQL database; NGINX routes /us/* and /eu/* to their region and fails
+// over to the other one; Kafka carries every change from one region to the
+// other.
+//
+// A tour of the files, in reading order:
+//
+//   - main.go: configuration from the environment, wiring, start-up and the
+//     ordered shutdown.
+//   - property.go: the Property type, exact Money, and the update transaction
+//     with optimistic locking (UPDATE ... WHERE version = $n).
+//   - idempotency.go: X-Request-ID, and how a retried request is recognised in
+//     either region.
+//   - handlers.go: the routes, request decoding and validation, and the one
+//     function that maps errors to status codes.
+//
+// The program also has a health-check mode, "property-listing healthcheck",
+// that asks a running instance for GET /health and exits 0 or 1, so that a
+// container image without curl can still have a healthcheck.
+package main
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "property-listing:", err)
+		os.Exit(1)
+	}
+}
+
+// config is everything the service reads from its environment, once, at
+// start. The defaults match docker-compose.yml.
+type config struct {
+	region      string // "us" or "eu": the region this instance serves as
+	port        int    // HTTP port
+	databaseURL string // PostgreSQL connection string
+	dbMaxConns  int    // the size of the connection pool
+}
+
+// loadConfig reads the configuration through getenv. A missing or invalid
+// setting is an error that names the variable.
+func loadConfig(getenv func(string) string) (config, error) {
+	cfg := config{
+		region:     getenv("REGION"),
+		port:       8000,
+		dbMaxConns: 16,
+	}
+	if !validRegion(cfg.region) {
+		return config{}, fmt.Errorf("REGION must be us or eu, got %q", cfg.region)
+	}
+	var err error
+	if cfg.port, err = intSetting(getenv, "PORT", cfg.port, 1, 65535); err != nil {
+		return config{}, err
+	}
+	if cfg.dbMaxConns, err = intSetting(getenv, "DB_MAX_CONNS", cfg.dbMaxConns, 1, 1000); err != nil {
+		return config{}, err
+	}
+	if cfg.databaseURL, err = databaseURL(getenv); err != nil {
+		return config{}, err
+	}
+	return cfg, nil
+}
+
+// validRegion reports whether r names one of the two regions.
+func validRegion(r string) bool {
+	return r == "us" || r == "eu"
+}
+
+// intSetting reads an optional integer variable within [lo, hi].
+func intSetting(getenv func(string) string, name string, def, lo, hi int) (int, error) {
+	s := getenv(name)
+	if s == "" {
+		return def, nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < lo || n > hi {
+		return 0, fmt.Errorf("%s must be an integer from %d to %d, got %q", name, lo, hi, s)
+	}
+	return n, nil
+}
+
+// databaseURL returns DATABASE_URL if set, and otherwise builds one from
+// DB_HOST, DB_PORT, DB_USER, DB_PASSWORD and DB_NAME, as the seed's .env has
+// them.
+func databaseURL(getenv func(string) string) (string, error) {
+	if u := getenv("DATABASE_URL"); u != "" {
+		if _, err := pgx.ParseConfig(u); err != nil {
+			return "", errors.New("DATABASE_URL is not a valid PostgreSQL connection string")
+		}
+		return u, nil
+	}
+	parts := map[string]string{}
+	for _, name := range []string{"DB_HOST", "DB_USER", "DB_PASSWORD", "DB_NAME"} {
+		if parts[name] = getenv(name); parts[name] == "" {
+			return "", fmt.Errorf("%s is not set (set DATABASE_URL, or DB_HOST, DB_PORT, DB_USER, DB_PASSWORD and DB_NAME)", name)
+		}
+	}
+	port, err := intSetting(getenv, "DB_PORT", 5432, 1, 65535)
+	if err != nil {
+		return "", err
+	}
+	u := url.URL{
+		Scheme: "postgres",
+		User:   url.UserPassword(parts["DB_USER"], parts["DB_PASSWORD"]),
+		Host:   net.JoinHostPort(parts["DB_HOST"], strconv.Itoa(port)),
+		Path:   "/" + parts["DB_NAME"],
+	}
+	return u.String(), nil
+}
+
+// run is the whole program: main only turns its error into an exit code. It
+// returns when ctx is cancelled (SIGINT or SIGTERM) and everything it started
+// has stopped.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
+	if len(args) > 0 && args[0] == "healthcheck" {
+		return healthcheck(ctx, getenv)
+	}
+	if len(args) > 0 {
+		return fmt.Errorf("unknown argument %q (the only one is healthcheck)", args[0])
+	}
+	cfg, err := loadConfig(getenv)
+	if err != nil {
+		return err
+	}
+	logger := slog.New(slog.NewJSONHandler(stdout, nil)).With("region", cfg.region)
+
+	db, err := openDB(cfg)
+	if err != nil {
+		return err
+	}
+	// Closed last, after everything that uses it has stopped.
+	defer db.Close()
+
+	srv := &http.Server{
+		Addr:    net.JoinHostPort("", strconv.Itoa(cfg.port)),
+		Handler: newServer(logger, cfg.region, db),
+		// Slow or stalled clients must not hold connections forever.
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      15 * time.Second,
+		// Longer than NGINX's upstream keepalive_timeout (60s), so that NGINX,
+		// not the backend, closes idle connections: a backend that closes
+		// first races NGINX reusing the connection.
+		IdleTimeout: 120 * time.Second,
+		ErrorLog:    slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	listener, err := net.Listen("tcp", srv.Addr)
+	if err != nil {
+		return fmt.Errorf("listen on port %d: %w", cfg.port, err)
+	}
+
+	var wg sync.WaitGroup
+	serveErr := make(chan error, 1)
+	wg.Go(func() {
+		// Exits when Shutdown is called below, or on a listener error.
+		if err := srv.Serve(listener); !errors.Is(err, http.ErrServerClosed) {
+			serveErr <- err
+		}
+	})
+	logger.Info("listening", "addr", listener.Addr().String())
+
+	select {
+	case <-ctx.Done():
+	case err = <-serveErr:
+	}
+
+	// The ordered shutdown: first stop taking requests and let the ones in
+	// flight finish, with a fresh deadline because ctx is already cancelled.
+	logger.Info("shutting down")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if serr := srv.Shutdown(shutdownCtx); serr != nil {
+		err = errors.Join(err, fmt.Errorf("http shutdown: %w", serr))
+	}
+	wg.Wait()
+	logger.Info("stopped")
+	return err
+}
+
+// openDB opens the connection pool. It does not wait for the database: the
+// service starts and answers 503 until the database is reachable.
+func openDB(cfg config) (*sql.DB, error) {
+	pgcfg, err := pgx.ParseConfig(cfg.databaseURL)
+	if err != nil {
+		return nil, errors.New("DATABASE_URL is not a valid PostgreSQL connection string")
+	}
+	if pgcfg.ConnectTimeout == 0 {
+		// A database host that is down should cost a request a moment, not
+		// the operating system's TCP connect timeout of minutes.
+		pgcfg.ConnectTimeout = 2 * time.Second
+	}
+	db := stdlib.OpenDB(*pgcfg)
+	// A bounded pool: enough connections to keep two cores busy while some wait
+	// on commits, few enough that PostgreSQL's max_connections (100) holds
+	// both regions' pools, the relay and the consumer with room to spare.
+	db.SetMaxOpenConns(cfg.dbMaxConns)
+	db.SetMaxIdleConns(cfg.dbMaxConns)
+	db.SetConnMaxIdleTime(5 * time.Minute)
+	db.SetConnMaxLifetime(30 * time.Minute)
+	return db, nil
+}
+
+// healthcheck asks the instance on PORT for GET /health and fails unless it
+// answers 200.
+func healthcheck(ctx context.Context, getenv func(string) string) error {
+	port, err := intSetting(getenv, "PORT", 8000, 1, 65535)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	target := fmt.Sprintf("http://127.0.0.1:%d/health", port)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, target, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("healthcheck: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("healthcheck: %s answered %s", target, resp.Status)
+	}
+	return nil
+}
