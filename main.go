@@ -29,6 +29,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/url"
 	"os"
 	"os/signal"
@@ -57,6 +58,7 @@ type config struct {
 	port        int    // HTTP port
 	databaseURL string // PostgreSQL connection string
 	dbMaxConns  int    // the size of the connection pool
+	debugAddr   string // where to serve pprof; empty for nowhere
 }
 
 // loadConfig reads the configuration through getenv. A missing or invalid
@@ -79,6 +81,11 @@ func loadConfig(getenv func(string) string) (config, error) {
 	}
 	if cfg.databaseURL, err = databaseURL(getenv); err != nil {
 		return config{}, err
+	}
+	if cfg.debugAddr = getenv("DEBUG_ADDR"); cfg.debugAddr != "" {
+		if _, _, err := net.SplitHostPort(cfg.debugAddr); err != nil {
+			return config{}, fmt.Errorf("DEBUG_ADDR must be host:port, got %q", cfg.debugAddr)
+		}
 	}
 	return cfg, nil
 }
@@ -181,6 +188,18 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	})
 	logger.Info("listening", "addr", listener.Addr().String())
 
+	// Profiling on a separate listener that NGINX knows nothing about:
+	// internal endpoints are never reachable from outside.
+	debugSrv := &http.Server{Addr: cfg.debugAddr, Handler: debugHandler(), ReadHeaderTimeout: 5 * time.Second}
+	if cfg.debugAddr != "" {
+		wg.Go(func() {
+			// Exits when Close is called at shutdown.
+			if err := debugSrv.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
+				logger.Warn("debug server stopped", "err", err)
+			}
+		})
+	}
+
 	select {
 	case <-ctx.Done():
 	case err = <-serveErr:
@@ -194,6 +213,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if serr := srv.Shutdown(shutdownCtx); serr != nil {
 		err = errors.Join(err, fmt.Errorf("http shutdown: %w", serr))
 	}
+	debugSrv.Close()
 	wg.Wait()
 	logger.Info("stopped")
 	return err
@@ -220,6 +240,17 @@ func openDB(cfg config) (*sql.DB, error) {
 	db.SetConnMaxIdleTime(5 * time.Minute)
 	db.SetConnMaxLifetime(30 * time.Minute)
 	return db, nil
+}
+
+// debugHandler serves net/http/pprof's profiles.
+func debugHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
 }
 
 // healthcheck asks the instance on PORT for GET /health and fails unless it

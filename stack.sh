@@ -1,0 +1,411 @@
+#!/usr/bin/env bash
+# stack.sh starts the same topology as docker-compose.yml from local processes,
+# for machines without Docker:
+#
+#   db-us, db-eu   two PostgreSQL clusters   127.0.0.1:5433, 127.0.0.1:5434
+#   kafka          one KRaft Kafka broker    127.0.0.1:9092 (controller 9093)
+#   backend-us     the service, REGION=us    127.0.0.1:8001 (pprof 127.0.0.1:6061)
+#   backend-eu     the service, REGION=eu    127.0.0.1:8002 (pprof 127.0.0.1:6062)
+#   nginx          the project's nginx.conf  127.0.0.1:8080
+#
+# Usage: ./stack.sh up | down | ps | logs SERVICE | stop SERVICE | start SERVICE
+#                  | kill SERVICE | test | bench
+#
+# The subcommands mirror docker compose's, over the same service names, so the
+# integration tests drive either stack through one command. All state (database
+# clusters, Kafka's data and jars, logs, pid files) lives in .stack/, which git
+# ignores; `down` stops everything, `rm -rf .stack` forgets it.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")" && pwd)
+state="$root/.stack"
+services=(db-us db-eu kafka backend-us backend-eu nginx)
+
+# The Kafka version of the apache/kafka image in docker-compose.yml.
+kafka_version=4.1.1
+
+# Credentials come from .env like compose's, or from .env.example when there
+# is no .env: a local throwaway stack needs no secret of its own.
+envfile="$root/.env"
+[ -f "$envfile" ] || envfile="$root/.env.example"
+set -a
+# shellcheck disable=SC1090
+. "$envfile"
+set +a
+: "${POSTGRES_USER:?set POSTGRES_USER in .env (see .env.example)}"
+: "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env (see .env.example)}"
+: "${POSTGRES_DB:?set POSTGRES_DB in .env (see .env.example)}"
+
+log() { printf '%s stack: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+port_of() {
+	case "$1" in
+	db-us) echo 5433 ;; db-eu) echo 5434 ;; kafka) echo 9092 ;;
+	backend-us) echo 8001 ;; backend-eu) echo 8002 ;; nginx) echo 8080 ;;
+	*) die "unknown service $1 (one of: ${services[*]})" ;;
+	esac
+}
+
+db_url() { # db_url SERVICE [DATABASE]
+	printf 'postgres://%s:%s@127.0.0.1:%s/%s' "$POSTGRES_USER" "$POSTGRES_PASSWORD" "$(port_of "$1")" "${2:-$POSTGRES_DB}"
+}
+
+pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+
+# PostgreSQL refuses to run as root; as root, run it as the postgres user.
+as_pg() {
+	if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# ---------------------------------------------------------------- installing
+
+install_missing() {
+	local need=()
+	command -v nginx >/dev/null || need+=(nginx)
+	[ -n "$pgbin" ] || need+=(postgresql)
+	command -v java >/dev/null || need+=(openjdk-17-jre-headless)
+	command -v mvn >/dev/null || need+=(maven)
+	if [ ${#need[@]} -gt 0 ]; then
+		[ "$(id -u)" = 0 ] || die "missing ${need[*]}: install them, or run as root"
+		log "installing ${need[*]} with apt"
+		apt-get update -qq
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+		pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+	fi
+	# Debian starts its own nginx on port 80 after installing; ours is separate.
+	if [ -f /run/nginx.pid ] && [ "$(id -u)" = 0 ]; then nginx -s quit 2>/dev/null || true; fi
+	kafka_jars
+}
+
+# kafka_jars resolves the broker and its dependencies from Maven Central into
+# the local Maven repository and records the classpath.
+kafka_jars() {
+	local dir="$state/kafka"
+	[ -s "$dir/classpath-$kafka_version" ] && return
+	mkdir -p "$dir"
+	cat >"$dir/pom.xml" <<-EOF
+		<project xmlns="http://maven.apache.org/POM/4.0.0">
+		  <modelVersion>4.0.0</modelVersion>
+		  <groupId>local.stack</groupId>
+		  <artifactId>kafka-runtime</artifactId>
+		  <version>1</version>
+		  <dependencies>
+		    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$kafka_version</version></dependency>
+		    <!-- Kafka logs through SLF4J; these route it to Log4j 2, as the broker's own distribution does. -->
+		    <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-api</artifactId><version>2.0.17</version></dependency>
+		    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j2-impl</artifactId><version>2.24.3</version></dependency>
+		    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>2.24.3</version></dependency>
+		  </dependencies>
+		</project>
+	EOF
+	log "resolving Kafka $kafka_version jars from Maven Central"
+	mvn -q -B -f "$dir/pom.xml" dependency:build-classpath -Dmdep.outputFile="$dir/classpath-$kafka_version" >"$dir/maven.log" 2>&1 ||
+		die "maven could not resolve Kafka: see $dir/maven.log"
+}
+
+# ------------------------------------------------------------- the services
+
+pidfile() { echo "$state/run/$1.pid"; }
+
+running() { # running SERVICE: is its process alive?
+	local pid
+	case "$1" in
+	db-*) pid=$(head -n 1 "$state/pg/$1/postmaster.pid" 2>/dev/null || true) ;;
+	*) pid=$(cat "$(pidfile "$1")" 2>/dev/null || true) ;;
+	esac
+	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+}
+
+# spawn SERVICE CMD...: run CMD in the background in its own session, logging
+# to .stack/logs/SERVICE.log.
+spawn() {
+	local svc=$1
+	shift
+	mkdir -p "$state/run" "$state/logs"
+	setsid "$@" >>"$state/logs/$svc.log" 2>&1 </dev/null &
+	echo $! >"$(pidfile "$svc")"
+}
+
+init_db() {
+	local svc=$1 data="$state/pg/$1"
+	[ -f "$data/PG_VERSION" ] && return
+	log "creating the $svc cluster"
+	mkdir -p "$data" "$state/logs"
+	local pw="$state/pg/.pw-$svc"
+	printf '%s\n' "$POSTGRES_PASSWORD" >"$pw"
+	if [ "$(id -u)" = 0 ]; then chown -R postgres "$state/pg"; fi
+	chmod 700 "$data"
+	# As in the postgres image: POSTGRES_USER is the superuser, a password is
+	# required over TCP, and the local socket is trusted.
+	as_pg "$pgbin/initdb" -D "$data" -U "$POSTGRES_USER" --pwfile="$pw" -E UTF8 --locale=C.UTF-8 \
+		--auth-local=trust --auth-host=scram-sha-256 >"$state/logs/$svc-initdb.log" 2>&1 ||
+		die "initdb failed: see $state/logs/$svc-initdb.log"
+	rm -f "$pw"
+	start_db "$svc"
+	local psql=("$pgbin/psql" -q -v ON_ERROR_STOP=1 -h "$state/pg" -p "$(port_of "$svc")" -U "$POSTGRES_USER")
+	as_pg "${psql[@]}" -d postgres -c "CREATE DATABASE \"$POSTGRES_DB\"" >/dev/null
+	# Both seeds into both regions, in the order the postgres image runs
+	# docker-entrypoint-initdb.d: the schema, then the seeds.
+	for f in init.sql us_seed.sql eu_seed.sql; do
+		as_pg "${psql[@]}" -d "$POSTGRES_DB" -f - <"$root/$f" >/dev/null
+	done
+}
+
+start_db() {
+	local svc=$1
+	running "$svc" && return
+	mkdir -p "$state/logs"
+	if [ "$(id -u)" = 0 ]; then chown postgres "$state/logs"; touch "$state/logs/$svc.log"; chown postgres "$state/logs/$svc.log"; fi
+	# max_connections leaves room for both services' pools, the tests and
+	# pgbench; the socket lives in .stack/pg so that nothing outside is touched.
+	as_pg "$pgbin/pg_ctl" -D "$state/pg/$svc" -l "$state/logs/$svc.log" -w -t 60 \
+		-o "-p $(port_of "$svc") -c listen_addresses=127.0.0.1 -k $state/pg -c max_connections=200" start >/dev/null
+}
+
+start_kafka() {
+	running kafka && return
+	local dir="$state/kafka"
+	mkdir -p "$dir/data"
+	cat >"$dir/server.properties" <<-EOF
+		# The settings of the apache/kafka service in docker-compose.yml.
+		process.roles=broker,controller
+		node.id=1
+		controller.quorum.voters=1@127.0.0.1:9093
+		listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093
+		advertised.listeners=PLAINTEXT://127.0.0.1:9092
+		controller.listener.names=CONTROLLER
+		listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+		log.dirs=$dir/data
+		offsets.topic.replication.factor=1
+		transaction.state.log.replication.factor=1
+		transaction.state.log.min.isr=1
+		group.initial.rebalance.delay.ms=0
+		auto.create.topics.enable=false
+	EOF
+	cat >"$dir/log4j2.yaml" <<-EOF
+		Configuration:
+		  Appenders:
+		    Console:
+		      name: STDOUT
+		      PatternLayout:
+		        pattern: "[%d] %p %m (%c)%n"
+		  Loggers:
+		    Root:
+		      level: INFO
+		      AppenderRef:
+		        - ref: STDOUT
+	EOF
+	local cp
+	cp=$(cat "$dir/classpath-$kafka_version")
+	if [ ! -f "$dir/data/meta.properties" ]; then
+		log "formatting Kafka's KRaft storage"
+		java -cp "$cp" kafka.tools.StorageTool format -t "$(java -cp "$cp" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)" \
+			-c "$dir/server.properties" >"$state/logs/kafka-format.log" 2>&1 ||
+			die "formatting Kafka storage failed: see $state/logs/kafka-format.log"
+	fi
+	# A modest heap: the broker shares two cores and the memory with the rest.
+	spawn kafka java -Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true \
+		-Dlog4j2.configurationFile="$dir/log4j2.yaml" -cp "$cp" kafka.Kafka "$dir/server.properties"
+}
+
+build_backend() {
+	mkdir -p "$state/bin"
+	(cd "$root" && go build -o "$state/bin/property-listing" .) || die "go build failed"
+}
+
+start_backend() {
+	local svc=$1 region=${1#backend-}
+	running "$svc" && return
+	[ -x "$state/bin/property-listing" ] || build_backend
+	local debug=6061
+	[ "$region" = eu ] && debug=6062
+	spawn "$svc" env REGION="$region" PORT="$(port_of "$svc")" \
+		DATABASE_URL="$(db_url "db-$region")" \
+		KAFKA_BROKER=127.0.0.1:9092 KAFKA_TOPIC=property-updates \
+		DEBUG_ADDR="127.0.0.1:$debug" \
+		"$state/bin/property-listing"
+}
+
+# nginx_conf writes the project's nginx.conf with local addresses: the only
+# changes are the backend addresses, the file paths, and the directives an
+# NGINX older than 1.27.3 does not have (resolver-based "resolve").
+nginx_conf() {
+	local dir="$state/nginx" version
+	mkdir -p "$dir" "$state/logs" "$state/run"
+	version=$(nginx -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p')
+	local strip_resolve=""
+	if [ "$(printf '%s\n1.27.3\n' "$version" | sort -V | head -n 1)" != 1.27.3 ]; then
+		strip_resolve='/^[[:space:]]*resolver /d; s/ resolve;/;/'
+	fi
+	sed -e "s|backend-us:8000|127.0.0.1:$(port_of backend-us)|g" \
+		-e "s|backend-eu:8000|127.0.0.1:$(port_of backend-eu)|g" \
+		-e "s|/var/log/nginx/access.log|$state/logs/nginx.log|" \
+		-e "s|/var/log/nginx/error.log|$state/logs/nginx.log|" \
+		-e "s|/var/run/nginx.pid|$state/run/nginx.master.pid|" \
+		-e "$strip_resolve" \
+		"$root/nginx.conf" >"$dir/nginx.conf"
+	nginx -t -q -c "$dir/nginx.conf" -p "$dir" 2>>"$state/logs/nginx.log" || die "nginx rejected the config: see $state/logs/nginx.log"
+}
+
+start_nginx() {
+	running nginx && return
+	nginx_conf
+	spawn nginx nginx -c "$state/nginx/nginx.conf" -p "$state/nginx" -g 'daemon off;'
+}
+
+start_service() {
+	case "$1" in
+	db-*) start_db "$1" ;;
+	kafka) start_kafka ;;
+	backend-*) start_backend "$1" ;;
+	nginx) start_nginx ;;
+	*) port_of "$1" >/dev/null ;;
+	esac
+}
+
+# stop_service SERVICE SIGNAL: TERM is an orderly stop, KILL a crash.
+stop_service() {
+	local svc=$1 sig=$2
+	case "$svc" in
+	db-*)
+		running "$svc" || return 0
+		local mode=fast
+		[ "$sig" = KILL ] && mode=immediate
+		as_pg "$pgbin/pg_ctl" -D "$state/pg/$svc" -m "$mode" -w stop >/dev/null
+		;;
+	*)
+		port_of "$svc" >/dev/null
+		running "$svc" || return 0
+		local pid
+		pid=$(cat "$(pidfile "$svc")")
+		kill -s "$sig" "$pid" 2>/dev/null || true
+		for _ in $(seq 1 300); do
+			kill -0 "$pid" 2>/dev/null || break
+			sleep 0.1
+		done
+		if kill -0 "$pid" 2>/dev/null; then
+			log "$svc did not stop in 30s; killing it"
+			kill -KILL "$pid" 2>/dev/null || true
+		fi
+		rm -f "$(pidfile "$svc")"
+		;;
+	esac
+}
+
+# ------------------------------------------------------------ health checks
+
+healthy() {
+	local svc=$1
+	running "$svc" || return 1
+	case "$svc" in
+	db-*) "$pgbin/pg_isready" -q -h 127.0.0.1 -p "$(port_of "$svc")" ;;
+	kafka) grep -q "Kafka Server started" "$state/logs/kafka.log" 2>/dev/null && (: </dev/tcp/127.0.0.1/9092) 2>/dev/null ;;
+	backend-*) curl -fsS -o /dev/null -m 2 "http://127.0.0.1:$(port_of "$svc")/health" ;;
+	nginx) curl -fsS -o /dev/null -m 2 "http://127.0.0.1:8080/nginx-health" ;;
+	esac
+}
+
+wait_healthy() {
+	local svc=$1 deadline=$((SECONDS + ${2:-120}))
+	until healthy "$svc"; do
+		running "$svc" || die "$svc exited: see $state/logs/$svc.log"
+		[ $SECONDS -lt $deadline ] || die "$svc not healthy in time: see $state/logs/$svc.log"
+		sleep 0.2
+	done
+}
+
+# ---------------------------------------------------------------- commands
+
+cmd_up() {
+	mkdir -p "$state"
+	install_missing
+	build_backend
+	for db in db-us db-eu; do
+		init_db "$db"
+		start_db "$db"
+	done
+	start_kafka
+	for svc in db-us db-eu kafka; do wait_healthy "$svc"; done
+	for svc in backend-us backend-eu nginx; do start_service "$svc"; done
+	for svc in backend-us backend-eu nginx; do wait_healthy "$svc"; done
+	cmd_ps
+}
+
+cmd_down() {
+	local i
+	for ((i = ${#services[@]} - 1; i >= 0; i--)); do
+		stop_service "${services[i]}" TERM
+	done
+	log "stopped everything"
+}
+
+cmd_ps() {
+	printf '%-11s %-8s %-8s %s\n' SERVICE STATE HEALTH ADDRESS
+	for svc in "${services[@]}"; do
+		local st=stopped h=-
+		if running "$svc"; then
+			st=running
+			if healthy "$svc"; then h=healthy; else h=unhealthy; fi
+		fi
+		printf '%-11s %-8s %-8s 127.0.0.1:%s\n' "$svc" "$st" "$h" "$(port_of "$svc")"
+	done
+}
+
+cmd_start() {
+	local svc=${1:?usage: stack.sh start SERVICE}
+	start_service "$svc"
+	wait_healthy "$svc"
+}
+
+# The environment that points the integration tests at this stack.
+test_env() {
+	export STACK_URL=http://127.0.0.1:8080
+	export STACK_CMD="$root/stack.sh"
+	export STACK_DB_US="$(db_url db-us)" STACK_DB_EU="$(db_url db-eu)"
+	export STACK_KAFKA=127.0.0.1:9092
+	# The unit tests make a scratch database on db-us's server.
+	export TEST_DATABASE_URL="$(db_url db-us postgres)"
+}
+
+cmd_test() {
+	cmd_up
+	test_env
+	cd "$root"
+	local unformatted
+	unformatted=$(gofmt -l .)
+	[ -z "$unformatted" ] || die "gofmt would change: $unformatted"
+	go vet ./...
+	go vet -tags=integration ./...
+	local out="$state/logs/test.log" status=0
+	log "unit tests"
+	go test -race -count=1 -v ./... >"$out" 2>&1 || status=$?
+	log "integration tests"
+	go test -race -count=1 -v -tags=integration -timeout 30m -run "${TEST_RUN:-.}" ./... >"$out.integration" 2>&1 || status=$?
+	cat "$out.integration" >>"$out"
+	grep -E '^\s*(--- FAIL|FAIL|ok )|^\s+\S+_test\.go:[0-9]+:' "$out" || true
+	local passed failed
+	passed=$(grep -c -- '--- PASS' "$out" || true)
+	failed=$(grep -c -- '--- FAIL' "$out" || true)
+	echo "full log: $out"
+	echo "$passed passed, $failed failed"
+	return "$status"
+}
+
+main() {
+	local cmd=${1:-}
+	shift || true
+	case "$cmd" in
+	up) cmd_up ;;
+	down) cmd_down ;;
+	ps) cmd_ps ;;
+	logs) cat "$state/logs/${1:?usage: stack.sh logs SERVICE}.log" 2>/dev/null || port_of "$1" >/dev/null ;;
+	start) cmd_start "$@" ;;
+	stop) stop_service "${1:?usage: stack.sh stop SERVICE}" TERM ;;
+	kill) stop_service "${1:?usage: stack.sh kill SERVICE}" KILL ;;
+	test) cmd_test ;;
+	*) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+	esac
+}
+
+main "$@"
