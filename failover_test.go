@@ -1,0 +1,472 @@
+//go:build integration
+
+package main
+
+// The integration tests talk HTTP to NGINX in front of the running stack and
+// stop and start its services through one command, so that the same tests run
+// against docker compose and against ./stack.sh:
+//
+//	STACK_URL  NGINX's address            (default http://localhost:8080)
+//	STACK_CMD  the stack's control command (default "docker compose")
+//
+// ./stack.sh test sets both, and the database and Kafka addresses the
+// replication tests read (see replication_test.go).
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+// stack is the running system under test.
+type stack struct {
+	url    string
+	cmd    []string
+	client *http.Client
+}
+
+// newStack returns the stack named by the environment, and fails the test
+// with the command that starts it if NGINX does not answer.
+func newStack(t *testing.T) *stack {
+	t.Helper()
+	s := &stack{
+		url:    envOr("STACK_URL", "http://localhost:8080"),
+		cmd:    strings.Fields(envOr("STACK_CMD", "docker compose")),
+		client: &http.Client{Timeout: 15 * time.Second},
+	}
+	for _, region := range []string{"us", "eu"} {
+		status, _, _, err := s.do("GET", "/"+region+"/health", "", "")
+		if err != nil || status != http.StatusOK {
+			t.Fatalf("the stack at %s is not up (GET /%s/health: %d, %v): start it with "+
+				"`docker compose up -d --wait` or `./stack.sh up`, or run `./stack.sh test`", s.url, region, status, err)
+		}
+	}
+	return s
+}
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+// do sends one request through NGINX. An empty requestID sends no
+// X-Request-ID header. err is a transport error or an undecodable body.
+func (s *stack) do(method, path, requestID, body string) (status int, servedBy string, got response, err error) {
+	req, err := http.NewRequest(method, s.url+path, strings.NewReader(body))
+	if err != nil {
+		return 0, "", response{}, err
+	}
+	if requestID != "" {
+		req.Header.Set("X-Request-ID", requestID)
+	}
+	resp, err := s.client.Do(req)
+	if err != nil {
+		return 0, "", response{}, err
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return resp.StatusCode, "", response{}, err
+	}
+	if err := json.Unmarshal(raw, &got); err != nil {
+		return resp.StatusCode, "", response{}, fmt.Errorf("%s %s: decoding %q: %w", method, path, raw, err)
+	}
+	return resp.StatusCode, resp.Header.Get("X-Served-By"), got, nil
+}
+
+// mustDo is do for requests that must get an answer.
+func (s *stack) mustDo(t *testing.T, method, path, requestID, body string) (int, string, response) {
+	t.Helper()
+	status, servedBy, got, err := s.do(method, path, requestID, body)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	return status, servedBy, got
+}
+
+// control runs the stack command, e.g. control(t, "stop", "backend-us").
+func (s *stack) control(t *testing.T, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(s.cmd[0], append(s.cmd[1:], args...)...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("%s %s: %v\n%s", strings.Join(s.cmd, " "), strings.Join(args, " "), err, out.String())
+	}
+	return out.String()
+}
+
+// stop stops a service (kill with SIGKILL when crash is set) and restarts it
+// in t.Cleanup, so that a failing test still leaves the stack whole.
+func (s *stack) stop(t *testing.T, service string, crash bool) {
+	t.Helper()
+	t.Cleanup(func() { s.start(t, service) })
+	action := "stop"
+	if crash {
+		action = "kill"
+	}
+	s.control(t, action, service)
+}
+
+// start starts a service and waits until both regions answer healthy from
+// their own backend again.
+func (s *stack) start(t *testing.T, service string) {
+	t.Helper()
+	s.control(t, "start", service)
+	for _, region := range []string{"us", "eu"} {
+		s.waitFor(t, 30*time.Second, region+" healthy and served by "+region, func() bool {
+			status, servedBy, _, err := s.do("GET", "/"+region+"/health", "", "")
+			return err == nil && status == http.StatusOK && servedBy == region
+		})
+	}
+}
+
+// waitFor polls cond until it holds, failing the test after timeout.
+func (s *stack) waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > timeout {
+			t.Fatalf("waited %v for %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+// current reads property id through region's prefix.
+func (s *stack) current(t *testing.T, region string, id int64) response {
+	t.Helper()
+	path := fmt.Sprintf("/%s/properties/%d", region, id)
+	status, _, got := s.mustDo(t, "GET", path, "", "")
+	if status != http.StatusOK {
+		t.Fatalf("GET %s: status %d (%+v), want 200", path, status, got)
+	}
+	return got
+}
+
+// newRequestID returns a request id no earlier run has used.
+func newRequestID(prefix string) string {
+	return fmt.Sprintf("%s-%d", prefix, time.Now().UnixNano())
+}
+
+// clientLoop is a client reading and writing one property through one
+// region's prefix, as fast as it gets answers, recording what it saw.
+type clientLoop struct {
+	mu       sync.Mutex
+	total    int
+	failures []string
+	served   map[string]int // 2xx answers by the region that served them
+	writes   map[string]int // successful PUTs by the region that served them
+	maxDelay time.Duration  // the slowest answer
+	stop     chan struct{}
+	done     chan struct{}
+}
+
+// startClientLoop alternates GET and PUT of property id under /region/. A
+// PUT that meets a version mismatch takes the current version and goes on,
+// as a real client would; anything but 200 or 409 is a failure.
+func startClientLoop(t *testing.T, s *stack, region string, id int64) *clientLoop {
+	t.Helper()
+	l := &clientLoop{served: map[string]int{}, writes: map[string]int{}, stop: make(chan struct{}), done: make(chan struct{})}
+	version := s.current(t, region, id).Version
+	path := fmt.Sprintf("/%s/properties/%d", region, id)
+	go func() {
+		defer close(l.done)
+		for i := 0; ; i++ {
+			select {
+			case <-l.stop:
+				return
+			default:
+			}
+			method, requestID, body := "GET", "", ""
+			if i%2 == 1 {
+				method, requestID = "PUT", newRequestID("loop")
+				body = fmt.Sprintf(`{"price": %d.25, "version": %d}`, 200000+i, version)
+			}
+			start := time.Now()
+			status, servedBy, got, err := s.do(method, path, requestID, body)
+			delay := time.Since(start)
+			l.mu.Lock()
+			l.total++
+			l.maxDelay = max(l.maxDelay, delay)
+			switch {
+			case err != nil:
+				l.failures = append(l.failures, fmt.Sprintf("%s %s: %v", method, path, err))
+			case status == http.StatusOK:
+				l.served[servedBy]++
+				version = got.Version
+				if method == "PUT" {
+					l.writes[servedBy]++
+				}
+			case status == http.StatusConflict && method == "PUT":
+				version = got.CurrentVersion
+			default:
+				l.failures = append(l.failures, fmt.Sprintf("%s %s: status %d %+v", method, path, status, got))
+			}
+			l.mu.Unlock()
+		}
+	}()
+	t.Cleanup(l.halt)
+	return l
+}
+
+// snapshot returns a copy of the loop's counters.
+func (l *clientLoop) snapshot() (total int, served, writes map[string]int, failures []string, maxDelay time.Duration) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.total, maps(l.served), maps(l.writes), append([]string(nil), l.failures...), l.maxDelay
+}
+
+// resetDelay forgets the slowest answer so far.
+func (l *clientLoop) resetDelay() {
+	l.mu.Lock()
+	l.maxDelay = 0
+	l.mu.Unlock()
+}
+
+func maps(m map[string]int) map[string]int {
+	c := make(map[string]int, len(m))
+	for k, v := range m {
+		c[k] = v
+	}
+	return c
+}
+
+// halt stops the loop and waits for its last request.
+func (l *clientLoop) halt() {
+	select {
+	case <-l.stop:
+	default:
+		close(l.stop)
+	}
+	<-l.done
+}
+
+func TestFailoverBackendStopped(t *testing.T) {
+	s := newStack(t)
+	const id = 101
+	loop := startClientLoop(t, s, "us", id)
+	s.waitFor(t, 10*time.Second, "the client loop to be served by us", func() bool {
+		_, served, _, _, _ := loop.snapshot()
+		return served["us"] >= 20
+	})
+
+	loop.resetDelay()
+	stopped := time.Now()
+	s.stop(t, "backend-us", false)
+	took := s.waitFor(t, 10*time.Second, "/us/health to be served by eu", func() bool {
+		status, servedBy, got, err := s.do("GET", "/us/health", "", "")
+		return err == nil && status == http.StatusOK && servedBy == "eu" && got.Region == "eu"
+	})
+	t.Logf("stop backend-us returned after %v; /us/health served by eu %v later", time.Since(stopped)-took, took)
+
+	// Reads and writes of the US listing go on, served by EU.
+	_, before, beforeWrites, _, _ := loop.snapshot()
+	s.waitFor(t, 15*time.Second, "EU to serve 20 more reads and 3 writes of /us/", func() bool {
+		_, served, writes, _, _ := loop.snapshot()
+		return served["eu"] >= before["eu"]+20 && writes["eu"] >= beforeWrites["eu"]+3
+	})
+	_, _, _, _, outageDelay := loop.snapshot()
+
+	// Back in service: within NGINX's fail_timeout (5s) traffic returns to US.
+	s.control(t, "start", "backend-us")
+	started := time.Now()
+	s.waitFor(t, 10*time.Second, "the client loop to be served by us again", func() bool {
+		_, served, _, _, _ := loop.snapshot()
+		return served["us"] > before["us"]+5
+	})
+	returned := time.Since(started)
+	loop.halt()
+
+	total, served, writes, failures, _ := loop.snapshot()
+	t.Logf("client loop: %d requests, served %v, writes %v; slowest answer during the outage %v; back on us %v after start",
+		total, served, writes, outageDelay, returned)
+	if len(failures) > 0 {
+		t.Errorf("%d of %d requests failed during the failover; first: %s", len(failures), total, failures[0])
+	}
+	if outageDelay > time.Second {
+		t.Errorf("slowest answer while backend-us was down = %v, want well under a second", outageDelay)
+	}
+	if returned > 8*time.Second {
+		t.Errorf("traffic returned to us %v after backend-us started, want within the 5s fail timeout (plus start-up)", returned)
+	}
+}
+
+func TestFailoverDatabaseStopped(t *testing.T) {
+	s := newStack(t)
+	const id = 103
+	s.stop(t, "db-us", false)
+
+	// backend-us answers 503 and NGINX moves the request to EU. The access
+	// log shows both attempts for this request id.
+	requestID := newRequestID("db-failover")
+	var status int
+	var servedBy string
+	var got response
+	s.waitFor(t, 10*time.Second, "/us/health to be served by eu", func() bool {
+		var err error
+		status, servedBy, got, err = s.do("GET", "/us/health", requestID, "")
+		return err == nil && status == http.StatusOK && servedBy == "eu"
+	})
+	if diff := cmp.Diff(response{Status: "ok", Region: "eu"}, got); diff != "" {
+		t.Errorf("GET /us/health with db-us down: body mismatch (-want +got):\n%s", diff)
+	}
+	entry := s.accessLogEntry(t, requestID)
+	if entry.UpstreamStatus != "503, 200" {
+		t.Errorf("access log of %s: upstream_status = %q, want \"503, 200\" (backend-us 503, then backend-eu)", requestID, entry.UpstreamStatus)
+	}
+
+	p := s.current(t, "us", id)
+	status, servedBy, got = s.mustDo(t, "PUT", fmt.Sprintf("/us/properties/%d", id), newRequestID("db-failover-put"),
+		fmt.Sprintf(`{"price": 321000, "version": %d}`, p.Version))
+	if status != http.StatusOK || servedBy != "eu" || got.RegionOrigin != "eu" {
+		t.Errorf("PUT /us/properties/%d with db-us down = %d served by %q %+v, want 200 written by eu", id, status, servedBy, got)
+	}
+
+	s.start(t, "db-us")
+}
+
+// accessLogEntry is one line of NGINX's JSON access log.
+type accessLogEntry struct {
+	Method               string  `json:"method"`
+	Path                 string  `json:"path"`
+	Status               int     `json:"status"`
+	RequestID            string  `json:"request_id"`
+	UpstreamAddr         string  `json:"upstream_addr"`
+	UpstreamStatus       string  `json:"upstream_status"`
+	UpstreamResponseTime string  `json:"upstream_response_time"`
+	RequestTime          float64 `json:"request_time"`
+}
+
+// accessLogEntry finds the access log line of requestID in the stack's NGINX
+// logs, waiting briefly for it to be written.
+func (s *stack) accessLogEntry(t *testing.T, requestID string) accessLogEntry {
+	t.Helper()
+	var found accessLogEntry
+	s.waitFor(t, 5*time.Second, "the access log line of "+requestID, func() bool {
+		for _, line := range strings.Split(s.control(t, "logs", "nginx"), "\n") {
+			i := strings.IndexByte(line, '{')
+			if i < 0 || !strings.Contains(line, `"request_id":"`+requestID+`"`) {
+				continue
+			}
+			if err := json.Unmarshal([]byte(line[i:]), &found); err != nil {
+				t.Fatalf("access log line %q: %v", line, err)
+			}
+			return true
+		}
+		return false
+	})
+	return found
+}
+
+func TestRaceThroughNGINX(t *testing.T) {
+	s := newStack(t)
+	tests := []struct {
+		name string
+		id   int64
+		n    int
+	}{
+		{"two_writers", 104, 2},
+		{"ten_writers", 105, 10},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			version := s.current(t, "us", tt.id).Version
+			path := fmt.Sprintf("/us/properties/%d", tt.id)
+			statuses := race(t, tt.n, func(i int) int {
+				status, _, _, err := s.do("PUT", path, newRequestID(fmt.Sprintf("race-%d", i)),
+					fmt.Sprintf(`{"price": %d, "version": %d}`, 400000+i, version))
+				if err != nil {
+					t.Errorf("PUT %s: %v", path, err)
+				}
+				return status
+			})
+			want := map[int]int{http.StatusOK: 1, http.StatusConflict: tt.n - 1}
+			if diff := cmp.Diff(want, statuses); diff != "" {
+				t.Errorf("%d parallel PUTs of %s at version %d: statuses mismatch (-want +got):\n%s", tt.n, path, version, diff)
+			}
+			if got := s.current(t, "us", tt.id).Version; got != version+1 {
+				t.Errorf("version of %d after the race = %d, want %d", tt.id, got, version+1)
+			}
+		})
+	}
+}
+
+func TestIdempotencyThroughNGINX(t *testing.T) {
+	s := newStack(t)
+	const id = 106
+	path := fmt.Sprintf("/us/properties/%d", id)
+	p := s.current(t, "us", id)
+	requestID := newRequestID("idempotent")
+	body := fmt.Sprintf(`{"price": 275000.99, "version": %d}`, p.Version)
+
+	status, _, first := s.mustDo(t, "PUT", path, requestID, body)
+	if status != http.StatusOK {
+		t.Fatalf("PUT %s %s: status %d (%+v), want 200", path, requestID, status, first)
+	}
+	status, _, second := s.mustDo(t, "PUT", path, requestID, body)
+	want := response{
+		Error: "duplicate request", RequestID: requestID,
+		OriginalResponse: &Property{
+			ID: first.ID, Price: first.Price, Bedrooms: first.Bedrooms, Bathrooms: first.Bathrooms,
+			RegionOrigin: first.RegionOrigin, Version: first.Version, UpdatedAt: first.UpdatedAt,
+		},
+	}
+	if status != http.StatusUnprocessableEntity {
+		t.Errorf("second PUT %s %s: status %d, want 422", path, requestID, status)
+	}
+	if diff := cmp.Diff(want, second); diff != "" {
+		t.Errorf("second PUT %s %s: body mismatch (-want +got):\n%s", path, requestID, diff)
+	}
+
+	// NGINX neither invents nor drops X-Request-ID: without it, the backend's 400.
+	status, servedBy, got := s.mustDo(t, "PUT", path, "", body)
+	if status != http.StatusBadRequest || servedBy != "us" {
+		t.Errorf("PUT %s without X-Request-ID: status %d served by %q, want 400 from us", path, status, servedBy)
+	}
+	if diff := cmp.Diff(response{Error: "X-Request-ID header is required"}, got); diff != "" {
+		t.Errorf("PUT %s without X-Request-ID: body mismatch (-want +got):\n%s", path, diff)
+	}
+}
+
+func TestNGINXEdges(t *testing.T) {
+	s := newStack(t)
+	tests := []struct {
+		name       string
+		method     string
+		path       string
+		body       string
+		wantStatus int
+		want       response
+	}{
+		{"unknown_prefix", "GET", "/asia/properties/1", "", 404, response{Error: "not found"}},
+		{"bare_health_not_exposed", "GET", "/health", "", 404, response{Error: "not found"}},
+		{"debug_not_exposed", "GET", "/debug/pprof/", "", 404, response{Error: "not found"}},
+		{"debug_under_prefix_not_served", "GET", "/us/debug/pprof/", "", 404, response{Error: "not found"}},
+		{"body_over_limit", "PUT", "/us/properties/1", strings.Repeat("x", 70_000), 413, response{Error: "request body is larger than 65536 bytes"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			status, _, got := s.mustDo(t, tt.method, tt.path, newRequestID("edge"), tt.body)
+			if status != tt.wantStatus {
+				t.Errorf("%s %s: status %d, want %d", tt.method, tt.path, status, tt.wantStatus)
+			}
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("%s %s: body mismatch (-want +got):\n%s", tt.method, tt.path, diff)
+			}
+		})
+	}
+}
