@@ -31,9 +31,9 @@ const dbTimeout = 3 * time.Second
 // newServer returns the HTTP handler of one regional backend: the routes of
 // addRoutes, wrapped so that every response is JSON, carries X-Served-By and
 // is logged.
-func newServer(logger *slog.Logger, region string, db *sql.DB) http.Handler {
+func newServer(logger *slog.Logger, region string, db *sql.DB, rep *replicator) http.Handler {
 	mux := http.NewServeMux()
-	addRoutes(mux, logger, region, db)
+	addRoutes(mux, logger, region, db, rep)
 	var h http.Handler = jsonNotFound(mux)
 	h = servedBy(region, h)
 	h = logRequests(logger, h)
@@ -43,11 +43,12 @@ func newServer(logger *slog.Logger, region string, db *sql.DB) http.Handler {
 // addRoutes is the one list of the service's routes. Every route but the bare
 // /health exists under both region prefixes: either backend serves either
 // region's traffic, which is what NGINX failover needs.
-func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.DB) {
+func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.DB, rep *replicator) {
 	mux.Handle("GET /health", handleHealth(region, db))
 	mux.Handle("GET /{region}/health", knownRegion(handleHealth(region, db)))
 	mux.Handle("GET /{region}/properties/{id}", knownRegion(handleGetProperty(logger, db)))
-	mux.Handle("PUT /{region}/properties/{id}", knownRegion(handleUpdateProperty(logger, region, db)))
+	mux.Handle("PUT /{region}/properties/{id}", knownRegion(handleUpdateProperty(logger, region, db, rep)))
+	mux.Handle("GET /{region}/replication-lag", knownRegion(handleReplicationLag(logger, rep)))
 }
 
 // handleHealth answers 200 when the database answers, and 503 otherwise so
@@ -126,7 +127,9 @@ func (req updateRequest) validate() (propertyUpdate, error) {
 
 // handleUpdateProperty applies an optimistic, idempotent update; see
 // updateProperty for the transaction and the contract for the check order.
-func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB) http.Handler {
+// After a commit it wakes the outbox relay, so that the change is on its way
+// to the other region within milliseconds.
+func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, rep *replicator) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id, err := parseID(r.PathValue("id"))
 		if err != nil {
@@ -155,7 +158,23 @@ func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB) http.H
 			encodeError(w, r, logger, err)
 			return
 		}
+		rep.notify()
 		encode(w, http.StatusOK, p)
+	})
+}
+
+// handleReplicationLag reports how far this region trails the other one; see
+// lag.go for what the number means.
+func handleReplicationLag(logger *slog.Logger, rep *replicator) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
+		defer cancel()
+		report, err := rep.lagReport(ctx)
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		encode(w, http.StatusOK, report)
 	})
 }
 

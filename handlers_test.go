@@ -129,7 +129,21 @@ func testDB(t *testing.T) *sql.DB {
 func testServer(t *testing.T, region string, db *sql.DB) http.Handler {
 	t.Helper()
 	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
-	return newServer(logger, region, db)
+	return newServer(logger, region, db, testReplicator(t, logger, region, db))
+}
+
+// testReplicator returns a replicator whose loops never run: its Kafka
+// clients point at a closed port and are never used. The handlers only wake
+// its relay and read its lag report, which comes from the database.
+func testReplicator(t *testing.T, logger *slog.Logger, region string, db *sql.DB) *replicator {
+	t.Helper()
+	cfg := config{region: region, kafkaBrokers: []string{"127.0.0.1:1"}, kafkaTopic: "unused"}
+	rep, err := newReplicator(logger, cfg, db)
+	if err != nil {
+		t.Fatalf("newReplicator: %v", err)
+	}
+	t.Cleanup(rep.close)
+	return rep
 }
 
 // response is every field any response of the API may carry. Tests decode
@@ -600,7 +614,7 @@ func TestMoneyJSON(t *testing.T) {
 }
 
 func TestLoadConfig(t *testing.T) {
-	base := map[string]string{"REGION": "us", "DATABASE_URL": "postgres://u:p@db:5432/property_db"}
+	base := map[string]string{"REGION": "us", "DATABASE_URL": "postgres://u:p@db:5432/property_db", "KAFKA_BROKER": "kafka:29092"}
 	with := func(kv ...string) func(string) string {
 		env := map[string]string{}
 		for k, v := range base {
@@ -617,14 +631,23 @@ func TestLoadConfig(t *testing.T) {
 		want    config
 		wantErr string
 	}{
-		{"defaults", with(), config{region: "us", port: 8000, databaseURL: "postgres://u:p@db:5432/property_db", dbMaxConns: 16}, ""},
+		{"defaults", with(), config{region: "us", port: 8000, databaseURL: "postgres://u:p@db:5432/property_db", dbMaxConns: 16,
+			kafkaBrokers: []string{"kafka:29092"}, kafkaTopic: "property-updates"}, ""},
+		{"kafka_brokers", with("KAFKA_BROKER", "k1:9092, k2:9092", "KAFKA_TOPIC", "updates.v2"), config{region: "us", port: 8000,
+			databaseURL: "postgres://u:p@db:5432/property_db", dbMaxConns: 16, kafkaBrokers: []string{"k1:9092", "k2:9092"}, kafkaTopic: "updates.v2"}, ""},
+		{"kafka_broker_missing", with("KAFKA_BROKER", ""), config{},
+			"KAFKA_BROKER is not set (host:port of a Kafka broker, comma-separated for several)"},
+		{"kafka_broker_no_port", with("KAFKA_BROKER", "kafka"), config{}, `KAFKA_BROKER must be host:port[,host:port...], got "kafka"`},
+		{"kafka_topic_invalid", with("KAFKA_TOPIC", "bad topic"), config{}, `KAFKA_TOPIC must be 1 to 200 of a-z A-Z 0-9 . _ -, got "bad topic"`},
+		{"debug_addr_invalid", with("DEBUG_ADDR", "6060"), config{}, `DEBUG_ADDR must be host:port, got "6060"`},
 		{"region_missing", with("REGION", ""), config{}, `REGION must be us or eu, got ""`},
 		{"region_unknown", with("REGION", "asia"), config{}, `REGION must be us or eu, got "asia"`},
 		{"port_not_a_number", with("PORT", "http"), config{}, `PORT must be an integer from 1 to 65535, got "http"`},
 		{"port_out_of_range", with("PORT", "70000"), config{}, `PORT must be an integer from 1 to 65535, got "70000"`},
 		{"database_url_invalid", with("DATABASE_URL", "postgres://%zz"), config{}, "DATABASE_URL is not a valid PostgreSQL connection string"},
 		{"db_parts", with("DATABASE_URL", "", "DB_HOST", "db-eu", "DB_USER", "app", "DB_PASSWORD", "p@ss word", "DB_NAME", "property_db"),
-			config{region: "us", port: 8000, databaseURL: "postgres://app:p%40ss%20word@db-eu:5432/property_db", dbMaxConns: 16}, ""},
+			config{region: "us", port: 8000, databaseURL: "postgres://app:p%40ss%20word@db-eu:5432/property_db", dbMaxConns: 16,
+				kafkaBrokers: []string{"kafka:29092"}, kafkaTopic: "property-updates"}, ""},
 		{"db_parts_missing_password", with("DATABASE_URL", "", "DB_HOST", "db-eu", "DB_USER", "app", "DB_NAME", "property_db"), config{},
 			"DB_PASSWORD is not set (set DATABASE_URL, or DB_HOST, DB_PORT, DB_USER, DB_PASSWORD and DB_NAME)"},
 		{"db_port_invalid", with("DATABASE_URL", "", "DB_HOST", "h", "DB_USER", "u", "DB_PASSWORD", "p", "DB_NAME", "n", "DB_PORT", "x"), config{},
@@ -650,7 +673,9 @@ func TestLoadConfig(t *testing.T) {
 func TestRunStartsAndStops(t *testing.T) {
 	testDB(t) // fails early, with the explanation, when there is no database
 	ctx, cancel := context.WithCancel(context.Background())
-	env := map[string]string{"REGION": "eu", "PORT": "18931", "DATABASE_URL": scratchURL}
+	// Kafka on a closed port: the service must start, serve and stop while
+	// Kafka is down.
+	env := map[string]string{"REGION": "eu", "PORT": "18931", "DATABASE_URL": scratchURL, "KAFKA_BROKER": "127.0.0.1:1"}
 	var out bytes.Buffer
 	done := make(chan error, 1)
 	go func() { done <- run(ctx, nil, func(k string) string { return env[k] }, &out) }()

@@ -12,6 +12,10 @@
 //     with optimistic locking (UPDATE ... WHERE version = $n).
 //   - idempotency.go: X-Request-ID, and how a retried request is recognised in
 //     either region.
+//   - replicate.go: the transactional outbox, the relay that publishes it to
+//     Kafka, the consumer that applies the other region's writes, and the
+//     conflict rule that makes both databases converge.
+//   - lag.go: what the replication lag means and how it is measured.
 //   - handlers.go: the routes, request decoding and validation, and the one
 //     function that maps errors to status codes.
 //
@@ -34,6 +38,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -59,6 +64,9 @@ type config struct {
 	databaseURL string // PostgreSQL connection string
 	dbMaxConns  int    // the size of the connection pool
 	debugAddr   string // where to serve pprof; empty for nowhere
+
+	kafkaBrokers []string // seed brokers, host:port
+	kafkaTopic   string   // the replication topic; its DLQ is kafkaTopic + ".dlq"
 }
 
 // loadConfig reads the configuration through getenv. A missing or invalid
@@ -68,6 +76,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		region:     getenv("REGION"),
 		port:       8000,
 		dbMaxConns: 16,
+		kafkaTopic: "property-updates",
 	}
 	if !validRegion(cfg.region) {
 		return config{}, fmt.Errorf("REGION must be us or eu, got %q", cfg.region)
@@ -82,6 +91,15 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if cfg.databaseURL, err = databaseURL(getenv); err != nil {
 		return config{}, err
 	}
+	if cfg.kafkaBrokers, err = brokers(getenv("KAFKA_BROKER")); err != nil {
+		return config{}, err
+	}
+	if t := getenv("KAFKA_TOPIC"); t != "" {
+		if !validTopic(t) {
+			return config{}, fmt.Errorf("KAFKA_TOPIC must be 1 to 200 of a-z A-Z 0-9 . _ -, got %q", t)
+		}
+		cfg.kafkaTopic = t
+	}
 	if cfg.debugAddr = getenv("DEBUG_ADDR"); cfg.debugAddr != "" {
 		if _, _, err := net.SplitHostPort(cfg.debugAddr); err != nil {
 			return config{}, fmt.Errorf("DEBUG_ADDR must be host:port, got %q", cfg.debugAddr)
@@ -93,6 +111,35 @@ func loadConfig(getenv func(string) string) (config, error) {
 // validRegion reports whether r names one of the two regions.
 func validRegion(r string) bool {
 	return r == "us" || r == "eu"
+}
+
+// brokers parses KAFKA_BROKER: comma-separated host:port pairs.
+func brokers(s string) ([]string, error) {
+	if s == "" {
+		return nil, errors.New("KAFKA_BROKER is not set (host:port of a Kafka broker, comma-separated for several)")
+	}
+	var list []string
+	for _, b := range strings.Split(s, ",") {
+		b = strings.TrimSpace(b)
+		if host, port, err := net.SplitHostPort(b); err != nil || host == "" || port == "" {
+			return nil, fmt.Errorf("KAFKA_BROKER must be host:port[,host:port...], got %q", s)
+		}
+		list = append(list, b)
+	}
+	return list, nil
+}
+
+// validTopic reports whether t is a legal Kafka topic name.
+func validTopic(t string) bool {
+	if len(t) == 0 || len(t) > 200 || t == "." || t == ".." {
+		return false
+	}
+	for _, c := range t {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
 }
 
 // intSetting reads an optional integer variable within [lo, hi].
@@ -160,9 +207,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	// Closed last, after everything that uses it has stopped.
 	defer db.Close()
 
+	rep, err := newReplicator(logger, cfg, db)
+	if err != nil {
+		return err
+	}
+
 	srv := &http.Server{
 		Addr:    net.JoinHostPort("", strconv.Itoa(cfg.port)),
-		Handler: newServer(logger, cfg.region, db),
+		Handler: newServer(logger, cfg.region, db, rep),
 		// Slow or stalled clients must not hold connections forever.
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
@@ -187,6 +239,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 		}
 	})
 	logger.Info("listening", "addr", listener.Addr().String())
+
+	stopReplication := make(chan struct{})
+	replicationDone := make(chan struct{})
+	go func() {
+		// Exits when stopReplication is closed, after the relay's and the
+		// consumer's current batches.
+		defer close(replicationDone)
+		rep.run(stopReplication)
+	}()
 
 	// Profiling on a separate listener that NGINX knows nothing about:
 	// internal endpoints are never reachable from outside.
@@ -213,8 +274,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if serr := srv.Shutdown(shutdownCtx); serr != nil {
 		err = errors.Join(err, fmt.Errorf("http shutdown: %w", serr))
 	}
+	// Then replication: the consumer finishes the batch it is applying, the
+	// relay the round it is publishing; what the producer still buffers is
+	// flushed. Events not yet published wait in the outbox for the next start.
+	close(stopReplication)
+	<-replicationDone
+	rep.close()
 	debugSrv.Close()
 	wg.Wait()
+	// The database closes last, by the deferred db.Close.
 	logger.Info("stopped")
 	return err
 }

@@ -1,11 +1,82 @@
 package main
 
+// Replication: every committed write in one region reaches the other through
+// Kafka, and both databases converge to identical rows.
+//
+// A write travels like this (US to EU; EU to US is the mirror image):
+//
+//  1. PUT in US commits the row, its request id and an outbox row in ONE
+//     transaction (updateProperty). Publishing to Kafka inside the request
+//     instead would either lose the event (crash after commit, before
+//     publish) or publish a change that then rolls back. The outbox makes the
+//     event as durable as the write.
+//  2. The relay (relay.run) reads committed outbox rows in seq order,
+//     publishes them to the topic with an idempotent producer (acks=all,
+//     key = property id, so one property's events stay in one partition, in
+//     order) and deletes them only after Kafka acknowledged them. A crash in
+//     between publishes them again: delivery is at least once.
+//  3. EU's consumer (consumer.run) applies US events with the conflict rule
+//     (newer) in one transaction with the replicated request id, then commits
+//     its Kafka offsets. A crash in between re-delivers the batch, and
+//     re-applying an event changes nothing: the rule is idempotent.
+//
+// The conflict rule makes the order of arrival irrelevant: a row is replaced
+// only by a write that is greater under (version, updated_at, region_origin),
+// a total order that both regions evaluate the same way. Whatever order the
+// events arrive in, every database ends with the greatest write of each row.
+
 import (
+	"bytes"
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
+)
+
+// Topic settings, stated here rather than left to the broker's defaults.
+const (
+	// topicPartitions spreads properties over partitions by key; one
+	// property's events always share a partition, which keeps them ordered.
+	topicPartitions = 3
+	// topicReplicationFactor is 1 because the stack has one broker. With
+	// three brokers, make it 3 and set min.insync.replicas to 2.
+	topicReplicationFactor = 1
+	// topicRetention is how long an event waits for a region that is down:
+	// a region away for longer must be re-seeded from the other one.
+	topicRetention = 7 * 24 * time.Hour
+)
+
+// Relay and heartbeat timing.
+const (
+	// relayBatchSize bounds one publish round.
+	relayBatchSize = 500
+	// relayPollInterval is how often the relay looks at the outbox when no
+	// local write woke it: it picks up writes by other instances of the
+	// region, and it paces heartbeats.
+	relayPollInterval = 100 * time.Millisecond
+	// relayLockKey names the PostgreSQL advisory lock that makes one relay
+	// per region database the publisher (see publishBatch).
+	relayLockKey = 0x70726f7065727479 // "property"
+	// maxBackoff caps the wait between retries while Kafka or the database
+	// is down, so that recovery is noticed within this much time.
+	maxBackoff = 2 * time.Second
+)
+
+// Kafka record headers.
+const (
+	headerKind   = "kind"   // "event" or "heartbeat"
+	headerRegion = "region" // the region that produced the record
+	headerReason = "reason" // why a record went to the dead-letter queue
 )
 
 // event is what travels through Kafka for one committed update: the whole new
@@ -36,6 +107,27 @@ func newEvent(p Property, requestID string) event {
 	}
 }
 
+// property returns the row an event describes.
+func (e event) property() Property {
+	return Property{
+		ID:           e.ID,
+		Price:        e.Price,
+		Bedrooms:     e.Bedrooms,
+		Bathrooms:    e.Bathrooms,
+		RegionOrigin: e.RegionOrigin,
+		Version:      e.Version,
+		UpdatedAt:    e.UpdatedAt,
+	}
+}
+
+// heartbeat is the record a region's relay publishes to every partition when
+// its outbox is drained: "everything I committed before Watermark is in
+// Kafka, ahead of this record". The peer's lag is measured against it.
+type heartbeat struct {
+	Region    string    `json:"region"`
+	Watermark time.Time `json:"watermark"`
+}
+
 const enqueueEventSQL = `INSERT INTO outbox (property_id, payload) VALUES ($1, $2)`
 
 // enqueueEvent writes e to the outbox inside the caller's transaction, so the
@@ -49,4 +141,762 @@ func enqueueEvent(ctx context.Context, tx *sql.Tx, e event) error {
 		return fmt.Errorf("enqueue event for property %d: %w", e.ID, err)
 	}
 	return nil
+}
+
+// compareWrites orders two writes of one property under the conflict rule:
+// by version, then updated_at, then region_origin. It returns -1, 0 or +1.
+// Both regions use this same total order, which is why they converge.
+func compareWrites(a, b Property) int {
+	switch {
+	case a.Version != b.Version:
+		return cmpInt(a.Version, b.Version)
+	case !a.UpdatedAt.Equal(b.UpdatedAt):
+		return cmpInt(a.UpdatedAt.UnixMicro(), b.UpdatedAt.UnixMicro())
+	case a.RegionOrigin != b.RegionOrigin:
+		if a.RegionOrigin < b.RegionOrigin {
+			return -1
+		}
+		return 1
+	}
+	return 0
+}
+
+func cmpInt(a, b int64) int {
+	if a < b {
+		return -1
+	}
+	return 1
+}
+
+// outcome is what applying a remote write did to the local row.
+type outcome int
+
+const (
+	applied   outcome = iota // the incoming write is the successor of the local row
+	duplicate                // the local row already is this write: a redelivery
+	stale                    // the local row is a later version: an old event
+	// conflictWon and conflictLost are two concurrent writes of the same
+	// version, made in different regions; one of them is lost.
+	conflictWon  // the incoming write replaced a concurrent local one
+	conflictLost // the incoming write lost to a concurrent local one
+)
+
+// resolve decides what the conflict rule does with an incoming write, given
+// the local row (nil if there is none). It is a pure function: the whole rule
+// is here, and the database only carries out its verdict.
+func resolve(local *Property, incoming Property) outcome {
+	if local == nil {
+		return applied
+	}
+	c := compareWrites(incoming, *local)
+	switch {
+	case c == 0:
+		return duplicate
+	case incoming.Version == local.Version && c > 0:
+		return conflictWon
+	case incoming.Version == local.Version:
+		return conflictLost
+	case c > 0:
+		return applied
+	}
+	return stale
+}
+
+// replaces reports whether an outcome writes the incoming row.
+func (o outcome) replaces() bool { return o == applied || o == conflictWon }
+
+// replicationStats are the consumer's counters, for the lag report.
+type replicationStats struct {
+	applied      atomic.Int64
+	conflicts    atomic.Int64
+	stale        atomic.Int64
+	deadLettered atomic.Int64
+	lastApplied  atomic.Pointer[time.Time]
+
+	mu     sync.Mutex
+	behind map[int32]int64 // records not yet consumed, by partition
+}
+
+// recordsBehind is the total of records the consumer has yet to read.
+func (s *replicationStats) recordsBehind() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var n int64
+	for _, b := range s.behind {
+		n += b
+	}
+	return n
+}
+
+// replicator owns both directions of one region's replication: the outbox
+// relay that publishes local writes and the consumer that applies the other
+// region's. It holds one producer and one consumer client for the life of
+// the process.
+type replicator struct {
+	region   string
+	peer     string
+	topic    string
+	dlqTopic string
+	db       *sql.DB
+	logger   *slog.Logger
+	producer *kgo.Client
+	consumer *kgo.Client
+	started  time.Time
+
+	// wake tells the relay that a local write committed. It has room for one
+	// signal: several writes in quick succession need only one publish round.
+	wake chan struct{}
+	// partitions is the topic's partition count once known (0 before).
+	partitions atomic.Int32
+
+	stats replicationStats
+}
+
+// newReplicator creates the Kafka clients. It does not connect: Kafka may be
+// down at start, and writes then wait in the outbox until it is back.
+func newReplicator(logger *slog.Logger, cfg config, db *sql.DB) (*replicator, error) {
+	r := &replicator{
+		region:   cfg.region,
+		peer:     peerOf(cfg.region),
+		topic:    cfg.kafkaTopic,
+		dlqTopic: cfg.kafkaTopic + ".dlq",
+		db:       db,
+		logger:   logger.With("component", "replication"),
+		started:  time.Now(),
+		wake:     make(chan struct{}, 1),
+		stats:    replicationStats{behind: map[int32]int64{}},
+	}
+	var err error
+	r.producer, err = kgo.NewClient(
+		kgo.SeedBrokers(cfg.kafkaBrokers...),
+		// Idempotent producer (franz-go's default) with acks from all in-sync
+		// replicas: a retried batch is written once, and an acknowledged
+		// record survives a broker failure.
+		kgo.RequiredAcks(kgo.AllISRAcks()),
+		kgo.RecordPartitioner(eventPartitioner()),
+		// Send at once: the relay already batches, and latency matters.
+		kgo.ProducerLinger(0),
+		kgo.RecordDeliveryTimeout(10*time.Second),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("kafka producer: %w", err)
+	}
+	r.consumer, err = kgo.NewClient(
+		kgo.SeedBrokers(cfg.kafkaBrokers...),
+		// One group per region: each region reads every event once.
+		kgo.ConsumerGroup("property-replicator-"+cfg.region),
+		kgo.ConsumeTopics(cfg.kafkaTopic),
+		// A new group starts at the oldest event, so that nothing written
+		// before this region first started is missed.
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
+		// Offsets are committed by hand, after the database commit.
+		kgo.DisableAutoCommit(),
+		// No rebalance while a batch is being applied: its partitions cannot
+		// move to another instance between the apply and the offset commit.
+		kgo.BlockRebalanceOnPoll(),
+		kgo.FetchMaxWait(time.Second),
+	)
+	if err != nil {
+		r.producer.Close()
+		return nil, fmt.Errorf("kafka consumer: %w", err)
+	}
+	return r, nil
+}
+
+// peerOf returns the other region.
+func peerOf(region string) string {
+	if region == "us" {
+		return "eu"
+	}
+	return "us"
+}
+
+// eventPartitioner sends an event to the partition of its key (the property
+// id), hashed as Kafka's own clients do, and a heartbeat, which has no key, to
+// the partition it names.
+func eventPartitioner() kgo.Partitioner {
+	return kgo.BasicConsistentPartitioner(func(topic string) func(*kgo.Record, int) int {
+		byKey := kgo.StickyKeyPartitioner(nil).ForTopic(topic)
+		return func(r *kgo.Record, n int) int {
+			if r.Key == nil {
+				return int(r.Partition) % n
+			}
+			return byKey.Partition(r, n)
+		}
+	})
+}
+
+// notify tells the relay that a local write committed. It never blocks.
+func (r *replicator) notify() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+// run runs the relay and the consumer until stop is closed: it creates the
+// topics (retrying until Kafka answers), then relays and consumes. Each loop
+// finishes its current batch before it returns. run returns when both have.
+func (r *replicator) run(stop <-chan struct{}) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		// Exits when stop closes or run returns.
+		select {
+		case <-stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	if !r.ensureTopics(ctx) {
+		return
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() { r.relay(ctx) })   // exits when ctx is cancelled
+	wg.Go(func() { r.consume(ctx) }) // exits when ctx is cancelled
+	wg.Wait()
+}
+
+// close flushes what the producer still holds and closes both clients. Call
+// it after run has returned.
+func (r *replicator) close() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := r.producer.Flush(ctx); err != nil {
+		r.logger.Warn("flush producer", "err", err)
+	}
+	r.producer.Close()
+	// Leaves the group, so that another instance takes the partitions over
+	// at once rather than after the session timeout.
+	r.consumer.Close()
+}
+
+// ensureTopics creates the topic and its dead-letter queue if they do not
+// exist, and learns the topic's partition count. It retries until Kafka
+// answers and returns false only if ctx is cancelled first.
+func (r *replicator) ensureTopics(ctx context.Context) bool {
+	for attempt := 0; ; attempt++ {
+		n, err := r.createTopics(ctx)
+		if err == nil {
+			r.partitions.Store(n)
+			r.logger.Info("topics ready", "topic", r.topic, "partitions", n, "dlq", r.dlqTopic)
+			return true
+		}
+		if attempt%10 == 0 {
+			r.logger.Warn("kafka not ready; writes wait in the outbox", "err", err)
+		}
+		if !sleep(ctx, backoff(attempt)) {
+			return false
+		}
+	}
+}
+
+// createTopics creates both topics, tolerating that they exist, and returns
+// the partition count of the main topic.
+func (r *replicator) createTopics(ctx context.Context) (int32, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	req := kmsg.NewPtrCreateTopicsRequest()
+	req.TimeoutMillis = 5000
+	for _, t := range []struct {
+		name       string
+		partitions int32
+	}{{r.topic, topicPartitions}, {r.dlqTopic, 1}} {
+		rt := kmsg.NewCreateTopicsRequestTopic()
+		rt.Topic = t.name
+		rt.NumPartitions = t.partitions
+		rt.ReplicationFactor = topicReplicationFactor
+		for k, v := range map[string]string{
+			"cleanup.policy": "delete",
+			"retention.ms":   strconv.FormatInt(topicRetention.Milliseconds(), 10),
+		} {
+			c := kmsg.NewCreateTopicsRequestTopicConfig()
+			c.Name, c.Value = k, kmsg.StringPtr(v)
+			rt.Configs = append(rt.Configs, c)
+		}
+		req.Topics = append(req.Topics, rt)
+	}
+	resp, err := req.RequestWith(ctx, r.producer)
+	if err != nil {
+		return 0, fmt.Errorf("create topics: %w", err)
+	}
+	for _, t := range resp.Topics {
+		if err := kerr.ErrorForCode(t.ErrorCode); err != nil && !errors.Is(err, kerr.TopicAlreadyExists) {
+			return 0, fmt.Errorf("create topic %s: %w", t.Topic, err)
+		}
+	}
+
+	meta := kmsg.NewPtrMetadataRequest()
+	mt := kmsg.NewMetadataRequestTopic()
+	mt.Topic = kmsg.StringPtr(r.topic)
+	meta.Topics = append(meta.Topics, mt)
+	mresp, err := meta.RequestWith(ctx, r.producer)
+	if err != nil {
+		return 0, fmt.Errorf("topic metadata: %w", err)
+	}
+	for _, t := range mresp.Topics {
+		if err := kerr.ErrorForCode(t.ErrorCode); err != nil {
+			return 0, fmt.Errorf("topic metadata %s: %w", r.topic, err)
+		}
+		if len(t.Partitions) > 0 {
+			return int32(len(t.Partitions)), nil
+		}
+	}
+	return 0, fmt.Errorf("topic %s has no partitions yet", r.topic)
+}
+
+// relay publishes the outbox until ctx is cancelled. It runs a round when a
+// local write wakes it, and at least every relayPollInterval.
+func (r *replicator) relay(ctx context.Context) {
+	failures := 0
+	for {
+		full, err := r.publishBatch(ctx)
+		switch {
+		case err != nil:
+			if failures%10 == 0 {
+				r.logger.Warn("relay: publish failed; events wait in the outbox", "err", err)
+			}
+			failures++
+			if !sleep(ctx, backoff(failures)) {
+				return
+			}
+			continue
+		case failures > 0:
+			r.logger.Info("relay: publishing again", "after_failures", failures)
+			failures = 0
+		}
+		if full {
+			// More rows are waiting: go again at once.
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.wake:
+		case <-time.After(relayPollInterval):
+		}
+	}
+}
+
+// lockRelaySQL takes the relay's advisory lock for this transaction, if no
+// other instance holds it, and reads the clock at the transaction's start.
+const lockRelaySQL = `SELECT pg_try_advisory_xact_lock($1), now()`
+
+// readOutboxSQL reads the oldest outbox rows. Rows with a lower seq may still
+// commit after this read (a sequence value is taken before commit), but they
+// are not lost: nothing remembers a position, the next round reads whatever
+// is in the table. And one property's rows are always in order, because its
+// writes are serialized by the row lock.
+const readOutboxSQL = `SELECT seq, property_id, payload FROM outbox ORDER BY seq LIMIT $1`
+
+const deleteOutboxSQL = `DELETE FROM outbox WHERE seq = ANY($1)`
+
+// publishBatch runs one relay round and reports whether the batch was full.
+//
+// Several instances of a region may run a relay; the transaction-scoped
+// advisory lock makes exactly one of them publish at a time, so events are
+// published once and in order. If the instance dies, its transaction ends,
+// the lock is released and another instance's next round takes over.
+//
+// When the round drains the outbox, it also publishes a heartbeat to every
+// partition with the time the round's transaction started: every write
+// committed before then was visible to this round and is now in Kafka.
+func (r *replicator) publishBatch(ctx context.Context) (full bool, err error) {
+	n := r.partitions.Load()
+	// The round finishes even if ctx is cancelled meanwhile: a publish must
+	// not be abandoned between Kafka's acknowledgement and the delete.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+	defer cancel()
+	tx, err := r.db.BeginTx(ctx, nil)
+	if err != nil {
+		return false, fmt.Errorf("relay: %w", err)
+	}
+	defer tx.Rollback()
+	var locked bool
+	var watermark time.Time
+	if err := tx.QueryRowContext(ctx, lockRelaySQL, relayLockKey).Scan(&locked, &watermark); err != nil {
+		return false, fmt.Errorf("relay: lock: %w", err)
+	}
+	if !locked {
+		return false, nil // another instance is the relay
+	}
+
+	rows, err := tx.QueryContext(ctx, readOutboxSQL, relayBatchSize)
+	if err != nil {
+		return false, fmt.Errorf("relay: read outbox: %w", err)
+	}
+	var seqs []int64
+	var records []*kgo.Record
+	for rows.Next() {
+		var seq, id int64
+		var payload []byte
+		if err := rows.Scan(&seq, &id, &payload); err != nil {
+			rows.Close()
+			return false, fmt.Errorf("relay: read outbox: %w", err)
+		}
+		seqs = append(seqs, seq)
+		records = append(records, &kgo.Record{
+			Topic:   r.topic,
+			Key:     []byte(strconv.FormatInt(id, 10)),
+			Value:   payload,
+			Headers: []kgo.RecordHeader{{Key: headerKind, Value: []byte("event")}, {Key: headerRegion, Value: []byte(r.region)}},
+		})
+	}
+	if err := rows.Err(); err != nil {
+		return false, fmt.Errorf("relay: read outbox: %w", err)
+	}
+	full = len(seqs) == relayBatchSize
+	if !full {
+		hb, err := json.Marshal(heartbeat{Region: r.region, Watermark: watermark.UTC()})
+		if err != nil {
+			return false, fmt.Errorf("relay: heartbeat: %w", err)
+		}
+		for p := range n {
+			records = append(records, &kgo.Record{
+				Topic:     r.topic,
+				Partition: p,
+				Value:     hb,
+				Headers:   []kgo.RecordHeader{{Key: headerKind, Value: []byte("heartbeat")}, {Key: headerRegion, Value: []byte(r.region)}},
+			})
+		}
+	}
+	if len(records) == 0 {
+		return false, nil
+	}
+	// ProduceSync returns when Kafka acknowledged every record (or failed).
+	// One partition's records are acknowledged in order, so a heartbeat is
+	// never ahead of the events it vouches for.
+	if err := r.producer.ProduceSync(ctx, records...).FirstErr(); err != nil {
+		return false, fmt.Errorf("relay: produce: %w", err)
+	}
+	if len(seqs) > 0 {
+		if _, err := tx.ExecContext(ctx, deleteOutboxSQL, seqs); err != nil {
+			return false, fmt.Errorf("relay: delete published rows: %w", err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		// The events are in Kafka but still in the outbox: the next round
+		// publishes them again, and the consumers ignore the duplicates.
+		return false, fmt.Errorf("relay: commit: %w", err)
+	}
+	return full, nil
+}
+
+// consume applies the peer region's events until ctx is cancelled.
+func (r *replicator) consume(ctx context.Context) {
+	for {
+		fetches := r.consumer.PollRecords(ctx, relayBatchSize)
+		if ctx.Err() != nil || fetches.IsClientClosed() {
+			return
+		}
+		fetches.EachError(func(topic string, partition int32, err error) {
+			r.logger.Warn("consume: fetch error", "topic", topic, "partition", partition, "err", err)
+		})
+		records := fetches.Records()
+		if len(records) > 0 {
+			if !r.applyWithRetry(ctx, records) {
+				return // stopping: the batch is not committed and will be re-delivered
+			}
+			// Only now, after the database commit, may Kafka forget them.
+			commitCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			if err := r.consumer.CommitRecords(commitCtx, records...); err != nil {
+				r.logger.Warn("consume: commit offsets failed; the batch will be re-applied harmlessly", "err", err)
+			}
+			cancel()
+		}
+		fetches.EachPartition(func(p kgo.FetchTopicPartition) {
+			if len(p.Records) == 0 {
+				return
+			}
+			last := p.Records[len(p.Records)-1].Offset
+			r.stats.mu.Lock()
+			r.stats.behind[p.Partition] = max(p.HighWatermark-last-1, 0)
+			r.stats.mu.Unlock()
+		})
+		r.consumer.AllowRebalance()
+	}
+}
+
+// applyWithRetry applies a batch, retrying with backoff while the database
+// is unreachable: consumption pauses, and no event is ever skipped. It
+// returns false if ctx was cancelled before the batch was applied.
+func (r *replicator) applyWithRetry(ctx context.Context, records []*kgo.Record) bool {
+	for attempt := 0; ; attempt++ {
+		err := r.applyBatch(ctx, records)
+		if err == nil {
+			return true
+		}
+		if attempt%10 == 0 {
+			r.logger.Warn("consume: apply failed; retrying the batch", "records", len(records), "err", err)
+		}
+		if !sleep(ctx, backoff(attempt)) {
+			return false
+		}
+	}
+}
+
+// message is one decoded record of the topic.
+type message struct {
+	record    *kgo.Record
+	region    string // the producing region
+	event     *event
+	heartbeat *heartbeat
+}
+
+// applyBatch applies one poll's records in a single transaction: the peer's
+// events with their request ids, and the peer's heartbeats as watermarks.
+// Undecodable records go to the dead-letter queue first. Its own region's
+// records are skipped.
+func (r *replicator) applyBatch(ctx context.Context, records []*kgo.Record) error {
+	var msgs []message
+	var dead []*kgo.Record
+	for _, rec := range records {
+		m, err := decodeMessage(rec)
+		if err != nil {
+			dead = append(dead, r.deadLetter(rec, err))
+			continue
+		}
+		if m.region != r.region {
+			msgs = append(msgs, m)
+		}
+	}
+	// The dead letters are written before the offsets can be committed, so
+	// that a poison record is never just dropped.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+	defer cancel()
+	if len(dead) > 0 {
+		if err := r.producer.ProduceSync(ctx, dead...).FirstErr(); err != nil {
+			return fmt.Errorf("dead-letter %d records: %w", len(dead), err)
+		}
+	}
+
+	tx, err := r.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("apply batch: %w", err)
+	}
+	defer tx.Rollback()
+	outcomes := make([]outcome, 0, len(msgs))
+	for _, m := range msgs {
+		switch {
+		case m.heartbeat != nil:
+			if _, err := tx.ExecContext(ctx, saveWatermarkSQL, m.region, m.record.Partition, r.partitions.Load(), m.heartbeat.Watermark); err != nil {
+				return fmt.Errorf("apply batch: save watermark: %w", err)
+			}
+		case m.event != nil:
+			o, err := applyEvent(ctx, tx, *m.event)
+			if err != nil {
+				return fmt.Errorf("apply batch: %w", err)
+			}
+			outcomes = append(outcomes, o)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("apply batch: commit: %w", err)
+	}
+
+	// Counted and logged only once committed, so a retried batch counts once.
+	r.stats.deadLettered.Add(int64(len(dead)))
+	i := 0
+	for _, m := range msgs {
+		if m.event == nil {
+			continue
+		}
+		r.count(*m.event, outcomes[i])
+		i++
+	}
+	return nil
+}
+
+// count records the outcome of one applied event. Conflicts are logged: a
+// concurrent write was lost, and somebody may want to know which.
+func (r *replicator) count(e event, o outcome) {
+	switch o {
+	case applied:
+		r.stats.applied.Add(1)
+		now := time.Now()
+		r.stats.lastApplied.Store(&now)
+	case conflictWon, conflictLost:
+		r.stats.conflicts.Add(1)
+		if o == conflictWon {
+			r.stats.applied.Add(1)
+		}
+		r.logger.Warn("replication conflict: concurrent writes of one version, the greater one kept",
+			"property", e.ID, "version", e.Version, "incoming_region", e.RegionOrigin,
+			"incoming_updated_at", e.UpdatedAt, "incoming_request_id", e.RequestID,
+			"incoming_won", o == conflictWon)
+	case stale:
+		r.stats.stale.Add(1)
+	}
+}
+
+// decodeMessage decodes and validates one record.
+func decodeMessage(rec *kgo.Record) (message, error) {
+	m := message{record: rec}
+	var kind string
+	for _, h := range rec.Headers {
+		switch h.Key {
+		case headerKind:
+			kind = string(h.Value)
+		case headerRegion:
+			m.region = string(h.Value)
+		}
+	}
+	if !validRegion(m.region) {
+		return m, fmt.Errorf("missing or unknown %q header %q", headerRegion, m.region)
+	}
+	switch kind {
+	case "heartbeat":
+		var hb heartbeat
+		if err := strictUnmarshal(rec.Value, &hb); err != nil {
+			return m, fmt.Errorf("heartbeat: %w", err)
+		}
+		if hb.Region != m.region || hb.Watermark.IsZero() {
+			return m, errors.New("heartbeat: region or watermark missing")
+		}
+		m.heartbeat = &hb
+	case "event":
+		var e event
+		if err := strictUnmarshal(rec.Value, &e); err != nil {
+			return m, fmt.Errorf("event: %w", err)
+		}
+		if err := e.validate(); err != nil {
+			return m, fmt.Errorf("event: %w", err)
+		}
+		if e.RegionOrigin != m.region {
+			return m, fmt.Errorf("event: region_origin %q differs from header %q", e.RegionOrigin, m.region)
+		}
+		if string(rec.Key) != strconv.FormatInt(e.ID, 10) {
+			return m, fmt.Errorf("event: key %q is not the property id %d", rec.Key, e.ID)
+		}
+		m.event = &e
+	default:
+		return m, fmt.Errorf("missing or unknown %q header %q", headerKind, kind)
+	}
+	return m, nil
+}
+
+// strictUnmarshal decodes exactly one JSON object with no unknown fields.
+func strictUnmarshal(b []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if dec.More() {
+		return errors.New("trailing data after the JSON object")
+	}
+	return nil
+}
+
+// validate checks what the database would otherwise reject in the middle of
+// a batch: an event that cannot be applied is poison, not an outage.
+func (e event) validate() error {
+	rooms := func(n *int32) bool { return n == nil || (*n >= 0 && *n <= maxRooms) }
+	switch {
+	case e.ID < 1:
+		return errors.New("id must be positive")
+	case e.Price <= 0 || e.Price > maxMoney:
+		return errors.New("price out of range")
+	case !rooms(e.Bedrooms) || !rooms(e.Bathrooms):
+		return errors.New("bedrooms or bathrooms out of range")
+	case !validRegion(e.RegionOrigin):
+		return errors.New("unknown region_origin")
+	case e.Version < 1:
+		return errors.New("version must be positive")
+	case e.UpdatedAt.IsZero():
+		return errors.New("updated_at missing")
+	case !validRequestID(e.RequestID):
+		return errors.New("invalid request_id")
+	}
+	return nil
+}
+
+// deadLetter returns the dead-letter record for rec: the original key, value
+// and headers, plus why it was rejected and where it came from.
+func (r *replicator) deadLetter(rec *kgo.Record, reason error) *kgo.Record {
+	r.logger.Error("consume: undecodable record sent to the dead-letter queue",
+		"partition", rec.Partition, "offset", rec.Offset, "reason", reason)
+	headers := append([]kgo.RecordHeader(nil), rec.Headers...)
+	headers = append(headers,
+		kgo.RecordHeader{Key: headerReason, Value: []byte(reason.Error())},
+		kgo.RecordHeader{Key: "source", Value: fmt.Appendf(nil, "%s/%d/%d", rec.Topic, rec.Partition, rec.Offset)},
+		kgo.RecordHeader{Key: "rejected-by", Value: []byte(r.region)},
+	)
+	return &kgo.Record{Topic: r.dlqTopic, Key: rec.Key, Value: rec.Value, Headers: headers}
+}
+
+// selectForApplySQL locks the local row, so that a concurrent local PUT of
+// the same property waits for the remote write (or the other way round).
+const selectForApplySQL = getPropertySQL + ` FOR UPDATE`
+
+const upsertPropertySQL = `
+INSERT INTO properties (id, price, bedrooms, bathrooms, region_origin, version, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (id) DO UPDATE
+SET price         = EXCLUDED.price,
+    bedrooms      = EXCLUDED.bedrooms,
+    bathrooms     = EXCLUDED.bathrooms,
+    region_origin = EXCLUDED.region_origin,
+    version       = EXCLUDED.version,
+    updated_at    = EXCLUDED.updated_at`
+
+// applyEvent applies one remote write inside the batch's transaction: the row
+// if the conflict rule lets it replace the local one, and in any case the
+// request id, which was consumed in the other region whoever wins. It writes
+// no outbox row: a replicated write is not replicated back.
+func applyEvent(ctx context.Context, tx *sql.Tx, e event) (outcome, error) {
+	incoming := e.property()
+	var local *Property
+	p, err := scanProperty(tx.QueryRowContext(ctx, selectForApplySQL, e.ID))
+	switch {
+	case err == nil:
+		local = &p
+	case !errors.Is(err, sql.ErrNoRows):
+		return 0, fmt.Errorf("apply event for property %d: %w", e.ID, err)
+	}
+	o := resolve(local, incoming)
+	if o.replaces() {
+		_, err := tx.ExecContext(ctx, upsertPropertySQL, incoming.ID, incoming.Price, incoming.Bedrooms,
+			incoming.Bathrooms, incoming.RegionOrigin, incoming.Version, incoming.UpdatedAt)
+		if err != nil {
+			return 0, fmt.Errorf("apply event for property %d: %w", e.ID, err)
+		}
+	}
+	response, err := json.Marshal(incoming)
+	if err != nil {
+		return 0, fmt.Errorf("apply event for property %d: %w", e.ID, err)
+	}
+	if _, err := tx.ExecContext(ctx, recordRequestSQL, e.RequestID, e.ID, e.RegionOrigin, response); err != nil {
+		return 0, fmt.Errorf("apply event for property %d: record request: %w", e.ID, err)
+	}
+	return o, nil
+}
+
+// saveWatermarkSQL moves a partition's watermark forward, never back: a
+// re-delivered old heartbeat must not make the lag jump.
+const saveWatermarkSQL = `
+INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, applied_at)
+VALUES ($1, $2, $3, $4, now())
+ON CONFLICT (peer_region, partition) DO UPDATE
+SET watermark  = GREATEST(replication_watermarks.watermark, EXCLUDED.watermark),
+    partitions = EXCLUDED.partitions,
+    applied_at = now()`
+
+// backoff is the wait before retry number attempt: 100ms doubling to
+// maxBackoff.
+func backoff(attempt int) time.Duration {
+	d := 100 * time.Millisecond << min(attempt, 5)
+	return min(d, maxBackoff)
+}
+
+// sleep waits for d and reports false if ctx was cancelled first.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
 }

@@ -1,0 +1,103 @@
+package main
+
+// Replication lag: how far this region's copy of the other region's writes
+// trails behind.
+//
+// "Time since the last message" would be wrong twice over: it grows on an
+// idle, healthy link, and it stays small while old messages trickle in. What
+// matters is the oldest peer write that has not arrived yet. The peer's relay
+// tells us, with heartbeats: when it has drained its outbox into Kafka, it
+// publishes to every partition "everything I committed before time W is in
+// Kafka ahead of this record". When our consumer has applied a heartbeat, every
+// peer write committed before W has been applied here too. So:
+//
+//	lag = now − W, where W is the smallest watermark over the partitions
+//
+// An idle, healthy link reports about the heartbeat interval (0.1 s) or less.
+// When the peer's writes cannot arrive (Kafka down, the peer's relay or
+// database stopped, our consumer stopped), no heartbeat is applied and the lag
+// grows in real time. When they can again, the backlog is applied, the next
+// heartbeat lands, and the lag drops back to about 0. Both regions' clocks are
+// assumed to agree (NTP); a skew between them shifts the figure by the skew.
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"time"
+)
+
+// LagReport is the body of GET /{region}/replication-lag.
+type LagReport struct {
+	// LagSeconds is now minus the peer watermark: how old the oldest peer
+	// write is that may not have been applied here yet.
+	LagSeconds float64 `json:"lag_seconds"`
+	Region     string  `json:"region"`
+	PeerRegion string  `json:"peer_region"`
+	// PeerWatermark is the peer time up to which all its writes are applied
+	// here; null until the first heartbeat of every partition arrived.
+	PeerWatermark *time.Time `json:"peer_watermark"`
+	// RecordsBehind is how many records of the topic this region's consumer
+	// has yet to read, as of its last fetch.
+	RecordsBehind int64 `json:"records_behind"`
+	// OutboxBacklog is how many local writes wait to be published, and
+	// OldestOutboxSeconds how long the oldest of them has waited.
+	OutboxBacklog       int64   `json:"outbox_backlog"`
+	OldestOutboxSeconds float64 `json:"oldest_outbox_seconds"`
+	// LastAppliedAt is when a peer write last changed a row here.
+	LastAppliedAt *time.Time `json:"last_applied_at"`
+	// Counters since this process started: peer writes applied, concurrent
+	// writes resolved by the conflict rule (one of each pair lost), old
+	// events ignored, and undecodable records sent to the dead-letter queue.
+	Applied      int64 `json:"applied"`
+	Conflicts    int64 `json:"conflicts"`
+	StaleEvents  int64 `json:"stale_events"`
+	DeadLettered int64 `json:"dead_lettered"`
+}
+
+// lagSQL reads the peer's watermark: the smallest over the partitions, and
+// only if every partition has one (a partition never heard from could hide any
+// amount of lag). It also reads the outbox backlog, and the clock, so that
+// both sides of the subtraction come from database clocks.
+const lagSQL = `
+SELECT
+    (SELECT CASE WHEN count(*) > 0 AND count(*) >= max(partitions) THEN min(watermark) END
+     FROM replication_watermarks WHERE peer_region = $1),
+    (SELECT count(*) FROM outbox),
+    (SELECT min(created_at) FROM outbox),
+    clock_timestamp()`
+
+// lagReport builds the report from the database and the consumer's counters.
+func (r *replicator) lagReport(ctx context.Context) (LagReport, error) {
+	var (
+		watermark, oldest sql.NullTime
+		now               time.Time
+	)
+	rep := LagReport{Region: r.region, PeerRegion: r.peer}
+	err := r.db.QueryRowContext(ctx, lagSQL, r.peer).Scan(&watermark, &rep.OutboxBacklog, &oldest, &now)
+	if err != nil {
+		return LagReport{}, fmt.Errorf("replication lag: %w", err)
+	}
+	since := r.started
+	if watermark.Valid {
+		w := watermark.Time.UTC()
+		rep.PeerWatermark = &w
+		since = w
+	}
+	// Without any watermark, the region has waited for its peer since it
+	// started, and reports that.
+	rep.LagSeconds = max(now.Sub(since).Seconds(), 0)
+	if oldest.Valid {
+		rep.OldestOutboxSeconds = max(now.Sub(oldest.Time).Seconds(), 0)
+	}
+	if t := r.stats.lastApplied.Load(); t != nil {
+		u := t.UTC()
+		rep.LastAppliedAt = &u
+	}
+	rep.RecordsBehind = r.stats.recordsBehind()
+	rep.Applied = r.stats.applied.Load()
+	rep.Conflicts = r.stats.conflicts.Load()
+	rep.StaleEvents = r.stats.stale.Load()
+	rep.DeadLettered = r.stats.deadLettered.Load()
+	return rep, nil
+}

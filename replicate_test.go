@@ -1,0 +1,270 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+var t0 = time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+
+// write is a Property that differs from others only where the conflict rule
+// looks, plus a price to tell writes apart.
+func write(version int64, at time.Duration, region string, price Money) Property {
+	return Property{ID: 1, Price: price, RegionOrigin: region, Version: version, UpdatedAt: t0.Add(at)}
+}
+
+func TestResolve(t *testing.T) {
+	tests := []struct {
+		name     string
+		local    *Property
+		incoming Property
+		want     outcome
+	}{
+		{"no_local_row", nil, write(1, 0, "us", 1), applied},
+		{"next_version", ptr(write(1, 0, "us", 1)), write(2, time.Second, "eu", 2), applied},
+		{"skipped_versions", ptr(write(1, 0, "us", 1)), write(5, time.Second, "eu", 2), applied},
+		{"higher_version_older_clock", ptr(write(1, time.Hour, "us", 1)), write(2, 0, "eu", 2), applied},
+		{"same_write_again", ptr(write(3, 0, "eu", 7)), write(3, 0, "eu", 7), duplicate},
+		{"older_version", ptr(write(3, 0, "us", 1)), write(2, time.Hour, "eu", 2), stale},
+		{"same_version_later_clock_wins", ptr(write(2, 0, "us", 1)), write(2, time.Microsecond, "eu", 2), conflictWon},
+		{"same_version_earlier_clock_loses", ptr(write(2, time.Microsecond, "us", 1)), write(2, 0, "eu", 2), conflictLost},
+		{"same_version_same_clock_us_beats_eu", ptr(write(2, 0, "eu", 1)), write(2, 0, "us", 2), conflictWon},
+		{"same_version_same_clock_eu_loses_to_us", ptr(write(2, 0, "us", 1)), write(2, 0, "eu", 2), conflictLost},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := resolve(tt.local, tt.incoming); got != tt.want {
+				t.Errorf("resolve(%+v, %+v) = %d, want %d", tt.local, tt.incoming, got, tt.want)
+			}
+		})
+	}
+}
+
+// TestResolveConverges is the property the conflict rule exists for: every
+// order of applying the same writes ends in the same row, the greatest one.
+func TestResolveConverges(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for trial := range 500 {
+		// A region writes each version of a row at most once (the version
+		// check admits one writer per version, and a row's version never goes
+		// back), so (version, region_origin) names a write; draw such writes.
+		type key struct {
+			version int64
+			region  string
+		}
+		seen := map[key]bool{}
+		var writes []Property
+		for i := range 2 + rng.IntN(6) {
+			region := "us"
+			if rng.IntN(2) == 0 {
+				region = "eu"
+			}
+			version := int64(1 + rng.IntN(3))
+			if seen[key{version, region}] {
+				continue
+			}
+			seen[key{version, region}] = true
+			// Few distinct clock values, so that ties on version and clock
+			// are common.
+			writes = append(writes, write(version, time.Duration(rng.IntN(3))*time.Microsecond, region, Money(i+1)))
+		}
+		n := len(writes)
+		var want *Property
+		for _, order := range [][]int{rng.Perm(n), rng.Perm(n), rng.Perm(n), rng.Perm(n)} {
+			var row *Property
+			for _, i := range order {
+				if resolve(row, writes[i]).replaces() {
+					row = ptr(writes[i])
+				}
+			}
+			if want == nil {
+				want = row
+				continue
+			}
+			if diff := cmp.Diff(*want, *row); diff != "" {
+				// Two writes equal under the rule but with different content
+				// would be a real divergence; the rule must never allow it.
+				t.Fatalf("trial %d: writes %+v applied in order %v end differently (-first +this):\n%s", trial, writes, order, diff)
+			}
+		}
+		for _, w := range writes {
+			if compareWrites(w, *want) > 0 {
+				t.Fatalf("trial %d: final row %+v is not the greatest write: %+v is greater", trial, *want, w)
+			}
+		}
+	}
+}
+
+func TestDecodeMessage(t *testing.T) {
+	good := `{"id":7,"price":100.5,"bedrooms":2,"bathrooms":1,"region_origin":"us","version":2,"updated_at":"2026-03-01T12:00:00.123456Z","request_id":"r-1"}`
+	headers := func(kind, region string) []kgo.RecordHeader {
+		return []kgo.RecordHeader{{Key: headerKind, Value: []byte(kind)}, {Key: headerRegion, Value: []byte(region)}}
+	}
+	tests := []struct {
+		name    string
+		rec     *kgo.Record
+		wantErr string
+	}{
+		{"event", &kgo.Record{Key: []byte("7"), Value: []byte(good), Headers: headers("event", "us")}, ""},
+		{"heartbeat", &kgo.Record{Value: []byte(`{"region":"eu","watermark":"2026-03-01T12:00:00Z"}`), Headers: headers("heartbeat", "eu")}, ""},
+		{"not_json", &kgo.Record{Key: []byte("7"), Value: []byte(`not json {`), Headers: headers("event", "us")},
+			"event: invalid character 'o' in literal null (expecting 'u')"},
+		{"no_headers", &kgo.Record{Key: []byte("7"), Value: []byte(good)}, `missing or unknown "region" header ""`},
+		{"unknown_kind", &kgo.Record{Key: []byte("7"), Value: []byte(good), Headers: headers("delete", "us")}, `missing or unknown "kind" header "delete"`},
+		{"unknown_field", &kgo.Record{Key: []byte("7"), Value: []byte(`{"id":7,"color":"red"}`), Headers: headers("event", "us")},
+			`event: json: unknown field "color"`},
+		{"price_with_three_decimals", &kgo.Record{Key: []byte("7"), Value: []byte(`{"id":7,"price":1.001,"region_origin":"us","version":2,"updated_at":"2026-03-01T12:00:00Z","request_id":"r"}`), Headers: headers("event", "us")},
+			"event: price must have at most two decimal places"},
+		{"version_zero", &kgo.Record{Key: []byte("7"), Value: []byte(`{"id":7,"price":1,"region_origin":"us","version":0,"updated_at":"2026-03-01T12:00:00Z","request_id":"r"}`), Headers: headers("event", "us")},
+			"event: version must be positive"},
+		{"region_mismatch", &kgo.Record{Key: []byte("7"), Value: []byte(good), Headers: headers("event", "eu")},
+			`event: region_origin "us" differs from header "eu"`},
+		{"key_mismatch", &kgo.Record{Key: []byte("8"), Value: []byte(good), Headers: headers("event", "us")},
+			`event: key "8" is not the property id 7`},
+		{"trailing_data", &kgo.Record{Key: []byte("7"), Value: []byte(good + `{}`), Headers: headers("event", "us")},
+			"event: trailing data after the JSON object"},
+		{"heartbeat_without_watermark", &kgo.Record{Value: []byte(`{"region":"eu"}`), Headers: headers("heartbeat", "eu")},
+			"heartbeat: region or watermark missing"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := decodeMessage(tt.rec)
+			gotErr := ""
+			if err != nil {
+				gotErr = err.Error()
+			}
+			if gotErr != tt.wantErr {
+				t.Errorf("decodeMessage(%s) error = %q, want %q", tt.rec.Value, gotErr, tt.wantErr)
+			}
+		})
+	}
+}
+
+// TestApplyEvent applies remote writes to a real database: the row follows
+// the conflict rule, the request id is recorded whoever wins, and no outbox
+// row is written (a replicated write is not replicated back).
+func TestApplyEvent(t *testing.T) {
+	db := testDB(t)
+	ctx := context.Background()
+	const id = 40
+	seed := seedProperty(id)
+	at := func(d time.Duration) time.Time { return time.Date(2026, 2, 1, 0, 0, 0, 0, time.UTC).Add(d) }
+	ev := func(version int64, t time.Time, region string, price Money, requestID string) event {
+		return event{ID: id, Price: price, Bedrooms: ptr(int32(3)), Bathrooms: ptr(int32(2)), RegionOrigin: region, Version: version, UpdatedAt: t, RequestID: requestID}
+	}
+	steps := []struct {
+		name         string
+		event        event
+		want         outcome
+		wantRow      Property
+		wantRequests int // request ids recorded for the property so far
+	}{
+		{"next_version", ev(2, at(0), "eu", 100_00, "apply-1"), applied, ev(2, at(0), "eu", 100_00, "").property(), 1},
+		{"redelivery", ev(2, at(0), "eu", 100_00, "apply-1"), duplicate, ev(2, at(0), "eu", 100_00, "").property(), 1},
+		{"concurrent_later_wins", ev(2, at(time.Second), "us", 200_00, "apply-2"), conflictWon, ev(2, at(time.Second), "us", 200_00, "").property(), 2},
+		{"concurrent_earlier_loses", ev(2, at(time.Millisecond), "eu", 300_00, "apply-3"), conflictLost, ev(2, at(time.Second), "us", 200_00, "").property(), 3},
+		{"newer", ev(4, at(2*time.Second), "eu", 400_00, "apply-4"), applied, ev(4, at(2*time.Second), "eu", 400_00, "").property(), 4},
+		{"stale", ev(3, at(3*time.Second), "us", 500_00, "apply-5"), stale, ev(4, at(2*time.Second), "eu", 400_00, "").property(), 5},
+	}
+	before := readRow(t, db, id)
+	if diff := cmp.Diff(seed, before.Property); diff != "" {
+		t.Fatalf("property %d before the test (-seed +got):\n%s", id, diff)
+	}
+	for _, step := range steps {
+		tx, err := db.BeginTx(ctx, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := applyEvent(ctx, tx, step.event)
+		if err != nil {
+			tx.Rollback()
+			t.Fatalf("%s: applyEvent(%+v): %v", step.name, step.event, err)
+		}
+		if err := tx.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		if got != step.want {
+			t.Errorf("%s: applyEvent(%+v) = %d, want %d", step.name, step.event, got, step.want)
+		}
+		row := readRow(t, db, id)
+		if diff := cmp.Diff(step.wantRow, row.Property); diff != "" {
+			t.Errorf("%s: row after applyEvent (-want +got):\n%s", step.name, diff)
+		}
+		if row.Outbox != 0 || row.Requests != step.wantRequests {
+			t.Errorf("%s: outbox rows %d, request ids %d; want 0 and %d", step.name, row.Outbox, row.Requests, step.wantRequests)
+		}
+	}
+
+	// A request id consumed in the other region is a 422 here, even though
+	// its write lost the conflict.
+	srv := testServer(t, "us", db)
+	status, _, got := call(t, srv, "PUT", fmt.Sprintf("/us/properties/%d", id), "apply-3", `{"price": 1, "version": 4}`)
+	if status != http.StatusUnprocessableEntity || got.RequestID != "apply-3" || got.OriginalResponse == nil || got.OriginalResponse.Price != 300_00 {
+		t.Errorf("PUT with replicated request id apply-3 = %d %+v, want 422 with the original response (price 300)", status, got)
+	}
+}
+
+func TestReplicationLagReport(t *testing.T) {
+	db := testDB(t)
+	ctx := context.Background()
+	srv := testServer(t, "eu", db)
+	t.Cleanup(func() { db.ExecContext(ctx, `DELETE FROM replication_watermarks`) })
+
+	// lagSeconds returns GET /eu/replication-lag's lag, in whole seconds.
+	lagSeconds := func() int {
+		t.Helper()
+		rec := httptest.NewRecorder()
+		srv.ServeHTTP(rec, httptest.NewRequest("GET", "/eu/replication-lag", nil))
+		var got LagReport
+		if err := strictUnmarshal(rec.Body.Bytes(), &got); err != nil || rec.Code != http.StatusOK {
+			t.Fatalf("GET /eu/replication-lag = %d %q (%v), want 200 and a report", rec.Code, rec.Body.String(), err)
+		}
+		if got.Region != "eu" || got.PeerRegion != "us" {
+			t.Errorf("GET /eu/replication-lag: region %q, peer %q; want eu, us", got.Region, got.PeerRegion)
+		}
+		return int(got.LagSeconds)
+	}
+	// setWatermarks stores watermarks for the first n of 3 partitions, the
+	// newest age old and each further partition a second older.
+	setWatermarks := func(n int, age time.Duration) {
+		t.Helper()
+		if _, err := db.ExecContext(ctx, `DELETE FROM replication_watermarks`); err != nil {
+			t.Fatal(err)
+		}
+		for p := range n {
+			w := time.Now().Add(-age - time.Duration(p)*time.Second)
+			if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, w); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+
+	tests := []struct {
+		name       string
+		partitions int
+		age        time.Duration
+		want       int
+	}{
+		{"oldest_partition_counts", 3, 60 * time.Second, 62},
+		{"caught_up", 3, 0, 2},
+		// A partition never heard from could hide anything: the report falls
+		// back to the time since the service started waiting (just now).
+		{"partition_missing", 2, time.Hour, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			setWatermarks(tt.partitions, tt.age)
+			if got := lagSeconds(); got != tt.want {
+				t.Errorf("lag with %d of 3 watermarks, newest %v old = %ds, want %ds", tt.partitions, tt.age, got, tt.want)
+			}
+		})
+	}
+}
