@@ -295,6 +295,11 @@ func newReplicator(logger *slog.Logger, cfg config, db *sql.DB) (*replicator, er
 		// move to another instance between the apply and the offset commit.
 		kgo.BlockRebalanceOnPoll(),
 		kgo.FetchMaxWait(time.Second),
+		// A crashed instance leaves the group only when its session times
+		// out; until then its partitions are not consumed. 10s rather than
+		// the default 45s bounds that pause.
+		kgo.SessionTimeout(10*time.Second),
+		kgo.HeartbeatInterval(time.Second),
 	)
 	if err != nil {
 		r.producer.Close()
