@@ -371,8 +371,17 @@ func (r *replicator) close() {
 		r.logger.Warn("flush producer", "err", err)
 	}
 	r.producer.Close()
-	// Leaves the group, so that another instance takes the partitions over
-	// at once rather than after the session timeout.
+	// Leave the group, so that another instance takes the partitions over
+	// at once rather than after the session timeout. The last polled batch
+	// may still block rebalancing (BlockRebalanceOnPoll) if the consumer
+	// stopped before applying it; that batch was not committed, so letting
+	// the partitions go is right. Leaving waits for a join in progress, which
+	// the broker may hold for a long time, so it gets a deadline of its own;
+	// after that, Close is immediate.
+	r.consumer.AllowRebalance()
+	if err := r.consumer.LeaveGroupContext(ctx); err != nil {
+		r.logger.Warn("leave consumer group", "err", err)
+	}
 	r.consumer.Close()
 }
 
