@@ -29,7 +29,7 @@ import (
 
 // stackDB opens one region's database, failing with what to set if the
 // address is unknown or the database does not answer.
-func stackDB(t *testing.T, region string) *sql.DB {
+func stackDB(t testing.TB, region string) *sql.DB {
 	t.Helper()
 	name := "STACK_DB_" + strings.ToUpper(region)
 	url := os.Getenv(name)

@@ -382,14 +382,91 @@ cmd_test() {
 	go test -race -count=1 -v ./... >"$out" 2>&1 || status=$?
 	log "integration tests"
 	go test -race -count=1 -v -tags=integration -timeout 30m -run "${TEST_RUN:-.}" ./... >"$out.integration" 2>&1 || status=$?
+	log "benchmarks, once each (figures come from ./stack.sh bench)"
+	go test -tags=integration -run '^$' -bench . -benchtime=1x -count=1 ./... >>"$out.integration" 2>&1 || status=$?
 	cat "$out.integration" >>"$out"
-	grep -E '^\s*(--- FAIL|FAIL|ok )|^\s+\S+_test\.go:[0-9]+:' "$out" || true
+	grep -E '^\s*(--- FAIL|FAIL|ok )|^\s+\S+_test\.go:[0-9]+:|^Benchmark' "$out" || true
 	local passed failed
 	passed=$(grep -c -- '--- PASS' "$out" || true)
 	failed=$(grep -c -- '--- FAIL' "$out" || true)
 	echo "full log: $out"
 	echo "$passed passed, $failed failed"
 	return "$status"
+}
+
+# The benchmark figures: pgbench on db-us's cluster next to the service's
+# benchmarks through NGINX, with the same client count, as a table of
+# figure, value and ratio. The table also replaces the README's benchmark
+# section, so that the README shows what was measured, never typed by hand.
+cmd_bench() {
+	cmd_up
+	test_env
+	cd "$root"
+	local clients=32 out="$state/bench" secs=${BENCH_SECONDS:-15}
+	mkdir -p "$out"
+	local pg=(-h 127.0.0.1 -p "$(port_of db-us)" -U "$POSTGRES_USER")
+	export PGPASSWORD="$POSTGRES_PASSWORD"
+	if ! "$pgbin/psql" "${pg[@]}" -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'pgbench'" | grep -q 1; then
+		log "initialising pgbench (scale 10) on db-us"
+		"$pgbin/psql" "${pg[@]}" -d postgres -qc "CREATE DATABASE pgbench"
+		"$pgbin/pgbench" "${pg[@]}" -i -q -s 10 pgbench >"$out/pgbench-init.log" 2>&1
+	fi
+	tps() { sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$1"; }
+	log "pgbench -S, $clients clients, ${secs}s"
+	"$pgbin/pgbench" "${pg[@]}" -n -S -c "$clients" -j 2 -T "$secs" pgbench >"$out/pgbench-S.log" 2>&1
+	log "pgbench -N, $clients clients, ${secs}s"
+	"$pgbin/pgbench" "${pg[@]}" -n -N -c "$clients" -j 2 -T "$secs" pgbench >"$out/pgbench-N.log" 2>&1
+
+	# Request counts sized for roughly 10-20 seconds each on a 2-core machine.
+	local runs=("GetProperty 60000x" "PutProperty 20000x" "Mixed 40000x" "GetPaced1000 15000x" "ReplicationDelay 3000x")
+	: >"$out/go-bench.log"
+	for run in "${runs[@]}"; do
+		set -- $run
+		log "go test -bench $1 -benchtime=$2"
+		go test -tags=integration -run '^$' -bench "^Benchmark$1\$" -benchtime="$2" -count=1 . | tee -a "$out/go-bench.log" | grep '^Benchmark' >&2
+	done
+
+	# metric BENCH UNIT: the value a benchmark reported for a unit.
+	metric() { awk -v b="Benchmark$1-" -v u="$2" 'index($1, b) == 1 { for (i = 3; i < NF; i += 2) if ($(i+1) == u) print $i }' "$out/go-bench.log"; }
+	iterations() { awk -v b="Benchmark$1-" 'index($1, b) == 1 { print $2 }' "$out/go-bench.log"; }
+	ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f%%", 100 * a / b; else print "-" }'; }
+	lat() { printf 'p50 %s ms, p99 %s ms, max %s ms' "$(metric "$1" p50_ms)" "$(metric "$1" p99_ms)" "$(metric "$1" max_ms)"; }
+	local s_tps n_tps get put mixed
+	s_tps=$(tps "$out/pgbench-S.log")
+	n_tps=$(tps "$out/pgbench-N.log")
+	get=$(metric GetProperty req/s)
+	put=$(metric PutProperty req/s)
+	mixed=$(metric Mixed req/s)
+	local errors
+	errors=$(awk '/^Benchmark/ { for (i = 3; i < NF; i += 2) if ($(i+1) == "errors") n += $i } END { print n + 0 }' "$out/go-bench.log")
+	{
+		echo "| figure | value | ratio |"
+		echo "|---|---|---|"
+		printf '| pgbench select-only (`-S`), %s clients | %.0f tps | 100%% |\n' "$clients" "$s_tps"
+		printf '| GET through NGINX, %s clients | %.0f req/s; %s | %s of pgbench -S |\n' "$clients" "$get" "$(lat GetProperty)" "$(ratio "$get" "$s_tps")"
+		printf '| pgbench simple-update (`-N`), %s clients | %.0f tps | 100%% |\n' "$clients" "$n_tps"
+		printf '| PUT through NGINX, %s clients | %.0f req/s; %s; %s conflicts | %s of pgbench -N |\n' "$clients" "$put" "$(lat PutProperty)" "$(metric PutProperty conflicts)" "$(ratio "$put" "$n_tps")"
+		printf '| 90/10 GET/PUT through NGINX, %s clients | %.0f req/s; %s | - |\n' "$clients" "$mixed" "$(lat Mixed)"
+		printf '| GET at a steady 1,000 req/s | %s (target: p99 < 10 ms) | - |\n' "$(lat GetPaced1000)"
+		printf '| replication delay US to EU at 200 writes/s, %s writes | %s (target: p99 < 250 ms) | - |\n' "$(iterations ReplicationDelay)" "$(lat ReplicationDelay)"
+		printf '| errors, all runs | %s | - |\n' "$errors"
+	} >"$out/table.md"
+	cat "$out/table.md"
+
+	local machine
+	machine="$(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), $(free -g | awk '/^Mem:/ { print $2 }') GiB, whole stack on the same machine"
+	{
+		echo "<!-- bench:start (written by ./stack.sh bench; do not edit) -->"
+		echo "Measured $(date -u +%Y-%m-%d) with \`./stack.sh bench\` on $machine:"
+		echo
+		cat "$out/table.md"
+		echo "<!-- bench:end -->"
+	} >"$out/readme-section.md"
+	awk -v f="$out/readme-section.md" '
+		/<!-- bench:start/ { while ((getline line < f) > 0) print line; skip = 1; next }
+		/<!-- bench:end -->/ { skip = 0; next }
+		!skip { print }' README.md >"$out/README.md" && cp "$out/README.md" README.md
+	log "README.md benchmark section updated"
 }
 
 main() {
@@ -404,6 +481,7 @@ main() {
 	stop) stop_service "${1:?usage: stack.sh stop SERVICE}" TERM ;;
 	kill) stop_service "${1:?usage: stack.sh kill SERVICE}" KILL ;;
 	test) cmd_test ;;
+	bench) cmd_bench ;;
 	*) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 	esac
 }

@@ -1,0 +1,369 @@
+//go:build integration
+
+package main
+
+// Benchmarks of the running stack, through NGINX, with many concurrent
+// clients. Each reports requests per second and latency percentiles with
+// b.ReportMetric, and fails if any request errs. `./stack.sh bench` runs them
+// with fixed request counts next to pgbench on the same PostgreSQL cluster and
+// prints the ratios; CI runs each once (-benchtime=1x) so they cannot rot.
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// benchClients is how many clients the closed-loop benchmarks run, and how
+// many pgbench runs for the comparison (./stack.sh bench).
+const benchClients = 32
+
+// benchStack is newStack with an HTTP client that keeps a connection per
+// client alive, as a load generator must.
+func benchStack(b *testing.B) *stack {
+	b.Helper()
+	s := &stack{
+		url: envOr("STACK_URL", "http://localhost:8080"),
+		client: &http.Client{
+			Timeout: 15 * time.Second,
+			Transport: &http.Transport{
+				MaxIdleConns:        4 * benchClients,
+				MaxIdleConnsPerHost: 4 * benchClients,
+				IdleConnTimeout:     30 * time.Second,
+			},
+		},
+	}
+	status, _, _, err := s.do("GET", "/us/health", "", "")
+	if err != nil || status != http.StatusOK {
+		b.Fatalf("the stack at %s is not up (GET /us/health: %d, %v): start it with `./stack.sh up` or `docker compose up -d --wait`",
+			s.url, status, err)
+	}
+	return s
+}
+
+// outcome of one benchmark request.
+type result int
+
+const (
+	resultOK       result = iota
+	resultConflict        // a 409: a lost optimistic-locking race, not throughput
+	resultFailed
+)
+
+// latencies collects what the workers saw.
+type latencies struct {
+	mu        sync.Mutex
+	ok        []time.Duration
+	conflicts int
+	errors    int
+	firstErr  string
+}
+
+func (l *latencies) add(r result, d time.Duration, err string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	switch r {
+	case resultOK:
+		l.ok = append(l.ok, d)
+	case resultConflict:
+		l.conflicts++
+	case resultFailed:
+		l.errors++
+		if l.firstErr == "" {
+			l.firstErr = err
+		}
+	}
+}
+
+// report sets the benchmark's metrics: successful requests per second over
+// elapsed, latency percentiles of the successful ones, errors and conflicts.
+// It fails the benchmark if any request failed.
+func (l *latencies) report(b *testing.B, elapsed time.Duration, unit string) {
+	b.Helper()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	slices.Sort(l.ok)
+	pct := func(p float64) float64 {
+		if len(l.ok) == 0 {
+			return 0
+		}
+		return float64(l.ok[min(int(p*float64(len(l.ok))), len(l.ok)-1)]) / float64(time.Millisecond)
+	}
+	b.ReportMetric(0, "ns/op") // meaningless here: requests overlap
+	b.ReportMetric(float64(len(l.ok))/elapsed.Seconds(), unit+"/s")
+	b.ReportMetric(pct(0.50), "p50_ms")
+	b.ReportMetric(pct(0.99), "p99_ms")
+	b.ReportMetric(pct(1), "max_ms")
+	b.ReportMetric(float64(l.errors), "errors")
+	b.ReportMetric(float64(l.conflicts), "conflicts")
+	if l.errors > 0 {
+		b.Errorf("%d requests failed; first: %s", l.errors, l.firstErr)
+	}
+}
+
+// closedLoop runs b.N calls of do over benchClients workers, each sending its
+// next request when the previous one is answered, and reports the results.
+func closedLoop(b *testing.B, unit string, do func(worker, i int) (result, string)) {
+	b.Helper()
+	var l latencies
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	b.ResetTimer()
+	start := time.Now()
+	for w := range benchClients {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= b.N {
+					return
+				}
+				t := time.Now()
+				r, err := do(w, i)
+				l.add(r, time.Since(t), err)
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	b.StopTimer()
+	l.report(b, elapsed, unit)
+}
+
+// classify turns a response into a result.
+func classify(status int, err error, method string) (result, string) {
+	switch {
+	case err != nil:
+		return resultFailed, err.Error()
+	case status == http.StatusOK:
+		return resultOK, ""
+	case status == http.StatusConflict && method == "PUT":
+		return resultConflict, ""
+	}
+	return resultFailed, fmt.Sprintf("%s: status %d", method, status)
+}
+
+// writer is one benchmark client's PUTs: it owns a range of ids no other
+// writer touches and remembers their versions, as a client that read them
+// would.
+type writer struct {
+	s        *stack
+	region   string
+	ids      []int64
+	versions map[int64]int64
+	run      string
+}
+
+func newWriter(s *stack, region string, worker, perWorker int) *writer {
+	w := &writer{s: s, region: region, versions: map[int64]int64{}, run: fmt.Sprintf("%d-%d", time.Now().UnixNano(), worker)}
+	for k := range perWorker {
+		w.ids = append(w.ids, int64(1+worker*perWorker+k))
+	}
+	return w
+}
+
+// put updates the i-th of the writer's ids from the version it knows
+// (reading it first if it knows none) with a fresh request id.
+func (w *writer) put(i int) (result, string) {
+	id := w.ids[i%len(w.ids)]
+	path := fmt.Sprintf("/%s/properties/%d", w.region, id)
+	version, known := w.versions[id]
+	if !known {
+		status, _, cur, err := w.s.do("GET", path, "", "")
+		if r, msg := classify(status, err, "GET"); r != resultOK {
+			return r, msg
+		}
+		version = cur.Version
+	}
+	status, _, got, err := w.s.do("PUT", path, fmt.Sprintf("bench-%s-%d", w.run, i),
+		fmt.Sprintf(`{"price": %d.%02d, "version": %d}`, 100000+i%900000, i%100, version))
+	r, msg := classify(status, err, "PUT")
+	switch r {
+	case resultOK:
+		w.versions[id] = got.Version
+	case resultConflict:
+		w.versions[id] = got.CurrentVersion
+	}
+	return r, msg
+}
+
+func BenchmarkGetProperty(b *testing.B) {
+	s := benchStack(b)
+	closedLoop(b, "req", func(worker, i int) (result, string) {
+		id := 1 + rand.IntN(1000)
+		status, _, _, err := s.do("GET", fmt.Sprintf("/us/properties/%d", id), "", "")
+		return classify(status, err, "GET")
+	})
+}
+
+func BenchmarkPutProperty(b *testing.B) {
+	s := benchStack(b)
+	writers := make([]*writer, benchClients)
+	for w := range writers {
+		writers[w] = newWriter(s, "us", w, 1000/benchClients)
+	}
+	closedLoop(b, "req", func(worker, i int) (result, string) {
+		return writers[worker].put(i)
+	})
+}
+
+// BenchmarkMixed is nine reads of random listings for every write.
+func BenchmarkMixed(b *testing.B) {
+	s := benchStack(b)
+	writers := make([]*writer, benchClients)
+	for w := range writers {
+		writers[w] = newWriter(s, "us", w, 1000/benchClients)
+	}
+	closedLoop(b, "req", func(worker, i int) (result, string) {
+		if i%10 == 0 {
+			return writers[worker].put(i / 10)
+		}
+		status, _, _, err := s.do("GET", fmt.Sprintf("/us/properties/%d", 1+rand.IntN(1000)), "", "")
+		return classify(status, err, "GET")
+	})
+}
+
+// paced sends b.N calls of do at rate per second, each in its own goroutine
+// (an open loop: a slow answer does not delay the next request), and returns
+// how long the run took.
+func paced(b *testing.B, rate int, do func(i int)) time.Duration {
+	b.Helper()
+	interval := time.Second / time.Duration(rate)
+	var wg sync.WaitGroup
+	b.ResetTimer()
+	start := time.Now()
+	for i := range b.N {
+		if d := time.Until(start.Add(time.Duration(i) * interval)); d > 0 {
+			time.Sleep(d)
+		}
+		wg.Go(func() { do(i) })
+	}
+	wg.Wait()
+	b.StopTimer()
+	return time.Since(start)
+}
+
+// BenchmarkGetPaced1000 measures GET latency at a steady 1,000 requests per
+// second, below saturation, where latency rather than throughput is the
+// question.
+func BenchmarkGetPaced1000(b *testing.B) {
+	s := benchStack(b)
+	var l latencies
+	elapsed := paced(b, 1000, func(i int) {
+		t := time.Now()
+		status, _, _, err := s.do("GET", fmt.Sprintf("/us/properties/%d", 1+rand.IntN(1000)), "", "")
+		r, msg := classify(status, err, "GET")
+		l.add(r, time.Since(t), msg)
+	})
+	l.report(b, elapsed, "req")
+}
+
+// BenchmarkReplicationDelay writes to US at a steady 200 writes per second
+// and measures, for each write, the time from its 200 in US until EU's
+// database holds that version (which is what EU serves: a GET reads that
+// row). One poller checks all pending writes every millisecond with one
+// query, so the measurement itself adds little load.
+func BenchmarkReplicationDelay(b *testing.B) {
+	s := benchStack(b)
+	eu := stackDB(b, "eu")
+	const rate, ids = 200, 500
+
+	type pending struct {
+		version int64
+		acked   time.Time
+	}
+	var (
+		mu       sync.Mutex
+		waiting  = map[int64]pending{} // by property id
+		versions = map[int64]int64{}
+		l        latencies
+	)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	pollerDone := make(chan struct{})
+	go func() {
+		// Exits when cancel is called after the last write was seen.
+		defer close(pollerDone)
+		for ctx.Err() == nil {
+			mu.Lock()
+			var list []int64
+			for id := range waiting {
+				list = append(list, id)
+			}
+			mu.Unlock()
+			if len(list) > 0 {
+				rows, err := eu.QueryContext(ctx, `SELECT id, version FROM properties WHERE id = ANY($1)`, list)
+				if err == nil {
+					now := time.Now()
+					for rows.Next() {
+						var id, v int64
+						if rows.Scan(&id, &v) == nil {
+							mu.Lock()
+							if p, found := waiting[id]; found && v >= p.version {
+								l.add(resultOK, now.Sub(p.acked), "")
+								delete(waiting, id)
+							}
+							mu.Unlock()
+						}
+					}
+					rows.Close()
+				}
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}()
+
+	run := time.Now().UnixNano()
+	elapsed := paced(b, rate, func(i int) {
+		id := int64(1 + i%ids)
+		path := fmt.Sprintf("/us/properties/%d", id)
+		mu.Lock()
+		version, known := versions[id]
+		mu.Unlock()
+		if !known {
+			_, _, cur, err := s.do("GET", path, "", "")
+			if err != nil {
+				l.add(resultFailed, 0, err.Error())
+				return
+			}
+			version = cur.Version
+		}
+		status, _, got, err := s.do("PUT", path, fmt.Sprintf("delay-%d-%d", run, i),
+			fmt.Sprintf(`{"price": %d, "version": %d}`, 200000+i, version))
+		r, msg := classify(status, err, "PUT")
+		mu.Lock()
+		defer mu.Unlock()
+		switch r {
+		case resultOK:
+			versions[id] = got.Version
+			waiting[id] = pending{got.Version, time.Now()}
+		case resultConflict:
+			versions[id] = got.CurrentVersion
+			l.add(r, 0, msg)
+		default:
+			l.add(r, 0, msg)
+		}
+	})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		mu.Lock()
+		n := len(waiting)
+		mu.Unlock()
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Errorf("%d writes had not reached eu 30s after the run", n)
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	<-pollerDone
+	l.report(b, elapsed, "writes")
+}
