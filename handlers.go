@@ -307,9 +307,9 @@ func encodeError(w http.ResponseWriter, r *http.Request, logger *slog.Logger, er
 		encode(w, http.StatusRequestEntityTooLarge, errorBody{Error: fmt.Sprintf("request body is larger than %d bytes", tooLarge.Limit)})
 	case errors.As(err, &dup):
 		encode(w, http.StatusUnprocessableEntity, struct {
-			Error            string          `json:"error"`
-			RequestID        string          `json:"request_id"`
-			OriginalResponse json.RawMessage `json:"original_response,omitempty"`
+			Error            string   `json:"error"`
+			RequestID        string   `json:"request_id"`
+			OriginalResponse Property `json:"original_response"`
 		}{"duplicate request", dup.requestID, dup.original})
 	case errors.Is(err, errNotFound):
 		encode(w, http.StatusNotFound, errorBody{Error: "property not found"})

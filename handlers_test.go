@@ -208,7 +208,7 @@ func readRow(t *testing.T, db *sql.DB, id int64) rowState {
 	if err != nil && err != errNotFound {
 		t.Fatalf("getProperty(%d): %v", id, err)
 	}
-	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM outbox WHERE property_id = $1`, id).Scan(&s.Outbox); err != nil {
+	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM outbox JOIN processed_requests USING (request_id) WHERE property_id = $1`, id).Scan(&s.Outbox); err != nil {
 		t.Fatalf("count outbox rows of %d: %v", id, err)
 	}
 	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM processed_requests WHERE property_id = $1`, id).Scan(&s.Requests); err != nil {

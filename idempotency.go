@@ -3,9 +3,10 @@ package main
 import (
 	"context"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Idempotency: a client that did not hear back from a PUT cannot know whether
@@ -14,7 +15,7 @@ import (
 // processed_requests table, and answers a retry with 422 and the original
 // response instead of applying the change twice.
 //
-// The request id is written in the same transaction as the update it belongs
+// The request id is written by the same statement as the update it belongs
 // to (see updateProperty), so the two exist together or not at all: a request
 // that failed (404, 409, a crash) leaves its id free for the retry. Request ids
 // travel with the replication events, so a retry that fails over to the other
@@ -25,15 +26,18 @@ import (
 const maxRequestIDLen = 128
 
 // duplicateRequestError reports a request id that was already used. original
-// is the response of the first request.
+// is the row the first request wrote: its response.
 type duplicateRequestError struct {
 	requestID string
-	original  json.RawMessage
+	original  Property
 }
 
 func (e *duplicateRequestError) Error() string {
 	return fmt.Sprintf("duplicate request %q", e.requestID)
 }
+
+// errRequestUnused is duplicateRequest's answer for an id never used.
+var errRequestUnused = errors.New("request id not used yet")
 
 // validRequestID reports whether id is 1–128 visible ASCII characters, the
 // contract's definition of a request id.
@@ -49,51 +53,54 @@ func validRequestID(id string) bool {
 	return true
 }
 
-// recordRequestSQL claims a request id. The primary key makes a concurrent
-// claim of the same id wait for the first transaction: if that one commits,
-// this insert does nothing; if it rolls back, this one succeeds.
-const recordRequestSQL = `
-INSERT INTO processed_requests (request_id, property_id, region, response)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (request_id) DO NOTHING`
-
-// recordRequest stores requestID with p, the response of the update it made,
-// inside the update's transaction. It fails with *duplicateRequestError if the
-// id was already used, in which case the caller must roll back.
-func recordRequest(ctx context.Context, tx *sql.Tx, requestID, region string, p Property) error {
-	response, err := json.Marshal(p)
-	if err != nil {
-		return fmt.Errorf("record request %q: %w", requestID, err)
-	}
-	res, err := tx.ExecContext(ctx, recordRequestSQL, requestID, p.ID, region, response)
-	if err != nil {
-		return fmt.Errorf("record request %q: %w", requestID, err)
-	}
-	n, err := res.RowsAffected()
-	if err != nil {
-		return fmt.Errorf("record request %q: %w", requestID, err)
-	}
-	if n == 1 {
-		return nil
-	}
-	if err := checkRequestUnused(ctx, tx, requestID); err != nil {
-		return err
-	}
-	return fmt.Errorf("record request %q: neither inserted nor found", requestID)
+// isRequestIDTaken reports whether err is the unique violation of
+// processed_requests' primary key: the request id was claimed first by
+// another, committed, update.
+func isRequestIDTaken(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "23505" && pgErr.ConstraintName == "processed_requests_pkey"
 }
 
-const lookupRequestSQL = `SELECT response FROM processed_requests WHERE request_id = $1`
+const lookupRequestSQL = `
+SELECT property_id, price, bedrooms, bathrooms, region_origin, version, updated_at
+FROM processed_requests
+WHERE request_id = $1`
 
-// checkRequestUnused returns *duplicateRequestError if requestID was already
-// used by a committed update, and nil if it is free.
-func checkRequestUnused(ctx context.Context, tx *sql.Tx, requestID string) error {
-	var original json.RawMessage
-	err := tx.QueryRowContext(ctx, lookupRequestSQL, requestID).Scan(&original)
+// duplicateRequest returns *duplicateRequestError with the original response
+// if requestID was used by a committed update, and errRequestUnused if not.
+func duplicateRequest(ctx context.Context, db *sql.DB, requestID string) error {
+	original, err := scanProperty(db.QueryRowContext(ctx, lookupRequestSQL, requestID))
 	if errors.Is(err, sql.ErrNoRows) {
-		return nil
+		return errRequestUnused
 	}
 	if err != nil {
 		return fmt.Errorf("look up request %q: %w", requestID, err)
 	}
 	return &duplicateRequestError{requestID: requestID, original: original}
+}
+
+// recordReplicatedRequestsSQL records request ids that the other region
+// consumed, each with the row its update wrote there (the first array is the
+// request ids, the others the properties table's columns). A redelivered
+// event finds its id recorded already and changes nothing.
+const recordReplicatedRequestsSQL = `
+INSERT INTO processed_requests
+    (request_id, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::numeric[], $4::integer[], $5::integer[], $6::varchar[], $7::bigint[], $8::timestamptz[])
+ON CONFLICT (request_id) DO NOTHING`
+
+// recordReplicatedRequests stores the request ids of remote writes inside
+// the transaction that applies them, so that a retry of one of those
+// requests here is a 422.
+func recordReplicatedRequests(ctx context.Context, tx *sql.Tx, events []event) error {
+	var requestIDs []string
+	var c propertyColumns
+	for _, e := range events {
+		requestIDs = append(requestIDs, e.RequestID)
+		c.add(e.property())
+	}
+	if _, err := tx.ExecContext(ctx, recordReplicatedRequestsSQL, append([]any{requestIDs}, c.args()...)...); err != nil {
+		return fmt.Errorf("record %d replicated request ids: %w", len(events), err)
+	}
+	return nil
 }

@@ -24,29 +24,33 @@ CREATE INDEX IF NOT EXISTS properties_region_origin_idx ON properties (region_or
 CREATE INDEX IF NOT EXISTS properties_updated_at_idx ON properties (updated_at);
 
 -- processed_requests remembers every X-Request-ID that produced a successful
--- update, here or in the other region, with the response the client got. A
--- request id is written in the same transaction as its update, so it exists if
--- and only if the update does.
+-- update, here or in the other region, with the row that update wrote: that
+-- row is the original response a retry gets with its 422, and the replication
+-- event the relay publishes. A request id is written by the same statement as
+-- its update, so it exists if and only if the update does.
 CREATE TABLE IF NOT EXISTS processed_requests (
-    request_id   TEXT PRIMARY KEY,
-    property_id  BIGINT NOT NULL,
+    request_id    TEXT PRIMARY KEY,
+    property_id   BIGINT NOT NULL,
+    price         DECIMAL(12, 2) NOT NULL,
+    bedrooms      INTEGER,
+    bathrooms     INTEGER,
     -- The region that served the original request.
-    region       VARCHAR(2) NOT NULL,
-    -- The 200 body of the original request, returned with a 422 to a retry.
-    response     JSONB NOT NULL,
-    processed_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    region_origin VARCHAR(2) NOT NULL,
+    version       BIGINT NOT NULL,
+    updated_at    TIMESTAMPTZ NOT NULL,
+    processed_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
--- outbox holds the replication events of local writes until Kafka has
--- acknowledged them (the transactional outbox pattern, see replicate.go). Rows
--- are inserted by the update's own transaction and deleted by the relay.
+-- outbox lists the local writes whose events Kafka has not acknowledged yet
+-- (the transactional outbox pattern, see replicate.go). The update inserts a
+-- row in the same statement as the change; the relay deletes it once Kafka
+-- has the event. The event itself is the processed_requests row.
 CREATE TABLE IF NOT EXISTS outbox (
     -- seq orders the events of one property: two updates of the same row are
     -- serialized by its row lock, so the later one also takes the later seq.
-    seq         BIGSERIAL PRIMARY KEY,
-    property_id BIGINT NOT NULL,
-    payload     JSONB NOT NULL,
-    created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+    seq        BIGSERIAL PRIMARY KEY,
+    request_id TEXT NOT NULL REFERENCES processed_requests (request_id),
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
 -- replication_watermarks records, per Kafka partition, the peer region's

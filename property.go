@@ -71,80 +71,79 @@ func getProperty(ctx context.Context, db *sql.DB, id int64) (Property, error) {
 	return p, nil
 }
 
-// updateProperty applies one client update in a single transaction that does
-// three things or nothing:
+// updateProperty applies one client update. It does three things, or
+// nothing:
 //
 //  1. the optimistic update: the row changes only if its version is still the
 //     one the client read (UPDATE ... WHERE id = $1 AND version = $2);
-//  2. the request id is recorded with the response (idempotency.go);
-//  3. the replication event is written to the outbox (replicate.go).
+//  2. the request id is recorded with the row it wrote (idempotency.go);
+//  3. the write is queued in the outbox for replication (replicate.go).
 //
 // So a request id is consumed only by a successful update, and every committed
 // update has exactly one event. The failures, in the contract's order of
 // precedence, are *duplicateRequestError, errNotFound and *versionMismatchError;
 // any other error comes from the database.
 func updateProperty(ctx context.Context, db *sql.DB, region, requestID string, id int64, u propertyUpdate) (Property, error) {
-	tx, err := db.BeginTx(ctx, nil)
-	if err != nil {
-		return Property{}, fmt.Errorf("update property %d: %w", id, err)
+	p, err := scanProperty(db.QueryRowContext(ctx, updatePropertySQL,
+		id, u.Version, u.Price, u.Bedrooms, u.Bathrooms, region, requestID))
+	switch {
+	case err == nil:
+		return p, nil
+	case errors.Is(err, sql.ErrNoRows):
+		return Property{}, explainNoUpdate(ctx, db, requestID, id)
+	case isRequestIDTaken(err):
+		return Property{}, duplicateRequest(ctx, db, requestID)
 	}
-	defer tx.Rollback()
-
-	// The update goes first because it takes the row lock: concurrent requests
-	// for the same property queue behind it, and when it commits, each of them
-	// re-reads the row and finds the version moved on.
-	p, err := applyUpdate(ctx, tx, region, id, u)
-	if errors.Is(err, sql.ErrNoRows) {
-		return Property{}, explainNoUpdate(ctx, tx, requestID, id)
-	}
-	if err != nil {
-		return Property{}, fmt.Errorf("update property %d: %w", id, err)
-	}
-	if err := recordRequest(ctx, tx, requestID, region, p); err != nil {
-		return Property{}, fmt.Errorf("update property %d: %w", id, err)
-	}
-	if err := enqueueEvent(ctx, tx, newEvent(p, requestID)); err != nil {
-		return Property{}, fmt.Errorf("update property %d: %w", id, err)
-	}
-	if err := tx.Commit(); err != nil {
-		return Property{}, fmt.Errorf("update property %d: commit: %w", id, err)
-	}
-	return p, nil
+	return Property{}, fmt.Errorf("update property %d: %w", id, err)
 }
 
-// applyUpdateSQL is optimistic locking in one statement: the WHERE clause is
-// the version check, and the row lock the UPDATE takes makes check and write
-// atomic. The write's time is the database's clock, so that all writes of a
-// region share one clock and updated_at orders them.
-const applyUpdateSQL = `
-UPDATE properties
-SET price         = $3,
-    bedrooms      = COALESCE($4, bedrooms),
-    bathrooms     = COALESCE($5, bathrooms),
-    region_origin = $6,
-    version       = version + 1,
-    updated_at    = now()
-WHERE id = $1 AND version = $2
-RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at`
-
-// applyUpdate runs applyUpdateSQL and returns the new row, or sql.ErrNoRows
-// when no row has that id and version.
-func applyUpdate(ctx context.Context, tx *sql.Tx, region string, id int64, u propertyUpdate) (Property, error) {
-	return scanProperty(tx.QueryRowContext(ctx, applyUpdateSQL,
-		id, u.Version, u.Price, u.Bedrooms, u.Bathrooms, region))
-}
+// updatePropertySQL is the whole update in ONE statement. A statement is a
+// transaction of its own, so its three parts commit together or not at all,
+// and it costs a single round trip to the database.
+//
+// updated is optimistic locking: the WHERE clause is the version check, and
+// the row lock the UPDATE takes makes check and write atomic. A concurrent
+// update of the same row waits for this one, then finds the version moved on
+// and updates nothing. The write's time is the database's clock.
+//
+// recorded claims the request id. Its primary key makes a concurrent claim of
+// the same id wait for this statement; if this one commits, the other fails
+// with a unique violation, which rolls back its whole statement (update
+// included) and becomes its 422.
+//
+// The final INSERT queues the write for replication.
+const updatePropertySQL = `
+WITH updated AS (
+    UPDATE properties
+    SET price         = $3,
+        bedrooms      = COALESCE($4, bedrooms),
+        bathrooms     = COALESCE($5, bathrooms),
+        region_origin = $6,
+        version       = version + 1,
+        updated_at    = now()
+    WHERE id = $1 AND version = $2
+    RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at
+), recorded AS (
+    INSERT INTO processed_requests
+        (request_id, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at)
+    SELECT $7, id, price, bedrooms, bathrooms, region_origin, version, updated_at FROM updated
+    RETURNING request_id
+), queued AS (
+    INSERT INTO outbox (request_id) SELECT request_id FROM recorded
+)
+SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at FROM updated`
 
 const currentVersionSQL = `SELECT version FROM properties WHERE id = $1`
 
-// explainNoUpdate finds out why applyUpdateSQL changed no row, checking the
+// explainNoUpdate finds out why updatePropertySQL changed no row, checking the
 // reasons in the contract's order: a used request id first, then a missing
 // property, then a stale version.
-func explainNoUpdate(ctx context.Context, tx *sql.Tx, requestID string, id int64) error {
-	if err := checkRequestUnused(ctx, tx, requestID); err != nil {
+func explainNoUpdate(ctx context.Context, db *sql.DB, requestID string, id int64) error {
+	if err := duplicateRequest(ctx, db, requestID); !errors.Is(err, errRequestUnused) {
 		return err
 	}
 	var current int64
-	err := tx.QueryRowContext(ctx, currentVersionSQL, id).Scan(&current)
+	err := db.QueryRowContext(ctx, currentVersionSQL, id).Scan(&current)
 	if errors.Is(err, sql.ErrNoRows) {
 		return errNotFound
 	}
@@ -167,14 +166,17 @@ func scanProperty(row rowScanner) (Property, error) {
 	if err != nil {
 		return Property{}, err
 	}
-	if bedrooms.Valid {
-		p.Bedrooms = &bedrooms.Int32
-	}
-	if bathrooms.Valid {
-		p.Bathrooms = &bathrooms.Int32
-	}
+	p.Bedrooms, p.Bathrooms = nullable(bedrooms), nullable(bathrooms)
 	p.UpdatedAt = p.UpdatedAt.UTC()
 	return p, nil
+}
+
+// nullable turns a nullable column into a pointer: nil for NULL.
+func nullable(n sql.NullInt32) *int32 {
+	if !n.Valid {
+		return nil
+	}
+	return &n.Int32
 }
 
 // Money is an amount in cents. Prices are exact decimals end to end: the

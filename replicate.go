@@ -6,7 +6,7 @@ package main
 // A write travels like this (US to EU; EU to US is the mirror image):
 //
 //  1. PUT in US commits the row, its request id and an outbox row in ONE
-//     transaction (updateProperty). Publishing to Kafka inside the request
+//     statement, so one transaction (updateProperty). Publishing to Kafka inside the request
 //     instead would either lose the event (crash after commit, before
 //     publish) or publish a change that then rolls back. The outbox makes the
 //     event as durable as the write.
@@ -62,8 +62,17 @@ const (
 	relayBatchSize = 500
 	// relayPollInterval is how often the relay looks at the outbox when no
 	// local write woke it: it picks up writes by other instances of the
-	// region, and it paces heartbeats.
+	// region, and it paces heartbeats on an idle link.
 	relayPollInterval = 100 * time.Millisecond
+	// heartbeatInterval is the least time between two heartbeats, so that a
+	// busy relay, woken by every write, does not send one per round.
+	heartbeatInterval = 50 * time.Millisecond
+	// relayMinGap is the least time between the starts of two rounds. An
+	// idle relay publishes a write the moment it is woken; a busy one, woken
+	// by every write, gathers the writes of a few milliseconds into one round
+	// instead of paying a transaction, a commit and a Kafka round trip for
+	// each.
+	relayMinGap = 5 * time.Millisecond
 	// relayLockKey names the PostgreSQL advisory lock that makes one relay
 	// per region database the publisher (see publishBatch).
 	relayLockKey = 0x70726f7065727479 // "property"
@@ -93,7 +102,7 @@ type event struct {
 	RequestID    string    `json:"request_id"`
 }
 
-// newEvent returns the replication event for p, written by requestID.
+// newEvent returns the replication event of p, written by requestID.
 func newEvent(p Property, requestID string) event {
 	return event{
 		ID:           p.ID,
@@ -126,21 +135,6 @@ func (e event) property() Property {
 type heartbeat struct {
 	Region    string    `json:"region"`
 	Watermark time.Time `json:"watermark"`
-}
-
-const enqueueEventSQL = `INSERT INTO outbox (property_id, payload) VALUES ($1, $2)`
-
-// enqueueEvent writes e to the outbox inside the caller's transaction, so the
-// event exists exactly when the change it describes has committed.
-func enqueueEvent(ctx context.Context, tx *sql.Tx, e event) error {
-	payload, err := json.Marshal(e)
-	if err != nil {
-		return fmt.Errorf("enqueue event for property %d: %w", e.ID, err)
-	}
-	if _, err := tx.ExecContext(ctx, enqueueEventSQL, e.ID, payload); err != nil {
-		return fmt.Errorf("enqueue event for property %d: %w", e.ID, err)
-	}
-	return nil
 }
 
 // compareWrites orders two writes of one property under the conflict rule:
@@ -248,6 +242,9 @@ type replicator struct {
 	wake chan struct{}
 	// partitions is the topic's partition count once known (0 before).
 	partitions atomic.Int32
+	// lastHeartbeat is when the relay last published heartbeats; only the
+	// relay goroutine uses it.
+	lastHeartbeat time.Time
 
 	stats replicationStats
 }
@@ -463,7 +460,12 @@ func (r *replicator) createTopics(ctx context.Context) (int32, error) {
 // local write wakes it, and at least every relayPollInterval.
 func (r *replicator) relay(ctx context.Context) {
 	failures := 0
+	var lastRound time.Time
 	for {
+		if !sleep(ctx, relayMinGap-time.Since(lastRound)) {
+			return
+		}
+		lastRound = time.Now()
 		full, err := r.publishBatch(ctx)
 		switch {
 		case err != nil:
@@ -496,12 +498,18 @@ func (r *replicator) relay(ctx context.Context) {
 // other instance holds it, and reads the clock at the transaction's start.
 const lockRelaySQL = `SELECT pg_try_advisory_xact_lock($1), now()`
 
-// readOutboxSQL reads the oldest outbox rows. Rows with a lower seq may still
-// commit after this read (a sequence value is taken before commit), but they
-// are not lost: nothing remembers a position, the next round reads whatever
-// is in the table. And one property's rows are always in order, because its
-// writes are serialized by the row lock.
-const readOutboxSQL = `SELECT seq, property_id, payload FROM outbox ORDER BY seq LIMIT $1`
+// readOutboxSQL reads the oldest outbox rows with their events, which are the
+// processed_requests rows they name. Rows with a lower seq may still commit
+// after this read (a sequence value is taken before commit), but they are not
+// lost: nothing remembers a position, the next round reads whatever is in the
+// table. And one property's rows are always in order, because its writes are
+// serialized by the row lock.
+const readOutboxSQL = `
+SELECT o.seq, r.request_id,
+       r.property_id, r.price, r.bedrooms, r.bathrooms, r.region_origin, r.version, r.updated_at
+FROM outbox o JOIN processed_requests r USING (request_id)
+ORDER BY o.seq
+LIMIT $1`
 
 const deleteOutboxSQL = `DELETE FROM outbox WHERE seq = ANY($1)`
 
@@ -513,8 +521,9 @@ const deleteOutboxSQL = `DELETE FROM outbox WHERE seq = ANY($1)`
 // the lock is released and another instance's next round takes over.
 //
 // When the round drains the outbox, it also publishes a heartbeat to every
-// partition with the time the round's transaction started: every write
-// committed before then was visible to this round and is now in Kafka.
+// partition (at most every heartbeatInterval) with the time the round's
+// transaction started: every write committed before then was visible to this
+// round and is now in Kafka.
 func (r *replicator) publishBatch(ctx context.Context) (full bool, err error) {
 	n := r.partitions.Load()
 	// The round finishes even if ctx is cancelled meanwhile: a publish must
@@ -542,16 +551,25 @@ func (r *replicator) publishBatch(ctx context.Context) (full bool, err error) {
 	var seqs []int64
 	var records []*kgo.Record
 	for rows.Next() {
-		var seq, id int64
-		var payload []byte
-		if err := rows.Scan(&seq, &id, &payload); err != nil {
+		var seq int64
+		var requestID string
+		var p Property
+		var bedrooms, bathrooms sql.NullInt32
+		err := rows.Scan(&seq, &requestID, &p.ID, &p.Price, &bedrooms, &bathrooms, &p.RegionOrigin, &p.Version, &p.UpdatedAt)
+		if err != nil {
 			rows.Close()
 			return false, fmt.Errorf("relay: read outbox: %w", err)
+		}
+		p.Bedrooms, p.Bathrooms = nullable(bedrooms), nullable(bathrooms)
+		payload, err := json.Marshal(newEvent(p, requestID))
+		if err != nil {
+			rows.Close()
+			return false, fmt.Errorf("relay: encode event: %w", err)
 		}
 		seqs = append(seqs, seq)
 		records = append(records, &kgo.Record{
 			Topic:   r.topic,
-			Key:     []byte(strconv.FormatInt(id, 10)),
+			Key:     []byte(strconv.FormatInt(p.ID, 10)),
 			Value:   payload,
 			Headers: []kgo.RecordHeader{{Key: headerKind, Value: []byte("event")}, {Key: headerRegion, Value: []byte(r.region)}},
 		})
@@ -560,7 +578,8 @@ func (r *replicator) publishBatch(ctx context.Context) (full bool, err error) {
 		return false, fmt.Errorf("relay: read outbox: %w", err)
 	}
 	full = len(seqs) == relayBatchSize
-	if !full {
+	heartbeatDue := !full && time.Since(r.lastHeartbeat) >= heartbeatInterval
+	if heartbeatDue {
 		hb, err := json.Marshal(heartbeat{Region: r.region, Watermark: watermark.UTC()})
 		if err != nil {
 			return false, fmt.Errorf("relay: heartbeat: %w", err)
@@ -592,6 +611,9 @@ func (r *replicator) publishBatch(ctx context.Context) (full bool, err error) {
 		// The events are in Kafka but still in the outbox: the next round
 		// publishes them again, and the consumers ignore the duplicates.
 		return false, fmt.Errorf("relay: commit: %w", err)
+	}
+	if heartbeatDue {
+		r.lastHeartbeat = time.Now()
 	}
 	return full, nil
 }
@@ -631,17 +653,76 @@ func (r *replicator) consume(ctx context.Context) {
 	}
 }
 
-// applyWithRetry applies a batch, retrying with backoff while the database
-// is unreachable: consumption pauses, and no event is ever skipped. It
-// returns false if ctx was cancelled before the batch was applied.
+// applyWithRetry applies one poll's records: its own region's are skipped,
+// undecodable ones go to the dead-letter queue, and the peer's events and
+// heartbeats are applied in one transaction. Each step is retried with
+// backoff while Kafka or the database is unreachable: consumption pauses, and
+// no record is ever skipped. It returns false if ctx was cancelled first.
 func (r *replicator) applyWithRetry(ctx context.Context, records []*kgo.Record) bool {
+	var (
+		events     []event
+		watermarks = map[int32]time.Time{} // the newest heartbeat per partition
+		dead       []*kgo.Record
+	)
+	for _, rec := range records {
+		if recordRegion(rec) == r.region {
+			// Our own write or heartbeat: nothing to apply, and no need to
+			// decode it (each region validates what it applies).
+			continue
+		}
+		m, err := decodeMessage(rec)
+		switch {
+		case err != nil:
+			dead = append(dead, r.deadLetter(rec, err))
+		case m.heartbeat != nil:
+			if w := m.heartbeat.Watermark; w.After(watermarks[rec.Partition]) {
+				watermarks[rec.Partition] = w
+			}
+		case m.event != nil:
+			events = append(events, *m.event)
+		}
+	}
+	// Dead letters are written before the offsets can be committed, so that
+	// a poison record is never just dropped.
+	if len(dead) > 0 {
+		ok := r.retry(ctx, "dead-letter", func(ctx context.Context) error {
+			return r.producer.ProduceSync(ctx, dead...).FirstErr()
+		})
+		if !ok {
+			return false
+		}
+		r.stats.deadLettered.Add(int64(len(dead)))
+	}
+	var outcomes []outcome
+	ok := r.retry(ctx, "apply", func(ctx context.Context) error {
+		var err error
+		outcomes, err = r.apply(ctx, events, watermarks)
+		return err
+	})
+	if !ok {
+		return false
+	}
+	// Counted and logged only once committed, so a retried batch counts once.
+	for i, e := range events {
+		r.count(e, outcomes[i])
+	}
+	return true
+}
+
+// retry runs f until it succeeds, with backoff between attempts, and returns
+// false if ctx is cancelled first. Each attempt runs to its end even if ctx
+// is cancelled meanwhile (a transaction is not abandoned halfway), within a
+// deadline of its own.
+func (r *replicator) retry(ctx context.Context, what string, f func(context.Context) error) bool {
 	for attempt := 0; ; attempt++ {
-		err := r.applyBatch(ctx, records)
+		attemptCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+		err := f(attemptCtx)
+		cancel()
 		if err == nil {
 			return true
 		}
 		if attempt%10 == 0 {
-			r.logger.Warn("consume: apply failed; retrying the batch", "records", len(records), "err", err)
+			r.logger.Warn("consume: "+what+" failed; retrying", "attempt", attempt+1, "err", err)
 		}
 		if !sleep(ctx, backoff(attempt)) {
 			return false
@@ -649,76 +730,27 @@ func (r *replicator) applyWithRetry(ctx context.Context, records []*kgo.Record) 
 	}
 }
 
-// message is one decoded record of the topic.
-type message struct {
-	record    *kgo.Record
-	region    string // the producing region
-	event     *event
-	heartbeat *heartbeat
-}
-
-// applyBatch applies one poll's records in a single transaction: the peer's
-// events with their request ids, and the peer's heartbeats as watermarks.
-// Undecodable records go to the dead-letter queue first. Its own region's
-// records are skipped.
-func (r *replicator) applyBatch(ctx context.Context, records []*kgo.Record) error {
-	var msgs []message
-	var dead []*kgo.Record
-	for _, rec := range records {
-		m, err := decodeMessage(rec)
-		if err != nil {
-			dead = append(dead, r.deadLetter(rec, err))
-			continue
-		}
-		if m.region != r.region {
-			msgs = append(msgs, m)
-		}
-	}
-	// The dead letters are written before the offsets can be committed, so
-	// that a poison record is never just dropped.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
-	defer cancel()
-	if len(dead) > 0 {
-		if err := r.producer.ProduceSync(ctx, dead...).FirstErr(); err != nil {
-			return fmt.Errorf("dead-letter %d records: %w", len(dead), err)
-		}
-	}
-
+// apply applies the peer's events and heartbeat watermarks in one
+// transaction, and returns each event's outcome.
+func (r *replicator) apply(ctx context.Context, events []event, watermarks map[int32]time.Time) ([]outcome, error) {
 	tx, err := r.db.BeginTx(ctx, nil)
 	if err != nil {
-		return fmt.Errorf("apply batch: %w", err)
+		return nil, fmt.Errorf("apply batch: %w", err)
 	}
 	defer tx.Rollback()
-	outcomes := make([]outcome, 0, len(msgs))
-	for _, m := range msgs {
-		switch {
-		case m.heartbeat != nil:
-			if _, err := tx.ExecContext(ctx, saveWatermarkSQL, m.region, m.record.Partition, r.partitions.Load(), m.heartbeat.Watermark); err != nil {
-				return fmt.Errorf("apply batch: save watermark: %w", err)
-			}
-		case m.event != nil:
-			o, err := applyEvent(ctx, tx, *m.event)
-			if err != nil {
-				return fmt.Errorf("apply batch: %w", err)
-			}
-			outcomes = append(outcomes, o)
+	outcomes, err := applyEvents(ctx, tx, events)
+	if err != nil {
+		return nil, fmt.Errorf("apply batch: %w", err)
+	}
+	for partition, w := range watermarks {
+		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, r.peer, partition, r.partitions.Load(), w); err != nil {
+			return nil, fmt.Errorf("apply batch: save watermark: %w", err)
 		}
 	}
 	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("apply batch: commit: %w", err)
+		return nil, fmt.Errorf("apply batch: commit: %w", err)
 	}
-
-	// Counted and logged only once committed, so a retried batch counts once.
-	r.stats.deadLettered.Add(int64(len(dead)))
-	i := 0
-	for _, m := range msgs {
-		if m.event == nil {
-			continue
-		}
-		r.count(*m.event, outcomes[i])
-		i++
-	}
-	return nil
+	return outcomes, nil
 }
 
 // count records the outcome of one applied event. Conflicts are logged: a
@@ -743,16 +775,30 @@ func (r *replicator) count(e event, o outcome) {
 	}
 }
 
+// message is one decoded record of the topic: an event or a heartbeat.
+type message struct {
+	region    string // the producing region
+	event     *event
+	heartbeat *heartbeat
+}
+
+// recordRegion returns the region header of a record, or "".
+func recordRegion(rec *kgo.Record) string {
+	for _, h := range rec.Headers {
+		if h.Key == headerRegion {
+			return string(h.Value)
+		}
+	}
+	return ""
+}
+
 // decodeMessage decodes and validates one record.
 func decodeMessage(rec *kgo.Record) (message, error) {
-	m := message{record: rec}
+	m := message{region: recordRegion(rec)}
 	var kind string
 	for _, h := range rec.Headers {
-		switch h.Key {
-		case headerKind:
+		if h.Key == headerKind {
 			kind = string(h.Value)
-		case headerRegion:
-			m.region = string(h.Value)
 		}
 	}
 	if !validRegion(m.region) {
@@ -839,13 +885,21 @@ func (r *replicator) deadLetter(rec *kgo.Record, reason error) *kgo.Record {
 	return &kgo.Record{Topic: r.dlqTopic, Key: rec.Key, Value: rec.Value, Headers: headers}
 }
 
-// selectForApplySQL locks the local row, so that a concurrent local PUT of
-// the same property waits for the remote write (or the other way round).
-const selectForApplySQL = getPropertySQL + ` FOR UPDATE`
+// lockForApplySQL reads and locks the local rows a batch touches, in id
+// order (the same order every batch locks in), so that a concurrent local PUT
+// of one of them waits for the batch, or the batch for the PUT.
+const lockForApplySQL = `
+SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at
+FROM properties
+WHERE id = ANY($1)
+ORDER BY id
+FOR UPDATE`
 
-const upsertPropertySQL = `
+// upsertPropertiesSQL writes the winning rows of a batch, one array per
+// column.
+const upsertPropertiesSQL = `
 INSERT INTO properties (id, price, bedrooms, bathrooms, region_origin, version, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+SELECT * FROM unnest($1::bigint[], $2::numeric[], $3::integer[], $4::integer[], $5::varchar[], $6::bigint[], $7::timestamptz[])
 ON CONFLICT (id) DO UPDATE
 SET price         = EXCLUDED.price,
     bedrooms      = EXCLUDED.bedrooms,
@@ -854,36 +908,87 @@ SET price         = EXCLUDED.price,
     version       = EXCLUDED.version,
     updated_at    = EXCLUDED.updated_at`
 
-// applyEvent applies one remote write inside the batch's transaction: the row
-// if the conflict rule lets it replace the local one, and in any case the
-// request id, which was consumed in the other region whoever wins. It writes
-// no outbox row: a replicated write is not replicated back.
-func applyEvent(ctx context.Context, tx *sql.Tx, e event) (outcome, error) {
-	incoming := e.property()
-	var local *Property
-	p, err := scanProperty(tx.QueryRowContext(ctx, selectForApplySQL, e.ID))
-	switch {
-	case err == nil:
-		local = &p
-	case !errors.Is(err, sql.ErrNoRows):
-		return 0, fmt.Errorf("apply event for property %d: %w", e.ID, err)
+// applyEvents applies a batch of remote writes inside tx and returns what
+// the conflict rule did with each. The rule itself runs in Go (resolve), over
+// the locked local rows, event after event; the database then receives the
+// winners in one statement and all request ids in another, instead of three
+// statements per event. Every request id is recorded, the losers' too: it
+// was consumed in the other region whoever won. No outbox row is written: a
+// replicated write is not replicated back.
+func applyEvents(ctx context.Context, tx *sql.Tx, events []event) ([]outcome, error) {
+	if len(events) == 0 {
+		return nil, nil
 	}
-	o := resolve(local, incoming)
-	if o.replaces() {
-		_, err := tx.ExecContext(ctx, upsertPropertySQL, incoming.ID, incoming.Price, incoming.Bedrooms,
-			incoming.Bathrooms, incoming.RegionOrigin, incoming.Version, incoming.UpdatedAt)
+	ids := make([]int64, 0, len(events))
+	for _, e := range events {
+		ids = append(ids, e.ID)
+	}
+	rows, err := tx.QueryContext(ctx, lockForApplySQL, ids)
+	if err != nil {
+		return nil, fmt.Errorf("lock rows: %w", err)
+	}
+	local := map[int64]Property{}
+	for rows.Next() {
+		p, err := scanProperty(rows)
 		if err != nil {
-			return 0, fmt.Errorf("apply event for property %d: %w", e.ID, err)
+			rows.Close()
+			return nil, fmt.Errorf("lock rows: %w", err)
+		}
+		local[p.ID] = p
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("lock rows: %w", err)
+	}
+
+	outcomes := make([]outcome, len(events))
+	winners := map[int64]Property{}
+	for i, e := range events {
+		var current *Property
+		if p, ok := local[e.ID]; ok {
+			current = &p
+		}
+		outcomes[i] = resolve(current, e.property())
+		if outcomes[i].replaces() {
+			local[e.ID] = e.property()
+			winners[e.ID] = e.property()
 		}
 	}
-	response, err := json.Marshal(incoming)
-	if err != nil {
-		return 0, fmt.Errorf("apply event for property %d: %w", e.ID, err)
+	if len(winners) > 0 {
+		var c propertyColumns
+		for _, p := range winners {
+			c.add(p)
+		}
+		if _, err := tx.ExecContext(ctx, upsertPropertiesSQL, c.args()...); err != nil {
+			return nil, fmt.Errorf("upsert rows: %w", err)
+		}
 	}
-	if _, err := tx.ExecContext(ctx, recordRequestSQL, e.RequestID, e.ID, e.RegionOrigin, response); err != nil {
-		return 0, fmt.Errorf("apply event for property %d: record request: %w", e.ID, err)
+	if err := recordReplicatedRequests(ctx, tx, events); err != nil {
+		return nil, err
 	}
-	return o, nil
+	return outcomes, nil
+}
+
+// propertyColumns holds properties column by column, the shape unnest reads.
+type propertyColumns struct {
+	ids, versions       []int64
+	prices, regions     []string
+	bedrooms, bathrooms []*int32
+	updatedAt           []time.Time
+}
+
+func (c *propertyColumns) add(p Property) {
+	c.ids = append(c.ids, p.ID)
+	c.prices = append(c.prices, p.Price.String())
+	c.bedrooms = append(c.bedrooms, p.Bedrooms)
+	c.bathrooms = append(c.bathrooms, p.Bathrooms)
+	c.regions = append(c.regions, p.RegionOrigin)
+	c.versions = append(c.versions, p.Version)
+	c.updatedAt = append(c.updatedAt, p.UpdatedAt)
+}
+
+// args are the columns in the order of the properties table.
+func (c *propertyColumns) args() []any {
+	return []any{c.ids, c.prices, c.bedrooms, c.bathrooms, c.regions, c.versions, c.updatedAt}
 }
 
 // saveWatermarkSQL moves a partition's watermark forward, never back: a
@@ -905,6 +1010,9 @@ func backoff(attempt int) time.Duration {
 
 // sleep waits for d and reports false if ctx was cancelled first.
 func sleep(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {

@@ -148,6 +148,58 @@ func TestDecodeMessage(t *testing.T) {
 	}
 }
 
+// TestApplyEventsBatch applies one batch holding several writes of the same
+// rows, in an order that makes the rule work within the batch.
+func TestApplyEventsBatch(t *testing.T) {
+	db := testDB(t)
+	ctx := context.Background()
+	at := func(d time.Duration) time.Time { return time.Date(2026, 2, 2, 0, 0, 0, 0, time.UTC).Add(d) }
+	ev := func(id, version int64, t time.Time, region string, requestID string) event {
+		return event{ID: id, Price: Money(version * 100), RegionOrigin: region, Version: version, UpdatedAt: t, RequestID: requestID}
+	}
+	batch := []event{
+		ev(42, 3, at(0), "eu", "batch-1"),
+		ev(41, 2, at(time.Second), "eu", "batch-2"),
+		ev(41, 2, at(0), "us", "batch-3"), // same version, earlier: loses to batch-2
+		ev(41, 3, at(2*time.Second), "us", "batch-4"),
+		ev(42, 2, at(time.Hour), "us", "batch-5"),     // older version than batch-1
+		ev(41, 3, at(2*time.Second), "us", "batch-4"), // the same event twice
+	}
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := applyEvents(ctx, tx, batch)
+	if err != nil {
+		tx.Rollback()
+		t.Fatalf("applyEvents: %v", err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]outcome{applied, applied, conflictLost, applied, stale, duplicate}, got); diff != "" {
+		t.Errorf("applyEvents outcomes (-want +got):\n%s", diff)
+	}
+	for _, want := range []Property{batch[3].property(), batch[0].property()} {
+		row := readRow(t, db, want.ID)
+		// Bedrooms and bathrooms are null in the events: a replicated row is
+		// the whole row, nulls included.
+		if diff := cmp.Diff(want, row.Property); diff != "" {
+			t.Errorf("property %d after the batch (-want +got):\n%s", want.ID, diff)
+		}
+		if row.Outbox != 0 {
+			t.Errorf("property %d: %d outbox rows, want 0", want.ID, row.Outbox)
+		}
+	}
+	var n int
+	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM processed_requests WHERE request_id LIKE 'batch-%'`).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 5 {
+		t.Errorf("request ids recorded from the batch = %d, want 5 (each once, losers included)", n)
+	}
+}
+
 // TestApplyEvent applies remote writes to a real database: the row follows
 // the conflict rule, the request id is recorded whoever wins, and no outbox
 // row is written (a replicated write is not replicated back).
@@ -183,16 +235,16 @@ func TestApplyEvent(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		got, err := applyEvent(ctx, tx, step.event)
+		got, err := applyEvents(ctx, tx, []event{step.event})
 		if err != nil {
 			tx.Rollback()
-			t.Fatalf("%s: applyEvent(%+v): %v", step.name, step.event, err)
+			t.Fatalf("%s: applyEvents(%+v): %v", step.name, step.event, err)
 		}
 		if err := tx.Commit(); err != nil {
 			t.Fatal(err)
 		}
-		if got != step.want {
-			t.Errorf("%s: applyEvent(%+v) = %d, want %d", step.name, step.event, got, step.want)
+		if diff := cmp.Diff([]outcome{step.want}, got); diff != "" {
+			t.Errorf("%s: applyEvents(%+v) outcomes (-want +got):\n%s", step.name, step.event, diff)
 		}
 		row := readRow(t, db, id)
 		if diff := cmp.Diff(step.wantRow, row.Property); diff != "" {
