@@ -34,7 +34,7 @@ const dbTimeout = 3 * time.Second
 func newServer(logger *slog.Logger, region string, db *sql.DB, rep *replicator) http.Handler {
 	mux := http.NewServeMux()
 	addRoutes(mux, logger, region, db, rep)
-	var h http.Handler = jsonNotFound(mux)
+	var h http.Handler = jsonErrors(mux)
 	h = servedBy(region, h)
 	h = logRequests(logger, h)
 	return h
@@ -349,35 +349,46 @@ func databaseUnreachable(err error) bool {
 		pgconn.Timeout(err)
 }
 
-// jsonNotFound answers the requests the mux has no route for with a JSON 404
-// or 405 (keeping the mux's Allow header) instead of the mux's plain text.
-func jsonNotFound(mux *http.ServeMux) http.Handler {
+// jsonErrors makes the responses the mux writes itself JSON like every other
+// response: 404 when no route matches, 405 (with the mux's Allow header) when
+// the route has no such method, and 301 (with its Location header) to the
+// cleaned form of a path like /us/./health. The mux writes those as plain
+// text or HTML; everything the handlers write is JSON already and passes
+// through untouched.
+func jsonErrors(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		h, pattern := mux.Handler(r)
-		if pattern != "" {
-			mux.ServeHTTP(w, r)
-			return
-		}
-		rec := &statusRecorder{ResponseWriter: discardWriter{w.Header()}}
-		h.ServeHTTP(rec, r)
-		switch rec.status {
-		case http.StatusMethodNotAllowed:
-			encode(w, rec.status, errorBody{Error: "method not allowed"})
-		case http.StatusNotFound:
-			encode(w, rec.status, errorBody{Error: "not found"})
-		default:
-			// A redirect to the cleaned path: nothing to translate.
-			mux.ServeHTTP(w, r)
-		}
+		h.ServeHTTP(&jsonErrorWriter{ResponseWriter: w}, r)
 	})
 }
 
-// discardWriter is a ResponseWriter that keeps headers and drops the body.
-type discardWriter struct{ h http.Header }
+// jsonErrorWriter replaces a non-JSON response with errorBody.
+type jsonErrorWriter struct {
+	http.ResponseWriter
+	replaced bool
+}
 
-func (d discardWriter) Header() http.Header         { return d.h }
-func (d discardWriter) Write(b []byte) (int, error) { return len(b), nil }
-func (d discardWriter) WriteHeader(int)             {}
+func (w *jsonErrorWriter) WriteHeader(status int) {
+	h := w.Header()
+	if strings.HasPrefix(h.Get("Content-Type"), "application/json") {
+		w.ResponseWriter.WriteHeader(status)
+		return
+	}
+	w.replaced = true
+	msg := strings.ToLower(http.StatusText(status))
+	if loc := h.Get("Location"); loc != "" {
+		msg = "moved to " + loc
+	}
+	h.Del("Content-Length")
+	h.Del("X-Content-Type-Options")
+	encode(w.ResponseWriter, status, errorBody{Error: msg})
+}
+
+func (w *jsonErrorWriter) Write(b []byte) (int, error) {
+	if w.replaced {
+		return len(b), nil // the mux's own body, replaced by the JSON one
+	}
+	return w.ResponseWriter.Write(b)
+}
 
 // servedBy adds the X-Served-By header, which tells a client (and a failover
 // test) which region actually answered.

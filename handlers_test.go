@@ -263,6 +263,7 @@ func TestGetProperty(t *testing.T) {
 		{"unknown_path", "GET", "/us/listings/7", 404, response{Error: "not found"}},
 		{"wrong_method", "POST", "/us/properties/7", 405, response{Error: "method not allowed"}},
 		{"delete_not_allowed", "DELETE", "/us/properties/7", 405, response{Error: "method not allowed"}},
+		{"unclean_path_redirects", "GET", "/us/./properties/7", 307, response{Error: "moved to /us/properties/7"}},
 		{"health_bare", "GET", "/health", 200, response{Status: "ok", Region: "eu"}},
 		{"health_us_prefix", "GET", "/us/health", 200, response{Status: "ok", Region: "eu"}},
 		{"health_unknown_region", "GET", "/xx/health", 404, response{Error: "unknown region: use /us/ or /eu/"}},

@@ -111,7 +111,7 @@ func updateProperty(ctx context.Context, db *sql.DB, region, requestID string, i
 // with a unique violation, which rolls back its whole statement (update
 // included) and becomes its 422.
 //
-// The final INSERT queues the write for replication.
+// queued puts the write in the outbox for replication.
 const updatePropertySQL = `
 WITH updated AS (
     UPDATE properties
