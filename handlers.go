@@ -351,7 +351,7 @@ func databaseUnreachable(err error) bool {
 
 // jsonErrors makes the responses the mux writes itself JSON like every other
 // response: 404 when no route matches, 405 (with the mux's Allow header) when
-// the route has no such method, and 301 (with its Location header) to the
+// the route has no such method, and 307 (with its Location header) to the
 // cleaned form of a path like /us/./health. The mux writes those as plain
 // text or HTML; everything the handlers write is JSON already and passes
 // through untouched.
