@@ -157,11 +157,6 @@ func (s *stack) current(t *testing.T, region string, id int64) response {
 	return got
 }
 
-// newRequestID returns a request id no earlier run has used.
-func newRequestID(prefix string) string {
-	return fmt.Sprintf("%s-%d", prefix, time.Now().UnixNano())
-}
-
 // clientLoop is a client reading and writing one property through one
 // region's prefix, as fast as it gets answers, recording what it saw.
 type clientLoop struct {

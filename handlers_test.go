@@ -219,6 +219,11 @@ func readRow(t *testing.T, db *sql.DB, id int64) rowState {
 
 func ptr[T any](v T) *T { return &v }
 
+// newRequestID returns a request id no earlier run has used.
+func newRequestID(prefix string) string {
+	return fmt.Sprintf("%s-%d", prefix, time.Now().UnixNano())
+}
+
 // seedProperty is property id as the seeds write it.
 func seedProperty(id int64) Property {
 	region := "us"
@@ -694,6 +699,26 @@ func TestRunStartsAndStops(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	// Reads and writes work while Kafka is down; the write waits in the
+	// outbox.
+	base := "http://127.0.0.1:18931/eu/properties/50"
+	resp, err := http.Get(base)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s with Kafka down: %v %v, want 200", base, resp, err)
+	}
+	resp.Body.Close()
+	req, _ := http.NewRequest("PUT", base, strings.NewReader(`{"price": 1234.5, "version": 1}`))
+	req.Header.Set("X-Request-ID", newRequestID("kafka-down"))
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("PUT %s with Kafka down: %v %v, want 200", base, resp, err)
+	}
+	resp.Body.Close()
+	db := testDB(t)
+	if row := readRow(t, db, 50); row.Outbox != 1 || row.Property.Version != 2 {
+		t.Errorf("after a PUT with Kafka down: version %d, outbox rows %d; want 2 and 1 waiting", row.Property.Version, row.Outbox)
+	}
+
 	cancel()
 	select {
 	case err := <-done:

@@ -207,14 +207,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	// Closed last, after everything that uses it has stopped.
 	defer db.Close()
 
-	rep, err := newReplicator(logger, cfg, db)
-	if err != nil {
-		return err
-	}
-
 	srv := &http.Server{
 		Addr:    net.JoinHostPort("", strconv.Itoa(cfg.port)),
-		Handler: newServer(logger, cfg.region, db, rep),
+		// Handler is set below, once the replicator exists.
 		// Slow or stalled clients must not hold connections forever.
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
@@ -229,6 +224,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if err != nil {
 		return fmt.Errorf("listen on port %d: %w", cfg.port, err)
 	}
+	rep, err := newReplicator(logger, cfg, db)
+	if err != nil {
+		listener.Close()
+		return err
+	}
+	srv.Handler = newServer(logger, cfg.region, db, rep)
 
 	var wg sync.WaitGroup
 	serveErr := make(chan error, 1)

@@ -625,10 +625,18 @@ func (r *replicator) consume(ctx context.Context) {
 		if ctx.Err() != nil || fetches.IsClientClosed() {
 			return
 		}
+		fetchErrors := 0
 		fetches.EachError(func(topic string, partition int32, err error) {
+			fetchErrors++
 			r.logger.Warn("consume: fetch error", "topic", topic, "partition", partition, "err", err)
 		})
 		records := fetches.Records()
+		if fetchErrors > 0 && len(records) == 0 {
+			// The client retries by itself; do not spin on a failing broker.
+			if !sleep(ctx, maxBackoff) {
+				return
+			}
+		}
 		if len(records) > 0 {
 			if !r.applyWithRetry(ctx, records) {
 				return // stopping: the batch is not committed and will be re-delivered
