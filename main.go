@@ -208,7 +208,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	defer db.Close()
 
 	srv := &http.Server{
-		Addr:    net.JoinHostPort("", strconv.Itoa(cfg.port)),
+		Addr: net.JoinHostPort("", strconv.Itoa(cfg.port)),
 		// Handler is set below, once the replicator exists.
 		// Slow or stalled clients must not hold connections forever.
 		ReadHeaderTimeout: 5 * time.Second,
