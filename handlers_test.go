@@ -466,37 +466,42 @@ func TestUpdateProperty(t *testing.T) {
 	}
 }
 
-func TestConcurrentUpdatesSameVersion(t *testing.T) {
+// TestConcurrentUpdates races 20 PUTs of one property at the database.
+func TestConcurrentUpdates(t *testing.T) {
 	db := testDB(t)
 	srv := testServer(t, "us", db)
-	const id, n = 30, 20
-	statuses := race(t, n, func(i int) int {
-		status, _, _ := call(t, srv, "PUT", "/us/properties/30", fmt.Sprintf("same-version-%d", i), `{"price": 123.45, "version": 1}`)
-		return status
-	})
-	if diff := cmp.Diff(map[int]int{200: 1, 409: n - 1}, statuses); diff != "" {
-		t.Errorf("%d concurrent PUTs of version 1: statuses mismatch (-want +got):\n%s", n, diff)
+	const n = 20
+	tests := []struct {
+		name      string
+		id        int64
+		requestID func(i int) string
+		want      map[int]int
+	}{
+		// Optimistic locking: one write wins, the rest were made from a
+		// version that no longer exists.
+		{"same_version", 30, func(i int) string { return fmt.Sprintf("same-version-%d", i) }, map[int]int{200: 1, 409: n - 1}},
+		// Idempotency: one request, sent 20 times at once, is applied once.
+		{"same_request_id", 31, func(int) string { return "same-request" }, map[int]int{200: 1, 422: n - 1}},
 	}
-	row := readRow(t, db, id)
-	if row.Property.Version != 2 || row.Outbox != 1 || row.Requests != 1 {
-		t.Errorf("after the race: version %d, outbox rows %d, request ids %d; want 2, 1, 1", row.Property.Version, row.Outbox, row.Requests)
-	}
-}
-
-func TestConcurrentUpdatesSameRequestID(t *testing.T) {
-	db := testDB(t)
-	srv := testServer(t, "us", db)
-	const id, n = 31, 20
-	statuses := race(t, n, func(i int) int {
-		status, _, _ := call(t, srv, "PUT", "/us/properties/31", "same-request", `{"price": 99.99, "version": 1}`)
-		return status
-	})
-	if diff := cmp.Diff(map[int]int{200: 1, 422: n - 1}, statuses); diff != "" {
-		t.Errorf("%d concurrent PUTs with one request id: statuses mismatch (-want +got):\n%s", n, diff)
-	}
-	row := readRow(t, db, id)
-	if row.Property.Version != 2 || row.Outbox != 1 || row.Requests != 1 {
-		t.Errorf("after the race: version %d, outbox rows %d, request ids %d; want 2, 1, 1", row.Property.Version, row.Outbox, row.Requests)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := fmt.Sprintf("/us/properties/%d", tt.id)
+			statuses := race(t, n, func(i int) int {
+				req := httptest.NewRequest("PUT", path, strings.NewReader(`{"price": 123.45, "version": 1}`))
+				req.Header.Set("X-Request-ID", tt.requestID(i))
+				rec := httptest.NewRecorder()
+				srv.ServeHTTP(rec, req)
+				return rec.Code
+			})
+			if diff := cmp.Diff(tt.want, statuses); diff != "" {
+				t.Errorf("%d concurrent PUTs of %s at version 1: statuses mismatch (-want +got):\n%s", n, path, diff)
+			}
+			row := readRow(t, db, tt.id)
+			if row.Property.Version != 2 || row.Outbox != 1 || row.Requests != 1 {
+				t.Errorf("after the race: version %d, outbox rows %d, request ids %d; want 2, 1, 1",
+					row.Property.Version, row.Outbox, row.Requests)
+			}
+		})
 	}
 }
 

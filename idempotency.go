@@ -97,7 +97,7 @@ func recordReplicatedRequests(ctx context.Context, tx *sql.Tx, events []event) e
 	var c propertyColumns
 	for _, e := range events {
 		requestIDs = append(requestIDs, e.RequestID)
-		c.add(e.property())
+		c.add(e.Property)
 	}
 	if _, err := tx.ExecContext(ctx, recordReplicatedRequestsSQL, append([]any{requestIDs}, c.args()...)...); err != nil {
 		return fmt.Errorf("record %d replicated request ids: %w", len(events), err)

@@ -90,43 +90,13 @@ const (
 
 // event is what travels through Kafka for one committed update: the whole new
 // row plus the request id that produced it. Sending the full row rather than
-// the change makes applying it idempotent and order-independent.
+// the change makes applying it idempotent and order-independent. The
+// embedded Property's fields appear at the top level of the JSON:
+// {"id", "price", "bedrooms", "bathrooms", "region_origin", "version",
+// "updated_at", "request_id"}.
 type event struct {
-	ID           int64     `json:"id"`
-	Price        Money     `json:"price"`
-	Bedrooms     *int32    `json:"bedrooms"`
-	Bathrooms    *int32    `json:"bathrooms"`
-	RegionOrigin string    `json:"region_origin"`
-	Version      int64     `json:"version"`
-	UpdatedAt    time.Time `json:"updated_at"`
-	RequestID    string    `json:"request_id"`
-}
-
-// newEvent returns the replication event of p, written by requestID.
-func newEvent(p Property, requestID string) event {
-	return event{
-		ID:           p.ID,
-		Price:        p.Price,
-		Bedrooms:     p.Bedrooms,
-		Bathrooms:    p.Bathrooms,
-		RegionOrigin: p.RegionOrigin,
-		Version:      p.Version,
-		UpdatedAt:    p.UpdatedAt,
-		RequestID:    requestID,
-	}
-}
-
-// property returns the row an event describes.
-func (e event) property() Property {
-	return Property{
-		ID:           e.ID,
-		Price:        e.Price,
-		Bedrooms:     e.Bedrooms,
-		Bathrooms:    e.Bathrooms,
-		RegionOrigin: e.RegionOrigin,
-		Version:      e.Version,
-		UpdatedAt:    e.UpdatedAt,
-	}
+	Property
+	RequestID string `json:"request_id"`
 }
 
 // heartbeat is the record a region's relay publishes to every partition when
@@ -561,7 +531,7 @@ func (r *replicator) publishBatch(ctx context.Context) (full bool, err error) {
 			return false, fmt.Errorf("relay: read outbox: %w", err)
 		}
 		p.Bedrooms, p.Bathrooms = nullable(bedrooms), nullable(bathrooms)
-		payload, err := json.Marshal(newEvent(p, requestID))
+		payload, err := json.Marshal(event{p, requestID})
 		if err != nil {
 			rows.Close()
 			return false, fmt.Errorf("relay: encode event: %w", err)
@@ -955,10 +925,10 @@ func applyEvents(ctx context.Context, tx *sql.Tx, events []event) ([]outcome, er
 		if p, ok := local[e.ID]; ok {
 			current = &p
 		}
-		outcomes[i] = resolve(current, e.property())
+		outcomes[i] = resolve(current, e.Property)
 		if outcomes[i].replaces() {
-			local[e.ID] = e.property()
-			winners[e.ID] = e.property()
+			local[e.ID] = e.Property
+			winners[e.ID] = e.Property
 		}
 	}
 	if len(winners) > 0 {

@@ -155,7 +155,7 @@ func TestApplyEventsBatch(t *testing.T) {
 	ctx := context.Background()
 	at := func(d time.Duration) time.Time { return time.Date(2026, 2, 2, 0, 0, 0, 0, time.UTC).Add(d) }
 	ev := func(id, version int64, t time.Time, region string, requestID string) event {
-		return event{ID: id, Price: Money(version * 100), RegionOrigin: region, Version: version, UpdatedAt: t, RequestID: requestID}
+		return event{Property{ID: id, Price: Money(version * 100), RegionOrigin: region, Version: version, UpdatedAt: t}, requestID}
 	}
 	batch := []event{
 		ev(42, 3, at(0), "eu", "batch-1"),
@@ -180,7 +180,7 @@ func TestApplyEventsBatch(t *testing.T) {
 	if diff := cmp.Diff([]outcome{applied, applied, conflictLost, applied, stale, duplicate}, got); diff != "" {
 		t.Errorf("applyEvents outcomes (-want +got):\n%s", diff)
 	}
-	for _, want := range []Property{batch[3].property(), batch[0].property()} {
+	for _, want := range []Property{batch[3].Property, batch[0].Property} {
 		row := readRow(t, db, want.ID)
 		// Bedrooms and bathrooms are null in the events: a replicated row is
 		// the whole row, nulls included.
@@ -210,7 +210,7 @@ func TestApplyEvent(t *testing.T) {
 	seed := seedProperty(id)
 	at := func(d time.Duration) time.Time { return time.Date(2026, 2, 1, 0, 0, 0, 0, time.UTC).Add(d) }
 	ev := func(version int64, t time.Time, region string, price Money, requestID string) event {
-		return event{ID: id, Price: price, Bedrooms: ptr(int32(3)), Bathrooms: ptr(int32(2)), RegionOrigin: region, Version: version, UpdatedAt: t, RequestID: requestID}
+		return event{Property{ID: id, Price: price, Bedrooms: ptr(int32(3)), Bathrooms: ptr(int32(2)), RegionOrigin: region, Version: version, UpdatedAt: t}, requestID}
 	}
 	steps := []struct {
 		name         string
@@ -219,12 +219,12 @@ func TestApplyEvent(t *testing.T) {
 		wantRow      Property
 		wantRequests int // request ids recorded for the property so far
 	}{
-		{"next_version", ev(2, at(0), "eu", 100_00, "apply-1"), applied, ev(2, at(0), "eu", 100_00, "").property(), 1},
-		{"redelivery", ev(2, at(0), "eu", 100_00, "apply-1"), duplicate, ev(2, at(0), "eu", 100_00, "").property(), 1},
-		{"concurrent_later_wins", ev(2, at(time.Second), "us", 200_00, "apply-2"), conflictWon, ev(2, at(time.Second), "us", 200_00, "").property(), 2},
-		{"concurrent_earlier_loses", ev(2, at(time.Millisecond), "eu", 300_00, "apply-3"), conflictLost, ev(2, at(time.Second), "us", 200_00, "").property(), 3},
-		{"newer", ev(4, at(2*time.Second), "eu", 400_00, "apply-4"), applied, ev(4, at(2*time.Second), "eu", 400_00, "").property(), 4},
-		{"stale", ev(3, at(3*time.Second), "us", 500_00, "apply-5"), stale, ev(4, at(2*time.Second), "eu", 400_00, "").property(), 5},
+		{"next_version", ev(2, at(0), "eu", 100_00, "apply-1"), applied, ev(2, at(0), "eu", 100_00, "").Property, 1},
+		{"redelivery", ev(2, at(0), "eu", 100_00, "apply-1"), duplicate, ev(2, at(0), "eu", 100_00, "").Property, 1},
+		{"concurrent_later_wins", ev(2, at(time.Second), "us", 200_00, "apply-2"), conflictWon, ev(2, at(time.Second), "us", 200_00, "").Property, 2},
+		{"concurrent_earlier_loses", ev(2, at(time.Millisecond), "eu", 300_00, "apply-3"), conflictLost, ev(2, at(time.Second), "us", 200_00, "").Property, 3},
+		{"newer", ev(4, at(2*time.Second), "eu", 400_00, "apply-4"), applied, ev(4, at(2*time.Second), "eu", 400_00, "").Property, 4},
+		{"stale", ev(3, at(3*time.Second), "us", 500_00, "apply-5"), stale, ev(4, at(2*time.Second), "eu", 400_00, "").Property, 5},
 	}
 	before := readRow(t, db, id)
 	if diff := cmp.Diff(seed, before.Property); diff != "" {
