@@ -45,10 +45,10 @@ func newServer(logger *slog.Logger, region string, db *sql.DB, rep *replicator) 
 // region's traffic, which is what NGINX failover needs.
 func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.DB, rep *replicator) {
 	mux.Handle("GET /health", handleHealth(region, db))
-	mux.Handle("GET /{region}/health", knownRegion(handleHealth(region, db)))
-	mux.Handle("GET /{region}/properties/{id}", knownRegion(handleGetProperty(logger, db)))
-	mux.Handle("PUT /{region}/properties/{id}", knownRegion(handleUpdateProperty(logger, region, db, rep)))
-	mux.Handle("GET /{region}/replication-lag", knownRegion(handleReplicationLag(logger, rep)))
+	mux.Handle("GET /{region}/health", knownRegion(logger, handleHealth(region, db)))
+	mux.Handle("GET /{region}/properties/{id}", knownRegion(logger, handleGetProperty(logger, db)))
+	mux.Handle("PUT /{region}/properties/{id}", knownRegion(logger, handleUpdateProperty(logger, region, db, rep)))
+	mux.Handle("GET /{region}/replication-lag", knownRegion(logger, handleReplicationLag(logger, rep)))
 }
 
 // handleHealth answers 200 when the database answers, and 503 otherwise so
@@ -178,11 +178,14 @@ func handleReplicationLag(logger *slog.Logger, rep *replicator) http.Handler {
 	})
 }
 
+// errUnknownRegion is a path whose region prefix is not us or eu.
+var errUnknownRegion = errors.New("unknown region")
+
 // knownRegion answers 404 for a region prefix other than us or eu.
-func knownRegion(h http.Handler) http.Handler {
+func knownRegion(logger *slog.Logger, h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !validRegion(r.PathValue("region")) {
-			encode(w, http.StatusNotFound, errorBody{Error: "unknown region: use /us/ or /eu/"})
+			encodeError(w, r, logger, errUnknownRegion)
 			return
 		}
 		h.ServeHTTP(w, r)
@@ -283,6 +286,7 @@ type validationError struct {
 	msg string
 }
 
+// Error is the message for the client.
 func (e *validationError) Error() string { return e.msg }
 
 // errorBody is the contract's error response, {"error": "..."}.
@@ -311,6 +315,8 @@ func encodeError(w http.ResponseWriter, r *http.Request, logger *slog.Logger, er
 			RequestID        string   `json:"request_id"`
 			OriginalResponse Property `json:"original_response"`
 		}{"duplicate request", dup.requestID, dup.original})
+	case errors.Is(err, errUnknownRegion):
+		encode(w, http.StatusNotFound, errorBody{Error: "unknown region: use /us/ or /eu/"})
 	case errors.Is(err, errNotFound):
 		encode(w, http.StatusNotFound, errorBody{Error: "property not found"})
 	case errors.As(err, &mismatch):
@@ -367,6 +373,7 @@ type jsonErrorWriter struct {
 	replaced bool
 }
 
+// WriteHeader passes a JSON response through and replaces any other.
 func (w *jsonErrorWriter) WriteHeader(status int) {
 	h := w.Header()
 	if strings.HasPrefix(h.Get("Content-Type"), "application/json") {
@@ -383,6 +390,7 @@ func (w *jsonErrorWriter) WriteHeader(status int) {
 	encode(w.ResponseWriter, status, errorBody{Error: msg})
 }
 
+// Write drops the body of a replaced response.
 func (w *jsonErrorWriter) Write(b []byte) (int, error) {
 	if w.replaced {
 		return len(b), nil // the mux's own body, replaced by the JSON one
@@ -421,6 +429,7 @@ type statusRecorder struct {
 	status int
 }
 
+// WriteHeader records the first status written.
 func (s *statusRecorder) WriteHeader(status int) {
 	if s.status == 0 {
 		s.status = status
@@ -428,6 +437,7 @@ func (s *statusRecorder) WriteHeader(status int) {
 	s.ResponseWriter.WriteHeader(status)
 }
 
+// Write records the implicit 200 of a body written without a status.
 func (s *statusRecorder) Write(b []byte) (int, error) {
 	if s.status == 0 {
 		s.status = http.StatusOK

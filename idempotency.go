@@ -32,6 +32,7 @@ type duplicateRequestError struct {
 	original  Property
 }
 
+// Error names the request id.
 func (e *duplicateRequestError) Error() string {
 	return fmt.Sprintf("duplicate request %q", e.requestID)
 }
@@ -61,6 +62,7 @@ func isRequestIDTaken(err error) bool {
 	return errors.As(err, &pgErr) && pgErr.Code == "23505" && pgErr.ConstraintName == "processed_requests_pkey"
 }
 
+// lookupRequestSQL reads the row a request id's update wrote.
 const lookupRequestSQL = `
 SELECT property_id, price, bedrooms, bathrooms, region_origin, version, updated_at
 FROM processed_requests

@@ -55,11 +55,11 @@ type LagReport struct {
 	DeadLettered int64 `json:"dead_lettered"`
 }
 
-// lagSQL reads the peer's watermark: the smallest over the partitions, and
+// readLagSQL reads the peer's watermark: the smallest over the partitions, and
 // only if every partition has one (a partition never heard from could hide any
 // amount of lag). It also reads the outbox backlog, and the clock, so that
 // both sides of the subtraction come from database clocks.
-const lagSQL = `
+const readLagSQL = `
 SELECT
     (SELECT CASE WHEN count(*) > 0 AND count(*) >= max(partitions) THEN min(watermark) END
      FROM replication_watermarks WHERE peer_region = $1),
@@ -74,7 +74,7 @@ func (r *replicator) lagReport(ctx context.Context) (LagReport, error) {
 		now               time.Time
 	)
 	rep := LagReport{Region: r.region, PeerRegion: r.peer}
-	err := r.db.QueryRowContext(ctx, lagSQL, r.peer).Scan(&watermark, &rep.OutboxBacklog, &oldest, &now)
+	err := r.db.QueryRowContext(ctx, readLagSQL, r.peer).Scan(&watermark, &rep.OutboxBacklog, &oldest, &now)
 	if err != nil {
 		return LagReport{}, fmt.Errorf("replication lag: %w", err)
 	}

@@ -47,6 +47,7 @@ import (
 	"github.com/jackc/pgx/v5/stdlib"
 )
 
+// main runs the program and turns its error into exit status 1.
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

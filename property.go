@@ -50,10 +50,12 @@ type versionMismatchError struct {
 	current int64
 }
 
+// Error says which version is current.
 func (e *versionMismatchError) Error() string {
 	return fmt.Sprintf("version mismatch: current version is %d", e.current)
 }
 
+// getPropertySQL reads one property; scanProperty reads its columns.
 const getPropertySQL = `
 SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at
 FROM properties
@@ -133,6 +135,7 @@ WITH updated AS (
 )
 SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at FROM updated`
 
+// currentVersionSQL tells a missing property from a stale version.
 const currentVersionSQL = `SELECT version FROM properties WHERE id = $1`
 
 // explainNoUpdate finds out why updatePropertySQL changed no row, checking the
@@ -232,6 +235,7 @@ func parseMoney(s string) (Money, error) {
 	return Money(cents), nil
 }
 
+// isDigits reports whether s is one or more ASCII digits.
 func isDigits(s string) bool {
 	if s == "" {
 		return false
@@ -295,6 +299,7 @@ func (m *Money) Scan(src any) error {
 	return nil
 }
 
+// Money is what the JSON encoder and database/sql expect of it.
 var (
 	_ json.Marshaler   = Money(0)
 	_ json.Unmarshaler = (*Money)(nil)

@@ -125,6 +125,7 @@ func compareWrites(a, b Property) int {
 	return 0
 }
 
+// cmpInt compares two different integers.
 func cmpInt(a, b int64) int {
 	if a < b {
 		return -1
@@ -135,6 +136,7 @@ func cmpInt(a, b int64) int {
 // outcome is what applying a remote write did to the local row.
 type outcome int
 
+// The outcomes of resolve.
 const (
 	applied   outcome = iota // the incoming write is the successor of the local row
 	duplicate                // the local row already is this write: a redelivery
@@ -481,6 +483,7 @@ FROM outbox o JOIN processed_requests r USING (request_id)
 ORDER BY o.seq
 LIMIT $1`
 
+// deleteOutboxSQL forgets the rows Kafka has acknowledged.
 const deleteOutboxSQL = `DELETE FROM outbox WHERE seq = ANY($1)`
 
 // publishBatch runs one relay round and reports whether the batch was full.
@@ -954,6 +957,7 @@ type propertyColumns struct {
 	updatedAt           []time.Time
 }
 
+// add appends p as one more row.
 func (c *propertyColumns) add(p Property) {
 	c.ids = append(c.ids, p.ID)
 	c.prices = append(c.prices, p.Price.String())
