@@ -6,17 +6,17 @@ package main
 // A write travels like this (US to EU; EU to US is the mirror image):
 //
 //  1. PUT in US commits the row, its request id and an outbox row in ONE
-//     statement, so one transaction (updateProperty). Publishing to Kafka inside the request
-//     instead would either lose the event (crash after commit, before
-//     publish) or publish a change that then rolls back. The outbox makes the
-//     event as durable as the write.
-//  2. The relay (relay.run) reads committed outbox rows in seq order,
+//     statement, so one transaction (updateProperty). Publishing to Kafka
+//     from the request instead would either lose the event (crash after
+//     commit, before publish) or publish a change that then rolls back. The
+//     outbox makes the event as durable as the write.
+//  2. The relay (replicator.relay) reads committed outbox rows in seq order,
 //     publishes them to the topic with an idempotent producer (acks=all,
 //     key = property id, so one property's events stay in one partition, in
 //     order) and deletes them only after Kafka acknowledged them. A crash in
 //     between publishes them again: delivery is at least once.
-//  3. EU's consumer (consumer.run) applies US events with the conflict rule
-//     (newer) in one transaction with the replicated request id, then commits
+//  3. EU's consumer (replicator.consume) applies US events with the conflict
+//     rule (resolve) in one transaction with their request ids, then commits
 //     its Kafka offsets. A crash in between re-delivers the batch, and
 //     re-applying an event changes nothing: the rule is idempotent.
 //
