@@ -427,12 +427,13 @@ cmd_bench() {
 		"$pgbin/pgbench" "${pg[@]}" -n "$1" -c "$clients" -j 2 -T "$secs" pgbench >"$out/pgbench$1.log" 2>&1
 	}
 	: >"$out/go-bench.log"
-	# Request counts sized for roughly 5-20 seconds each on a 2-core machine.
+	# Request counts sized for 10-20 seconds each on a 2-core machine, like
+	# the 15 seconds of each pgbench run.
 	pgbench_run -S
-	gobench GetProperty 60000x
+	gobench GetProperty 200000x
 	pgbench_run -N
-	gobench PutProperty 30000x
-	gobench Mixed 40000x
+	gobench PutProperty 60000x
+	gobench Mixed 100000x
 	gobench GetPaced1000 15000x
 	gobench ReplicationDelay 3000x
 
