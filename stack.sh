@@ -63,6 +63,7 @@ as_pg() {
 install_missing() {
 	local need=()
 	command -v nginx >/dev/null || need+=(nginx)
+	command -v curl >/dev/null || need+=(curl)
 	[ -n "$pgbin" ] || need+=(postgresql)
 	command -v java >/dev/null || need+=(openjdk-17-jre-headless)
 	command -v mvn >/dev/null || need+=(maven)
