@@ -8,8 +8,9 @@
 //
 //   - main.go: configuration from the environment, wiring, start-up and the
 //     ordered shutdown.
-//   - property.go: the Property type, exact Money, and the update transaction
-//     with optimistic locking (UPDATE ... WHERE version = $n).
+//   - property.go: the Property type, exact Money, and the update: optimistic
+//     locking (UPDATE ... WHERE version = $n), the request id and the outbox
+//     row in one atomic statement.
 //   - idempotency.go: X-Request-ID, and how a retried request is recognised in
 //     either region.
 //   - replicate.go: the transactional outbox, the relay that publishes it to
@@ -18,6 +19,10 @@
 //   - lag.go: what the replication lag means and how it is measured.
 //   - handlers.go: the routes, request decoding and validation, and the one
 //     function that maps errors to status codes.
+//
+// Around the program: init.sql and the seeds define the database, nginx.conf
+// the failover, docker-compose.yml and stack.sh the whole two-region stack,
+// and the *_test.go files prove each of these against real servers.
 //
 // The program also has a health-check mode, "property-listing healthcheck",
 // that asks a running instance for GET /health and exits 0 or 1, so that a
