@@ -13,7 +13,7 @@ package main
 //
 //	lag = now − W, where W is the smallest watermark over the partitions
 //
-// An idle, healthy link reports about the heartbeat interval (0.1 s) or less.
+// An idle, healthy link reports at most about the heartbeat interval (0.25 s).
 // When the peer's writes cannot arrive (Kafka down, the peer's relay or
 // database stopped, our consumer stopped), no heartbeat is applied and the lag
 // grows in real time. When they can again, the backlog is applied, the next
