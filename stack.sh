@@ -403,7 +403,7 @@ cmd_bench() {
 	cmd_up
 	test_env
 	cd "$root"
-	local clients=32 out="$state/bench" secs=${BENCH_SECONDS:-15}
+	local clients=32 out="$state/bench" secs=${BENCH_SECONDS:-8}
 	mkdir -p "$out"
 	local pg=(-h 127.0.0.1 -p "$(port_of db-us)" -U "$POSTGRES_USER")
 	export PGPASSWORD="$POSTGRES_PASSWORD"
@@ -412,7 +412,6 @@ cmd_bench() {
 		"$pgbin/psql" "${pg[@]}" -d postgres -qc "CREATE DATABASE pgbench"
 		"$pgbin/pgbench" "${pg[@]}" -i -q -s 10 pgbench >"$out/pgbench-init.log" 2>&1
 	fi
-	tps() { sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$1"; }
 	# Each measurement starts from a checkpointed database, so that one run's
 	# dirty pages and autovacuum do not land on the next; each pgbench run is
 	# followed at once by the service's run it is compared with.
@@ -422,44 +421,57 @@ cmd_bench() {
 		log "go test -bench $1 -benchtime=$2"
 		go test -tags=integration -run '^$' -bench "^Benchmark$1\$" -benchtime="$2" -count=1 . | tee -a "$out/go-bench.log" | grep '^Benchmark' >&2
 	}
-	pgbench_run() { # pgbench_run MODE
+	pgbench_run() { # pgbench_run MODE ROUND
 		checkpoint
-		log "pgbench $1, $clients clients, ${secs}s"
-		"$pgbin/pgbench" "${pg[@]}" -n "$1" -c "$clients" -j 2 -T "$secs" pgbench >"$out/pgbench$1.log" 2>&1
+		log "pgbench $1, $clients clients, ${secs}s (round $2)"
+		"$pgbin/pgbench" "${pg[@]}" -n "$1" -c "$clients" -j 2 -T "$secs" pgbench >"$out/pgbench$1.$2.log" 2>&1
 	}
 	: >"$out/go-bench.log"
-	# Request counts sized for 10-20 seconds each on a 2-core machine, like
-	# the 15 seconds of each pgbench run.
-	pgbench_run -S
-	gobench GetProperty 200000x
-	pgbench_run -N
-	gobench PutProperty 60000x
-	gobench Mixed 100000x
+	# The machine is shared and noisy: a figure taken once can be off by a
+	# third. So each comparison runs in rounds, pgbench and then the service
+	# right after it, and the table shows medians of the rounds and each
+	# round's ratio. Request counts are sized to run about as long as pgbench.
+	local rounds=${BENCH_ROUNDS:-3} r
+	for r in $(seq 1 "$rounds"); do
+		pgbench_run -S "$r"
+		gobench GetProperty 100000x
+		pgbench_run -N "$r"
+		gobench PutProperty 30000x
+	done
+	gobench Mixed 60000x
 	gobench GetPaced1000 15000x
 	gobench ReplicationDelay 3000x
 
-	# metric BENCH UNIT: the value a benchmark reported for a unit.
+	# metric BENCH UNIT: the values a benchmark reported for a unit, one per run.
 	metric() { awk -v b="Benchmark$1-" -v u="$2" 'index($1, b) == 1 { for (i = 3; i < NF; i += 2) if ($(i+1) == u) print $i }' "$out/go-bench.log"; }
-	iterations() { awk -v b="Benchmark$1-" 'index($1, b) == 1 { print $2 }' "$out/go-bench.log"; }
-	ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f%%", 100 * a / b; else print "-" }'; }
-	lat() { printf 'p50 %s ms, p99 %s ms, max %s ms' "$(metric "$1" p50_ms)" "$(metric "$1" p99_ms)" "$(metric "$1" max_ms)"; }
-	local s_tps n_tps get put mixed
-	s_tps=$(tps "$out/pgbench-S.log")
-	n_tps=$(tps "$out/pgbench-N.log")
-	[ -n "$s_tps" ] && [ -n "$n_tps" ] || die "pgbench printed no tps: see $out/pgbench-*.log"
-	get=$(metric GetProperty req/s)
-	put=$(metric PutProperty req/s)
-	mixed=$(metric Mixed req/s)
+	median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+	m() { metric "$1" "$2" | median; }
+	iterations() { awk -v b="Benchmark$1-" 'index($1, b) == 1 { print $2 }' "$out/go-bench.log" | head -n 1; }
+	lat() { printf 'p50 %s ms, p99 %s ms, max %s ms' "$(m "$1" p50_ms)" "$(m "$1" p99_ms)" "$(m "$1" max_ms)"; }
+	# pgbench_tps MODE: each round's tps, in round order.
+	pgbench_tps() {
+		for r in $(seq 1 "$rounds"); do
+			sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$out/pgbench$1.$r.log"
+		done
+	}
+	# ratios BENCH MODE: each round's service figure over its pgbench figure.
+	ratios() { paste <(metric "$1" req/s) <(pgbench_tps "$2") | awk '{ printf "%.0f%%\n", 100 * $1 / $2 }'; }
+	[ "$(pgbench_tps -S | wc -l)" = "$rounds" ] && [ "$(pgbench_tps -N | wc -l)" = "$rounds" ] ||
+		die "pgbench printed no tps: see $out/pgbench-*.log"
 	local errors
 	errors=$(awk '/^Benchmark/ { for (i = 3; i < NF; i += 2) if ($(i+1) == "errors") n += $i } END { print n + 0 }' "$out/go-bench.log")
 	{
+		echo "Medians of $rounds rounds; the ratio column gives each round's ratio, its median first."
+		echo
 		echo "| figure | value | ratio |"
 		echo "|---|---|---|"
-		printf '| pgbench select-only (`-S`), %s clients | %.0f tps | 100%% |\n' "$clients" "$s_tps"
-		printf '| GET through NGINX, %s clients | %.0f req/s; %s | %s of pgbench -S |\n' "$clients" "$get" "$(lat GetProperty)" "$(ratio "$get" "$s_tps")"
-		printf '| pgbench simple-update (`-N`), %s clients | %.0f tps | 100%% |\n' "$clients" "$n_tps"
-		printf '| PUT through NGINX, %s clients | %.0f req/s; %s; %s conflicts | %s of pgbench -N |\n' "$clients" "$put" "$(lat PutProperty)" "$(metric PutProperty conflicts)" "$(ratio "$put" "$n_tps")"
-		printf '| 90/10 GET/PUT through NGINX, %s clients | %.0f req/s; %s | - |\n' "$clients" "$mixed" "$(lat Mixed)"
+		printf '| pgbench select-only (`-S`), %s clients | %.0f tps | 100%% |\n' "$clients" "$(pgbench_tps -S | median)"
+		printf '| GET through NGINX, %s clients | %.0f req/s; %s | **%s** of pgbench -S (%s) |\n' "$clients" "$(m GetProperty req/s)" \
+			"$(lat GetProperty)" "$(ratios GetProperty -S | sed 's/%//' | median)%" "$(ratios GetProperty -S | paste -sd, | sed 's/,/, /g')"
+		printf '| pgbench simple-update (`-N`), %s clients | %.0f tps | 100%% |\n' "$clients" "$(pgbench_tps -N | median)"
+		printf '| PUT through NGINX, %s clients | %.0f req/s; %s; %s conflicts | **%s** of pgbench -N (%s) |\n' "$clients" "$(m PutProperty req/s)" \
+			"$(lat PutProperty)" "$(m PutProperty conflicts)" "$(ratios PutProperty -N | sed 's/%//' | median)%" "$(ratios PutProperty -N | paste -sd, | sed 's/,/, /g')"
+		printf '| 90/10 GET/PUT through NGINX, %s clients | %.0f req/s; %s | - |\n' "$clients" "$(m Mixed req/s)" "$(lat Mixed)"
 		printf '| GET at a steady 1,000 req/s | %s (target: p99 < 10 ms) | - |\n' "$(lat GetPaced1000)"
 		printf '| replication delay US to EU at 200 writes/s, %s writes | %s (target: p99 < 250 ms) | - |\n' "$(iterations ReplicationDelay)" "$(lat ReplicationDelay)"
 		printf '| errors, all runs | %s | - |\n' "$errors"
