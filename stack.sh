@@ -380,7 +380,8 @@ cmd_test() {
 	go vet -tags=integration ./...
 	local out="$state/logs/test.log" status=0
 	log "unit tests"
-	go test -race -count=1 -v ./... >"$out" 2>&1 || status=$?
+	go test -race -count=1 -v ./... >"$out.unit" 2>&1 || status=$?
+	cp "$out.unit" "$out"
 	log "integration tests"
 	go test -race -count=1 -v -tags=integration -timeout 30m -run "${TEST_RUN:-.}" ./... >"$out.integration" 2>&1 || status=$?
 	log "benchmarks, once each (figures come from ./stack.sh bench)"
@@ -391,6 +392,8 @@ cmd_test() {
 	passed=$(grep -c -- '--- PASS' "$out" || true)
 	failed=$(grep -c -- '--- FAIL' "$out" || true)
 	echo "full log: $out"
+	echo "tests and subtests passed: $(grep -c -- '--- PASS' "$out.unit" || true) in the unit run," \
+		"$(grep -c -- '--- PASS' "$out.integration" || true) in the integration run (which repeats the unit tests)"
 	echo "$passed passed, $failed failed"
 	return "$status"
 }
