@@ -9,11 +9,17 @@ package main
 // prints the ratios; CI runs each once (-benchtime=1x) so they cannot rot.
 
 import (
+	"bufio"
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/http"
+	"net/url"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -45,6 +51,86 @@ func benchStack(b *testing.B) *stack {
 			s.url, status, err)
 	}
 	return s
+}
+
+// conn is one load-generating client: HTTP/1.1 keep-alive over a single TCP
+// connection, each request written from a reused buffer and each answer
+// parsed by http.ReadResponse. It is net/http's Transport cut down to one
+// connection used by one goroutine: no pool, no per-connection reader and
+// writer goroutines handing each request across channels. The load
+// generator shares the two cores with the stack it measures, so every
+// microsecond it spends is one the stack does not get; pgbench's client,
+// the other side of the comparison, is lean C.
+type conn struct {
+	host string // host:port of NGINX
+	c    net.Conn
+	r    *bufio.Reader
+	req  []byte
+	body bytes.Buffer
+}
+
+func newConn(b *testing.B, s *stack) *conn {
+	b.Helper()
+	u, err := url.Parse(s.url)
+	if err != nil {
+		b.Fatalf("STACK_URL %q: %v", s.url, err)
+	}
+	return &conn{host: u.Host}
+}
+
+// do sends one request and decodes the JSON answer, like stack.do. On any
+// error the connection is dropped and the next request dials a new one.
+func (c *conn) do(method, path, requestID, body string) (status int, got response, err error) {
+	defer func() {
+		if err != nil && c.c != nil {
+			c.c.Close()
+			c.c = nil
+		}
+	}()
+	if c.c == nil {
+		if c.c, err = net.DialTimeout("tcp", c.host, 5*time.Second); err != nil {
+			return 0, got, err
+		}
+		c.r = bufio.NewReader(c.c)
+	}
+	c.c.SetDeadline(time.Now().Add(15 * time.Second))
+	r := append(c.req[:0], method...)
+	r = append(r, ' ')
+	r = append(r, path...)
+	r = append(r, " HTTP/1.1\r\nHost: "...)
+	r = append(r, c.host...)
+	if requestID != "" {
+		r = append(r, "\r\nX-Request-ID: "...)
+		r = append(r, requestID...)
+	}
+	if body != "" {
+		r = append(r, "\r\nContent-Type: application/json\r\nContent-Length: "...)
+		r = strconv.AppendInt(r, int64(len(body)), 10)
+	}
+	r = append(r, "\r\n\r\n"...)
+	r = append(r, body...)
+	c.req = r
+	if _, err := c.c.Write(r); err != nil {
+		return 0, got, err
+	}
+	resp, err := http.ReadResponse(c.r, nil)
+	if err != nil {
+		return 0, got, err
+	}
+	c.body.Reset()
+	_, err = c.body.ReadFrom(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		return resp.StatusCode, got, err
+	}
+	if resp.Close {
+		c.c.Close()
+		c.c = nil
+	}
+	if err := json.Unmarshal(c.body.Bytes(), &got); err != nil {
+		return resp.StatusCode, got, fmt.Errorf("%s %s: decoding %q: %w", method, path, c.body.Bytes(), err)
+	}
+	return resp.StatusCode, got, nil
 }
 
 // outcome of one benchmark request.
@@ -152,15 +238,15 @@ func classify(status int, err error, method string) (result, string) {
 // writer touches and remembers their versions, as a client that read them
 // would.
 type writer struct {
-	s        *stack
+	c        *conn
 	region   string
 	ids      []int64
 	versions map[int64]int64
 	run      string
 }
 
-func newWriter(s *stack, region string, worker, perWorker int) *writer {
-	w := &writer{s: s, region: region, versions: map[int64]int64{}, run: fmt.Sprintf("%d-%d", time.Now().UnixNano(), worker)}
+func newWriter(c *conn, region string, worker, perWorker int) *writer {
+	w := &writer{c: c, region: region, versions: map[int64]int64{}, run: fmt.Sprintf("%d-%d", time.Now().UnixNano(), worker)}
 	for k := range perWorker {
 		w.ids = append(w.ids, int64(1+worker*perWorker+k))
 	}
@@ -174,13 +260,13 @@ func (w *writer) put(i int) (result, string) {
 	path := fmt.Sprintf("/%s/properties/%d", w.region, id)
 	version, known := w.versions[id]
 	if !known {
-		status, _, cur, err := w.s.do("GET", path, "", "")
+		status, cur, err := w.c.do("GET", path, "", "")
 		if r, msg := classify(status, err, "GET"); r != resultOK {
 			return r, msg
 		}
 		version = cur.Version
 	}
-	status, _, got, err := w.s.do("PUT", path, fmt.Sprintf("bench-%s-%d", w.run, i),
+	status, got, err := w.c.do("PUT", path, fmt.Sprintf("bench-%s-%d", w.run, i),
 		fmt.Sprintf(`{"price": %d.%02d, "version": %d}`, 100000+i%900000, i%100, version))
 	r, msg := classify(status, err, "PUT")
 	switch r {
@@ -194,9 +280,13 @@ func (w *writer) put(i int) (result, string) {
 
 func BenchmarkGetProperty(b *testing.B) {
 	s := benchStack(b)
+	conns := make([]*conn, benchClients)
+	for w := range conns {
+		conns[w] = newConn(b, s)
+	}
 	closedLoop(b, "req", func(worker, i int) (result, string) {
 		id := 1 + rand.IntN(1000)
-		status, _, _, err := s.do("GET", fmt.Sprintf("/us/properties/%d", id), "", "")
+		status, _, err := conns[worker].do("GET", "/us/properties/"+strconv.Itoa(id), "", "")
 		return classify(status, err, "GET")
 	})
 }
@@ -205,7 +295,7 @@ func BenchmarkPutProperty(b *testing.B) {
 	s := benchStack(b)
 	writers := make([]*writer, benchClients)
 	for w := range writers {
-		writers[w] = newWriter(s, "us", w, 1000/benchClients)
+		writers[w] = newWriter(newConn(b, s), "us", w, 1000/benchClients)
 	}
 	closedLoop(b, "req", func(worker, i int) (result, string) {
 		return writers[worker].put(i)
@@ -217,13 +307,13 @@ func BenchmarkMixed(b *testing.B) {
 	s := benchStack(b)
 	writers := make([]*writer, benchClients)
 	for w := range writers {
-		writers[w] = newWriter(s, "us", w, 1000/benchClients)
+		writers[w] = newWriter(newConn(b, s), "us", w, 1000/benchClients)
 	}
 	closedLoop(b, "req", func(worker, i int) (result, string) {
 		if i%10 == 0 {
 			return writers[worker].put(i / 10)
 		}
-		status, _, _, err := s.do("GET", fmt.Sprintf("/us/properties/%d", 1+rand.IntN(1000)), "", "")
+		status, _, err := writers[worker].c.do("GET", "/us/properties/"+strconv.Itoa(1+rand.IntN(1000)), "", "")
 		return classify(status, err, "GET")
 	})
 }
