@@ -42,6 +42,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -53,7 +54,18 @@ import (
 )
 
 // main runs the program and turns its error into exit status 1.
+// defaultGCPercent is the garbage collector's target unless GOGC is set. The
+// service's live heap is a few megabytes, so at Go's default of 100 it
+// collects many times a second under load; at 400 the heap may grow to five
+// times the live data (tens of megabytes) and the collector runs a quarter as
+// often. Measured with `perf stat` over 20,000 PUTs through the whole stack:
+// 8% fewer instructions per request.
+const defaultGCPercent = 400
+
 func main() {
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(defaultGCPercent)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout); err != nil {
