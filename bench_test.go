@@ -30,8 +30,9 @@ import (
 // many pgbench runs for the comparison (./stack.sh bench).
 const benchClients = 32
 
-// benchStack is newStack with an HTTP client that keeps a connection per
-// client alive, as a load generator must.
+// benchStack is newStack with an HTTP client that keeps many connections
+// alive, for the open-loop benchmarks, which send each request from its own
+// goroutine. The closed-loop ones give each client a conn instead.
 func benchStack(b *testing.B) *stack {
 	b.Helper()
 	s := &stack{
@@ -278,6 +279,17 @@ func (w *writer) put(i int) (result, string) {
 	return r, msg
 }
 
+// newWriters returns one writer per benchmark client, each on its own
+// connection and with its own share of the US ids.
+func newWriters(b *testing.B, s *stack) []*writer {
+	b.Helper()
+	writers := make([]*writer, benchClients)
+	for w := range writers {
+		writers[w] = newWriter(newConn(b, s), "us", w, 1000/benchClients)
+	}
+	return writers
+}
+
 func BenchmarkGetProperty(b *testing.B) {
 	s := benchStack(b)
 	conns := make([]*conn, benchClients)
@@ -293,10 +305,7 @@ func BenchmarkGetProperty(b *testing.B) {
 
 func BenchmarkPutProperty(b *testing.B) {
 	s := benchStack(b)
-	writers := make([]*writer, benchClients)
-	for w := range writers {
-		writers[w] = newWriter(newConn(b, s), "us", w, 1000/benchClients)
-	}
+	writers := newWriters(b, s)
 	closedLoop(b, "req", func(worker, i int) (result, string) {
 		return writers[worker].put(i)
 	})
@@ -305,10 +314,7 @@ func BenchmarkPutProperty(b *testing.B) {
 // BenchmarkMixed is nine reads of random listings for every write.
 func BenchmarkMixed(b *testing.B) {
 	s := benchStack(b)
-	writers := make([]*writer, benchClients)
-	for w := range writers {
-		writers[w] = newWriter(newConn(b, s), "us", w, 1000/benchClients)
-	}
+	writers := newWriters(b, s)
 	closedLoop(b, "req", func(worker, i int) (result, string) {
 		if i%10 == 0 {
 			return writers[worker].put(i / 10)

@@ -53,7 +53,6 @@ import (
 	"github.com/jackc/pgx/v5/stdlib"
 )
 
-// main runs the program and turns its error into exit status 1.
 // defaultGCPercent is the garbage collector's target unless GOGC is set. The
 // service's live heap is a few megabytes, so at Go's default of 100 it
 // collects many times a second under load; at 400 the heap may grow to five
@@ -62,6 +61,7 @@ import (
 // 8% fewer instructions per request.
 const defaultGCPercent = 400
 
+// main runs the program and turns its error into exit status 1.
 func main() {
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(defaultGCPercent)

@@ -419,12 +419,14 @@ cmd_bench() {
 	# dirty pages and autovacuum do not land on the next; each pgbench run is
 	# followed at once by the service's run it is compared with.
 	checkpoint() { "$pgbin/psql" "${pg[@]}" -d postgres -qc "CHECKPOINT"; sleep 2; }
+	# gotest PATTERN COUNT: the benchmarks matching PATTERN, COUNT requests
+	# each. The load generator shares the cores with the stack: it collects
+	# garbage as rarely as the service does (see defaultGCPercent).
+	gotest() { GOGC=${GOGC:-400} go test -tags=integration -run '^$' -bench "$1" -benchtime="$2" -count=1 .; }
 	gobench() { # gobench NAME COUNT
 		checkpoint
 		log "go test -bench $1 -benchtime=$2"
-		# The load generator shares the cores with the stack: it collects
-		# garbage as rarely as the service does (see defaultGCPercent).
-		GOGC=${GOGC:-400} go test -tags=integration -run '^$' -bench "^Benchmark$1\$" -benchtime="$2" -count=1 . | tee -a "$out/go-bench.log" | grep '^Benchmark' >&2
+		gotest "^Benchmark$1\$" "$2" | tee -a "$out/go-bench.log" | grep '^Benchmark' >&2
 	}
 	pgbench_run() { # pgbench_run MODE ROUND
 		checkpoint
@@ -441,7 +443,7 @@ cmd_bench() {
 	# the broker's JIT compiler and to cold caches, which pgbench, touching
 	# only PostgreSQL, does not pay.
 	log "warm-up, not measured: 10000 GETs and 10000 PUTs"
-	GOGC=${GOGC:-400} go test -tags=integration -run '^$' -bench '^Benchmark(GetProperty|PutProperty)$' -benchtime=10000x -count=1 . >"$out/warm-up.log" 2>&1 ||
+	gotest '^Benchmark(GetProperty|PutProperty)$' 10000x >"$out/warm-up.log" 2>&1 ||
 		die "the warm-up failed: see $out/warm-up.log"
 	for r in $(seq 1 "$rounds"); do
 		pgbench_run -S "$r"
