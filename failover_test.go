@@ -2,24 +2,15 @@
 
 package main
 
-// The integration tests talk HTTP to NGINX in front of the running stack and
-// stop and start its services through one command, so that the same tests run
-// against docker compose and against ./stack.sh:
-//
-//	STACK_URL  NGINX's address            (default http://localhost:8080)
-//	STACK_CMD  the stack's control command (default "docker compose")
-//
-// ./stack.sh test sets both, and the database and Kafka addresses the
-// replication tests read (see replication_test.go).
+// Failover through NGINX: a region's backend or database goes away, and its
+// clients are served by the other region without a failed request; plus the
+// races, retries and edges that NGINX sees. The harness is in stack_test.go.
 
 import (
-	"bytes"
-	"encoding/json"
 	"fmt"
-	"io"
+	"maps"
 	"net/http"
-	"os"
-	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -27,135 +18,6 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 )
-
-// stack is the running system under test.
-type stack struct {
-	url    string
-	cmd    []string
-	client *http.Client
-}
-
-// newStack returns the stack named by the environment, and fails the test
-// with the command that starts it if NGINX does not answer.
-func newStack(t *testing.T) *stack {
-	t.Helper()
-	s := &stack{
-		url:    envOr("STACK_URL", "http://localhost:8080"),
-		cmd:    strings.Fields(envOr("STACK_CMD", "docker compose")),
-		client: &http.Client{Timeout: 15 * time.Second},
-	}
-	for _, region := range []string{"us", "eu"} {
-		status, _, _, err := s.do("GET", "/"+region+"/health", "", "")
-		if err != nil || status != http.StatusOK {
-			t.Fatalf("the stack at %s is not up (GET /%s/health: %d, %v): start it with "+
-				"`docker compose up -d --wait` or `./stack.sh up`, or run `./stack.sh test`", s.url, region, status, err)
-		}
-	}
-	return s
-}
-
-func envOr(name, def string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return def
-}
-
-// do sends one request through NGINX. An empty requestID sends no
-// X-Request-ID header. err is a transport error or an undecodable body.
-func (s *stack) do(method, path, requestID, body string) (status int, servedBy string, got response, err error) {
-	req, err := http.NewRequest(method, s.url+path, strings.NewReader(body))
-	if err != nil {
-		return 0, "", response{}, err
-	}
-	if requestID != "" {
-		req.Header.Set("X-Request-ID", requestID)
-	}
-	resp, err := s.client.Do(req)
-	if err != nil {
-		return 0, "", response{}, err
-	}
-	defer resp.Body.Close()
-	raw, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return resp.StatusCode, "", response{}, err
-	}
-	if err := json.Unmarshal(raw, &got); err != nil {
-		return resp.StatusCode, "", response{}, fmt.Errorf("%s %s: decoding %q: %w", method, path, raw, err)
-	}
-	return resp.StatusCode, resp.Header.Get("X-Served-By"), got, nil
-}
-
-// mustDo is do for requests that must get an answer.
-func (s *stack) mustDo(t *testing.T, method, path, requestID, body string) (int, string, response) {
-	t.Helper()
-	status, servedBy, got, err := s.do(method, path, requestID, body)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	return status, servedBy, got
-}
-
-// control runs the stack command, e.g. control(t, "stop", "backend-us").
-func (s *stack) control(t *testing.T, args ...string) string {
-	t.Helper()
-	cmd := exec.Command(s.cmd[0], append(s.cmd[1:], args...)...)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("%s %s: %v\n%s", strings.Join(s.cmd, " "), strings.Join(args, " "), err, out.String())
-	}
-	return out.String()
-}
-
-// stop stops a service (kill with SIGKILL when crash is set) and restarts it
-// in t.Cleanup, so that a failing test still leaves the stack whole.
-func (s *stack) stop(t *testing.T, service string, crash bool) {
-	t.Helper()
-	t.Cleanup(func() { s.start(t, service) })
-	action := "stop"
-	if crash {
-		action = "kill"
-	}
-	s.control(t, action, service)
-}
-
-// start starts a service and waits until both regions answer healthy from
-// their own backend again.
-func (s *stack) start(t *testing.T, service string) {
-	t.Helper()
-	s.control(t, "start", service)
-	for _, region := range []string{"us", "eu"} {
-		s.waitFor(t, 30*time.Second, region+" healthy and served by "+region, func() bool {
-			status, servedBy, _, err := s.do("GET", "/"+region+"/health", "", "")
-			return err == nil && status == http.StatusOK && servedBy == region
-		})
-	}
-}
-
-// waitFor polls cond until it holds, failing the test after timeout.
-func (s *stack) waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) time.Duration {
-	t.Helper()
-	start := time.Now()
-	for !cond() {
-		if time.Since(start) > timeout {
-			t.Fatalf("waited %v for %s", timeout, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return time.Since(start)
-}
-
-// current reads property id through region's prefix.
-func (s *stack) current(t *testing.T, region string, id int64) response {
-	t.Helper()
-	path := fmt.Sprintf("/%s/properties/%d", region, id)
-	status, _, got := s.mustDo(t, "GET", path, "", "")
-	if status != http.StatusOK {
-		t.Fatalf("GET %s: status %d (%+v), want 200", path, status, got)
-	}
-	return got
-}
 
 // clientLoop is a client reading and writing one property through one
 // region's prefix, as fast as it gets answers, recording what it saw.
@@ -222,7 +84,7 @@ func startClientLoop(t *testing.T, s *stack, region string, id int64) *clientLoo
 func (l *clientLoop) snapshot() (total int, served, writes map[string]int, failures []string, maxDelay time.Duration) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.total, maps(l.served), maps(l.writes), append([]string(nil), l.failures...), l.maxDelay
+	return l.total, maps.Clone(l.served), maps.Clone(l.writes), slices.Clone(l.failures), l.maxDelay
 }
 
 // resetDelay forgets the slowest answer so far.
@@ -230,14 +92,6 @@ func (l *clientLoop) resetDelay() {
 	l.mu.Lock()
 	l.maxDelay = 0
 	l.mu.Unlock()
-}
-
-func maps(m map[string]int) map[string]int {
-	c := make(map[string]int, len(m))
-	for k, v := range m {
-		c[k] = v
-	}
-	return c
 }
 
 // halt stops the loop and waits for its last request.
@@ -254,7 +108,7 @@ func TestFailoverBackendStopped(t *testing.T) {
 	s := newStack(t)
 	const id = 101
 	loop := startClientLoop(t, s, "us", id)
-	s.waitFor(t, 10*time.Second, "the client loop to be served by us", func() bool {
+	waitFor(t, 10*time.Second, "the client loop to be served by us", func() bool {
 		_, served, _, _, _ := loop.snapshot()
 		return served["us"] >= 20
 	})
@@ -262,7 +116,7 @@ func TestFailoverBackendStopped(t *testing.T) {
 	loop.resetDelay()
 	stopped := time.Now()
 	s.stop(t, "backend-us", false)
-	took := s.waitFor(t, 10*time.Second, "/us/health to be served by eu", func() bool {
+	took := waitFor(t, 10*time.Second, "/us/health to be served by eu", func() bool {
 		status, servedBy, got, err := s.do("GET", "/us/health", "", "")
 		return err == nil && status == http.StatusOK && servedBy == "eu" && got.Region == "eu"
 	})
@@ -270,7 +124,7 @@ func TestFailoverBackendStopped(t *testing.T) {
 
 	// Reads and writes of the US listing go on, served by EU.
 	_, before, beforeWrites, _, _ := loop.snapshot()
-	s.waitFor(t, 15*time.Second, "EU to serve 20 more reads and 3 writes of /us/", func() bool {
+	waitFor(t, 15*time.Second, "EU to serve 20 more reads and 3 writes of /us/", func() bool {
 		_, served, writes, _, _ := loop.snapshot()
 		return served["eu"] >= before["eu"]+20 && writes["eu"] >= beforeWrites["eu"]+3
 	})
@@ -279,7 +133,7 @@ func TestFailoverBackendStopped(t *testing.T) {
 	// Back in service: within NGINX's fail_timeout (5s) traffic returns to US.
 	s.control(t, "start", "backend-us")
 	started := time.Now()
-	s.waitFor(t, 10*time.Second, "the client loop to be served by us again", func() bool {
+	waitFor(t, 10*time.Second, "the client loop to be served by us again", func() bool {
 		_, served, _, _, _ := loop.snapshot()
 		return served["us"] > before["us"]+5
 	})
@@ -311,7 +165,7 @@ func TestFailoverDatabaseStopped(t *testing.T) {
 	var status int
 	var servedBy string
 	var got response
-	s.waitFor(t, 10*time.Second, "/us/health to be served by eu", func() bool {
+	waitFor(t, 10*time.Second, "/us/health to be served by eu", func() bool {
 		var err error
 		status, servedBy, got, err = s.do("GET", "/us/health", requestID, "")
 		return err == nil && status == http.StatusOK && servedBy == "eu"
@@ -332,39 +186,6 @@ func TestFailoverDatabaseStopped(t *testing.T) {
 	}
 
 	s.start(t, "db-us")
-}
-
-// accessLogEntry is one line of NGINX's JSON access log.
-type accessLogEntry struct {
-	Method               string  `json:"method"`
-	Path                 string  `json:"path"`
-	Status               int     `json:"status"`
-	RequestID            string  `json:"request_id"`
-	UpstreamAddr         string  `json:"upstream_addr"`
-	UpstreamStatus       string  `json:"upstream_status"`
-	UpstreamResponseTime string  `json:"upstream_response_time"`
-	RequestTime          float64 `json:"request_time"`
-}
-
-// accessLogEntry finds the access log line of requestID in the stack's NGINX
-// logs, waiting briefly for it to be written.
-func (s *stack) accessLogEntry(t *testing.T, requestID string) accessLogEntry {
-	t.Helper()
-	var found accessLogEntry
-	s.waitFor(t, 5*time.Second, "the access log line of "+requestID, func() bool {
-		for _, line := range strings.Split(s.control(t, "logs", "nginx"), "\n") {
-			i := strings.IndexByte(line, '{')
-			if i < 0 || !strings.Contains(line, `"request_id":"`+requestID+`"`) {
-				continue
-			}
-			if err := json.Unmarshal([]byte(line[i:]), &found); err != nil {
-				t.Fatalf("access log line %q: %v", line, err)
-			}
-			return true
-		}
-		return false
-	})
-	return found
 }
 
 func TestRaceThroughNGINX(t *testing.T) {
@@ -415,10 +236,7 @@ func TestIdempotencyThroughNGINX(t *testing.T) {
 	status, _, second := s.mustDo(t, "PUT", path, requestID, body)
 	want := response{
 		Error: "duplicate request", RequestID: requestID,
-		OriginalResponse: &Property{
-			ID: first.ID, Price: first.Price, Bedrooms: first.Bedrooms, Bathrooms: first.Bathrooms,
-			RegionOrigin: first.RegionOrigin, Version: first.Version, UpdatedAt: first.UpdatedAt,
-		},
+		OriginalResponse: &first.Property,
 	}
 	if status != http.StatusUnprocessableEntity {
 		t.Errorf("second PUT %s %s: status %d, want 422", path, requestID, status)

@@ -30,10 +30,12 @@ const dbTimeout = 3 * time.Second
 
 // newServer returns the HTTP handler of one regional backend: the routes of
 // addRoutes, wrapped so that every response is JSON, carries X-Served-By and
-// is logged.
-func newServer(logger *slog.Logger, region string, db *sql.DB, rep *replicator) http.Handler {
+// is logged. Besides the database, the handlers need two things of the
+// replication: notify, which wakes the outbox relay after a write commits,
+// and lag, which builds the replication lag report.
+func newServer(logger *slog.Logger, region string, db *sql.DB, notify func(), lag lagFunc) http.Handler {
 	mux := http.NewServeMux()
-	addRoutes(mux, logger, region, db, rep)
+	addRoutes(mux, logger, region, db, notify, lag)
 	var h http.Handler = jsonErrors(mux)
 	h = servedBy(region, h)
 	h = logRequests(logger, h)
@@ -43,12 +45,12 @@ func newServer(logger *slog.Logger, region string, db *sql.DB, rep *replicator) 
 // addRoutes is the one list of the service's routes. Every route but the bare
 // /health exists under both region prefixes: either backend serves either
 // region's traffic, which is what NGINX failover needs.
-func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.DB, rep *replicator) {
+func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.DB, notify func(), lag lagFunc) {
 	mux.Handle("GET /health", handleHealth(region, db))
 	mux.Handle("GET /{region}/health", knownRegion(logger, handleHealth(region, db)))
 	mux.Handle("GET /{region}/properties/{id}", knownRegion(logger, handleGetProperty(logger, db)))
-	mux.Handle("PUT /{region}/properties/{id}", knownRegion(logger, handleUpdateProperty(logger, region, db, rep)))
-	mux.Handle("GET /{region}/replication-lag", knownRegion(logger, handleReplicationLag(logger, rep)))
+	mux.Handle("PUT /{region}/properties/{id}", knownRegion(logger, handleUpdateProperty(logger, region, db, notify)))
+	mux.Handle("GET /{region}/replication-lag", knownRegion(logger, handleReplicationLag(logger, lag)))
 }
 
 // handleHealth answers 200 when the database answers, and 503 otherwise so
@@ -98,11 +100,8 @@ type updateRequest struct {
 	Bathrooms *int32 `json:"bathrooms"`
 }
 
-// maxRooms is the most bedrooms or bathrooms a listing may have; more is a
-// typo, not a house.
-const maxRooms = 100
-
-// validate checks the fields the JSON decoder cannot and returns the update.
+// validate checks the fields the JSON decoder cannot, by the same rules as
+// every write (checkValues), and returns the update.
 func (req updateRequest) validate() (propertyUpdate, error) {
 	switch {
 	case req.Price == nil:
@@ -112,10 +111,8 @@ func (req updateRequest) validate() (propertyUpdate, error) {
 	case *req.Version < 1:
 		return propertyUpdate{}, &validationError{"version must be at least 1"}
 	}
-	for name, rooms := range map[string]*int32{"bedrooms": req.Bedrooms, "bathrooms": req.Bathrooms} {
-		if rooms != nil && (*rooms < 0 || *rooms > maxRooms) {
-			return propertyUpdate{}, &validationError{fmt.Sprintf("%s must be between 0 and %d", name, maxRooms)}
-		}
+	if err := checkValues(*req.Price, req.Bedrooms, req.Bathrooms); err != nil {
+		return propertyUpdate{}, err
 	}
 	return propertyUpdate{
 		Price:     *req.Price,
@@ -129,7 +126,7 @@ func (req updateRequest) validate() (propertyUpdate, error) {
 // updateProperty for the transaction and the contract for the check order.
 // After a commit it wakes the outbox relay, so that the change is on its way
 // to the other region within milliseconds.
-func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, rep *replicator) http.Handler {
+func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify func()) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id, err := parseID(r.PathValue("id"))
 		if err != nil {
@@ -158,18 +155,21 @@ func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, rep *r
 			encodeError(w, r, logger, err)
 			return
 		}
-		rep.notify()
+		notify()
 		encode(w, http.StatusOK, p)
 	})
 }
 
+// lagFunc builds the replication lag report (lag.go).
+type lagFunc func(context.Context) (LagReport, error)
+
 // handleReplicationLag reports how far this region trails the other one; see
 // lag.go for what the number means.
-func handleReplicationLag(logger *slog.Logger, rep *replicator) http.Handler {
+func handleReplicationLag(logger *slog.Logger, lag lagFunc) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
 		defer cancel()
-		report, err := rep.lagReport(ctx)
+		report, err := lag(ctx)
 		if err != nil {
 			encodeError(w, r, logger, err)
 			return
@@ -226,8 +226,9 @@ func encode[T any](w http.ResponseWriter, status int, v T) {
 }
 
 // decode reads a request body of at most maxBodyBytes holding exactly one JSON
-// object with only the fields of T. Every failure is a *validationError or an
-// *http.MaxBytesError, with a message fit for the client.
+// object with only the fields of T (strictUnmarshal). Every failure is a
+// *validationError or an *http.MaxBytesError, with a message fit for the
+// client.
 func decode[T any](w http.ResponseWriter, r *http.Request) (T, error) {
 	var v T
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
@@ -241,13 +242,8 @@ func decode[T any](w http.ResponseWriter, r *http.Request) (T, error) {
 	if !bytes.HasPrefix(bytes.TrimLeft(body, " \t\r\n"), []byte("{")) {
 		return v, &validationError{"body must be one JSON object"}
 	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&v); err != nil {
+	if err := strictUnmarshal(body, &v); err != nil {
 		return v, decodeError(err)
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return v, &validationError{"body must be one JSON object with nothing after it"}
 	}
 	return v, nil
 }
@@ -263,6 +259,8 @@ func decodeError(err error) error {
 	switch {
 	case errors.As(err, &verr):
 		return verr
+	case errors.Is(err, errTrailingData):
+		return &validationError{"body must be one JSON object with nothing after it"}
 	case errors.As(err, &typeErr):
 		want := "a JSON object"
 		switch typeErr.Type.Kind() {
@@ -280,14 +278,6 @@ func decodeError(err error) error {
 	}
 	return &validationError{"body is not valid JSON"}
 }
-
-// validationError is a bad request, with a message for the client.
-type validationError struct {
-	msg string
-}
-
-// Error is the message for the client.
-func (e *validationError) Error() string { return e.msg }
 
 // errorBody is the contract's error response, {"error": "..."}.
 type errorBody struct {

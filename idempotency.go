@@ -92,17 +92,15 @@ SELECT * FROM unnest($1::text[], $2::bigint[], $3::numeric[], $4::integer[], $5:
 ON CONFLICT (request_id) DO NOTHING`
 
 // recordReplicatedRequests stores the request ids of remote writes inside
-// the transaction that applies them, so that a retry of one of those
-// requests here is a 422.
-func recordReplicatedRequests(ctx context.Context, tx *sql.Tx, events []event) error {
-	var requestIDs []string
+// the transaction that applies them, each with the row its write made in the
+// other region, so that a retry of one of those requests here is a 422.
+func recordReplicatedRequests(ctx context.Context, tx *sql.Tx, requestIDs []string, rows []Property) error {
 	var c propertyColumns
-	for _, e := range events {
-		requestIDs = append(requestIDs, e.RequestID)
-		c.add(e.Property)
+	for _, p := range rows {
+		c.add(p)
 	}
 	if _, err := tx.ExecContext(ctx, recordReplicatedRequestsSQL, append([]any{requestIDs}, c.args()...)...); err != nil {
-		return fmt.Errorf("record %d replicated request ids: %w", len(events), err)
+		return fmt.Errorf("record %d replicated request ids: %w", len(requestIDs), err)
 	}
 	return nil
 }

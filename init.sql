@@ -10,10 +10,9 @@
 --
 -- Why domains rather than CHECK constraints on the table: PostgreSQL 15 parses
 -- and plans a table's CHECK expressions again for every INSERT or UPDATE
--- statement, while a domain's checks are parsed once and cached. With five
--- CHECKs on properties, that parsing was a sixth of the instructions the
--- server spent on an update (measured with `perf stat` under pgbench; see the
--- README's benchmark section).
+-- statement, while a domain's checks are parsed once and cached. On the
+-- update path that parsing was a measurable share of the server's work (the
+-- figures are in the README's benchmark section).
 --
 -- CREATE DOMAIN has no IF NOT EXISTS, hence the block.
 DO $$

@@ -67,37 +67,36 @@ SELECT
     (SELECT min(created_at) FROM outbox),
     clock_timestamp()`
 
-// lagReport builds the report from the database and the consumer's counters.
-func (r *replicator) lagReport(ctx context.Context) (LagReport, error) {
+// readLag builds region's report from its database and its consumer's
+// counters. since is when the region started waiting for its peer: without
+// any watermark yet, the lag is the time since then.
+func readLag(ctx context.Context, db *sql.DB, region string, since time.Time, stats *replicationStats) (LagReport, error) {
 	var (
 		watermark, oldest sql.NullTime
 		now               time.Time
 	)
-	rep := LagReport{Region: r.region, PeerRegion: r.peer}
-	err := r.db.QueryRowContext(ctx, readLagSQL, r.peer).Scan(&watermark, &rep.OutboxBacklog, &oldest, &now)
+	rep := LagReport{Region: region, PeerRegion: peerOf(region)}
+	err := db.QueryRowContext(ctx, readLagSQL, rep.PeerRegion).Scan(&watermark, &rep.OutboxBacklog, &oldest, &now)
 	if err != nil {
 		return LagReport{}, fmt.Errorf("replication lag: %w", err)
 	}
-	since := r.started
 	if watermark.Valid {
 		w := watermark.Time.UTC()
 		rep.PeerWatermark = &w
 		since = w
 	}
-	// Without any watermark, the region has waited for its peer since it
-	// started, and reports that.
 	rep.LagSeconds = max(now.Sub(since).Seconds(), 0)
 	if oldest.Valid {
 		rep.OldestOutboxSeconds = max(now.Sub(oldest.Time).Seconds(), 0)
 	}
-	if t := r.stats.lastApplied.Load(); t != nil {
+	if t := stats.lastApplied.Load(); t != nil {
 		u := t.UTC()
 		rep.LastAppliedAt = &u
 	}
-	rep.RecordsBehind = r.stats.recordsBehind()
-	rep.Applied = r.stats.applied.Load()
-	rep.Conflicts = r.stats.conflicts.Load()
-	rep.StaleEvents = r.stats.stale.Load()
-	rep.DeadLettered = r.stats.deadLettered.Load()
+	rep.RecordsBehind = stats.recordsBehind()
+	rep.Applied = stats.applied.Load()
+	rep.Conflicts = stats.conflicts.Load()
+	rep.StaleEvents = stats.stale.Load()
+	rep.DeadLettered = stats.deadLettered.Load()
 	return rep, nil
 }

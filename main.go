@@ -8,17 +8,24 @@
 //
 //   - main.go: configuration from the environment, wiring, start-up and the
 //     ordered shutdown.
-//   - property.go: the Property type, exact Money, and the update: optimistic
-//     locking (UPDATE ... WHERE version = $n), the request id and the outbox
-//     row in one atomic statement.
+//   - property.go: the Property type, the rules its values obey, and the
+//     update: optimistic locking (UPDATE ... WHERE version = $n), the request
+//     id and the outbox row in one atomic statement.
+//   - money.go: prices as exact decimals, never a float.
 //   - idempotency.go: X-Request-ID, and how a retried request is recognised in
 //     either region.
-//   - replicate.go: the transactional outbox, the relay that publishes it to
-//     Kafka, the consumer that applies the other region's writes, and the
-//     conflict rule that makes both databases converge.
-//   - lag.go: what the replication lag means and how it is measured.
 //   - handlers.go: the routes, request decoding and validation, and the one
 //     function that maps errors to status codes.
+//   - json.go: the one strict JSON decoder, for request bodies and events.
+//   - replicate.go: how a write reaches the other region, the records on the
+//     topic, and the replicator that runs the two halves below.
+//   - relay.go: the transactional outbox's relay, which publishes local
+//     writes to Kafka, and its heartbeats.
+//   - consume.go: the consumer, which applies the other region's writes and
+//     sends what it cannot decode to the dead-letter queue.
+//   - conflict.go: the conflict rule that makes both databases converge, and
+//     the batch apply that carries it out.
+//   - lag.go: what the replication lag means and how it is measured.
 //
 // Around the program: init.sql and the seeds define the database, nginx.conf
 // the failover, docker-compose.yml and stack.sh the whole two-region stack,
@@ -57,18 +64,29 @@ import (
 // service's live heap is a few megabytes, so at Go's default of 100 it
 // collects many times a second under load; at 400 the heap may grow to five
 // times the live data (tens of megabytes) and the collector runs a quarter as
-// often. Measured with `perf stat` over 20,000 PUTs through the whole stack:
-// 8% fewer instructions per request.
+// often (README, Benchmarks, for what that saves).
 const defaultGCPercent = 400
+
+// The shutdown budget. Each stage of shutdown has a deadline of its own, so
+// the worst case is their sum, shutdownBudget. docker-compose.yml's
+// stop_grace_period for the backends (20s) must exceed it, or Docker kills a
+// backend in the middle of its shutdown; TestShutdownFitsGracePeriod holds
+// the two numbers together.
+const (
+	// httpDrainTimeout bounds the wait for requests in flight, whose database
+	// work is bounded by dbTimeout (handlers.go).
+	httpDrainTimeout = 5 * time.Second
+	// kafkaCloseTimeout bounds flushing the producer and leaving the
+	// consumer group.
+	kafkaCloseTimeout = 5 * time.Second
+	// shutdownBudget adds the replication stage: the relay's round and the
+	// consumer's attempt in progress, which run side by side.
+	shutdownBudget = httpDrainTimeout + max(relayRoundTimeout, applyAttemptTimeout) + kafkaCloseTimeout
+)
 
 // main runs the program and turns its error into exit status 1.
 func main() {
-	if os.Getenv("GOGC") == "" {
-		debug.SetGCPercent(defaultGCPercent)
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout); err != nil {
+	if err := run(context.Background(), os.Args[1:], os.Getenv, os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "property-listing:", err)
 		os.Exit(1)
 	}
@@ -124,11 +142,6 @@ func loadConfig(getenv func(string) string) (config, error) {
 		}
 	}
 	return cfg, nil
-}
-
-// validRegion reports whether r names one of the two regions.
-func validRegion(r string) bool {
-	return r == "us" || r == "eu"
 }
 
 // brokers parses KAFKA_BROKER: comma-separated host:port pairs.
@@ -203,9 +216,11 @@ func databaseURL(getenv func(string) string) (string, error) {
 }
 
 // run is the whole program: main only turns its error into an exit code. It
-// returns when ctx is cancelled (SIGINT or SIGTERM) and everything it started
-// has stopped.
+// returns when ctx is cancelled or the process receives SIGINT or SIGTERM,
+// and everything it started has stopped.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
 	if len(args) > 0 && args[0] == "healthcheck" {
 		return healthcheck(ctx, getenv)
 	}
@@ -216,6 +231,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if err != nil {
 		return err
 	}
+	if getenv("GOGC") == "" {
+		debug.SetGCPercent(defaultGCPercent)
+	}
 	logger := slog.New(slog.NewJSONHandler(stdout, nil)).With("region", cfg.region)
 
 	db, err := openDB(cfg)
@@ -224,56 +242,48 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	}
 	// Closed last, after everything that uses it has stopped.
 	defer db.Close()
-
-	srv := &http.Server{
-		Addr: net.JoinHostPort("", strconv.Itoa(cfg.port)),
-		// Handler is set below, once the replicator exists.
-		// Slow or stalled clients must not hold connections forever.
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      15 * time.Second,
-		// Longer than NGINX's upstream keepalive_timeout (60s), so that NGINX,
-		// not the backend, closes idle connections: a backend that closes
-		// first races NGINX reusing the connection.
-		IdleTimeout: 120 * time.Second,
-		ErrorLog:    slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
-	}
-	listener, err := net.Listen("tcp", srv.Addr)
+	rep, err := newReplicator(logger, db, cfg.region, cfg.kafkaBrokers, cfg.kafkaTopic)
 	if err != nil {
-		return fmt.Errorf("listen on port %d: %w", cfg.port, err)
-	}
-	rep, err := newReplicator(logger, cfg, db)
-	if err != nil {
-		listener.Close()
 		return err
 	}
-	srv.Handler = newServer(logger, cfg.region, db, rep)
+	srv := newHTTPServer(cfg.port, logger, newServer(logger, cfg.region, db, rep.notify, rep.lagReport))
+	listener, err := net.Listen("tcp", srv.Addr)
+	if err != nil {
+		closeCtx, cancel := context.WithTimeout(context.Background(), kafkaCloseTimeout)
+		defer cancel()
+		rep.close(closeCtx)
+		return fmt.Errorf("listen on port %d: %w", cfg.port, err)
+	}
 
 	var wg sync.WaitGroup
 	serveErr := make(chan error, 1)
 	wg.Go(func() {
-		// Exits when Shutdown is called below, or on a listener error.
+		// Exits when shutdown calls Shutdown, or on a listener error.
 		if err := srv.Serve(listener); !errors.Is(err, http.ErrServerClosed) {
 			serveErr <- err
 		}
 	})
 	logger.Info("listening", "addr", listener.Addr().String())
 
-	stopReplication := make(chan struct{})
-	replicationDone := make(chan struct{})
-	go func() {
-		// Exits when stopReplication is closed, after the relay's and the
-		// consumer's current batches.
-		defer close(replicationDone)
-		rep.run(stopReplication)
-	}()
+	// Replication has a context of its own, cancelled by shutdown only
+	// after HTTP has drained: the writes of the last requests still wake
+	// the relay.
+	replicationCtx, cancelReplication := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelReplication()
+	var replication sync.WaitGroup
+	replication.Go(func() { rep.run(replicationCtx) }) // exits when replicationCtx is cancelled
+	stopReplication := func() {
+		cancelReplication()
+		replication.Wait()
+	}
 
 	// Profiling on a separate listener that NGINX knows nothing about:
 	// internal endpoints are never reachable from outside.
-	debugSrv := &http.Server{Addr: cfg.debugAddr, Handler: debugHandler(), ReadHeaderTimeout: 5 * time.Second}
+	var debugSrv *http.Server
 	if cfg.debugAddr != "" {
+		debugSrv = &http.Server{Addr: cfg.debugAddr, Handler: debugHandler(), ReadHeaderTimeout: 5 * time.Second}
 		wg.Go(func() {
-			// Exits when Close is called at shutdown.
+			// Exits when shutdown calls Close.
 			if err := debugSrv.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
 				logger.Warn("debug server stopped", "err", err)
 			}
@@ -284,25 +294,52 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	case <-ctx.Done():
 	case err = <-serveErr:
 	}
-
-	// The ordered shutdown: first stop taking requests and let the ones in
-	// flight finish, with a fresh deadline because ctx is already cancelled.
 	logger.Info("shutting down")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if serr := srv.Shutdown(shutdownCtx); serr != nil {
-		err = errors.Join(err, fmt.Errorf("http shutdown: %w", serr))
-	}
-	// Then replication: the consumer finishes the batch it is applying, the
-	// relay the round it is publishing; what the producer still buffers is
-	// flushed. Events not yet published wait in the outbox for the next start.
-	close(stopReplication)
-	<-replicationDone
-	rep.close()
-	debugSrv.Close()
+	err = errors.Join(err, shutdown(srv, debugSrv, stopReplication, rep))
 	wg.Wait()
-	// The database closes last, by the deferred db.Close.
 	logger.Info("stopped")
+	return err
+}
+
+// newHTTPServer returns the server of the API on port.
+func newHTTPServer(port int, logger *slog.Logger, h http.Handler) *http.Server {
+	return &http.Server{
+		Addr:    net.JoinHostPort("", strconv.Itoa(port)),
+		Handler: h,
+		// Slow or stalled clients must not hold connections forever.
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      15 * time.Second,
+		// Longer than NGINX's upstream keepalive_timeout (60s), so that NGINX,
+		// not the backend, closes idle connections: a backend that closes
+		// first races NGINX reusing the connection.
+		IdleTimeout: 120 * time.Second,
+		ErrorLog:    slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+}
+
+// shutdown stops the service in order, each stage within its own deadline
+// (shutdownBudget in all): first HTTP, so that no new request starts and
+// those in flight finish; then replication, whose relay finishes the round it
+// is publishing and whose consumer finishes the batch it is applying (events
+// not yet published wait in the outbox for the next start); then the Kafka
+// clients, the producer flushed and the consumer group left. The database
+// pool, which all of them use, is closed by run after this returns.
+func shutdown(srv, debugSrv *http.Server, stopReplication func(), rep *replicator) error {
+	var err error
+	// Fresh deadlines: the context run was given is already cancelled.
+	drainCtx, cancel := context.WithTimeout(context.Background(), httpDrainTimeout)
+	defer cancel()
+	if serr := srv.Shutdown(drainCtx); serr != nil {
+		err = fmt.Errorf("http shutdown: %w", serr)
+	}
+	if debugSrv != nil {
+		debugSrv.Close()
+	}
+	stopReplication()
+	closeCtx, cancel := context.WithTimeout(context.Background(), kafkaCloseTimeout)
+	defer cancel()
+	rep.close(closeCtx)
 	return err
 }
 

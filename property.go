@@ -1,14 +1,13 @@
 package main
 
+// Property: the listing itself, the rules its values obey in either region,
+// and how one region reads it and updates it under optimistic locking.
+
 import (
 	"context"
 	"database/sql"
-	"database/sql/driver"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"strconv"
-	"strings"
 	"time"
 )
 
@@ -27,6 +26,59 @@ type Property struct {
 	Version int64 `json:"version"`
 	// UpdatedAt is the database's clock at the write, in UTC, to the microsecond.
 	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// The two regions. Every write names the region that made it, and each
+// region's backend knows the other one as its peer.
+const (
+	regionUS = "us"
+	regionEU = "eu"
+)
+
+// validRegion reports whether r names one of the two regions.
+func validRegion(r string) bool {
+	return r == regionUS || r == regionEU
+}
+
+// peerOf returns the other region.
+func peerOf(region string) string {
+	if region == regionUS {
+		return regionEU
+	}
+	return regionUS
+}
+
+// maxRooms is the most bedrooms or bathrooms a listing may have; more is a
+// typo, not a house.
+const maxRooms = 100
+
+// validationError is a value the rules refuse, with a message for whoever
+// sent it: a client gets it as a 400, a bad event takes it to the dead-letter
+// queue.
+type validationError struct {
+	msg string
+}
+
+// Error is the message for the client.
+func (e *validationError) Error() string { return e.msg }
+
+// checkValues checks the values a write stores, whether a client sent them
+// or the other region's event carries them: a price in DECIMAL(12,2) above
+// zero, and room counts, when given, from 0 to maxRooms. It returns a
+// *validationError naming the first value that breaks a rule.
+func checkValues(price Money, bedrooms, bathrooms *int32) error {
+	if price <= 0 || price > maxMoney {
+		return &validationError{"price must be greater than 0 and less than 10000000000"}
+	}
+	for _, r := range []struct {
+		name  string
+		rooms *int32
+	}{{"bedrooms", bedrooms}, {"bathrooms", bathrooms}} {
+		if r.rooms != nil && (*r.rooms < 0 || *r.rooms > maxRooms) {
+			return &validationError{fmt.Sprintf("%s must be between 0 and %d", r.name, maxRooms)}
+		}
+	}
+	return nil
 }
 
 // propertyUpdate is a validated PUT body: what a client may change, and the
@@ -55,7 +107,7 @@ func (e *versionMismatchError) Error() string {
 	return fmt.Sprintf("version mismatch: current version is %d", e.current)
 }
 
-// getPropertySQL reads one property; scanProperty reads its columns.
+// getPropertySQL reads one property, in the columns scanProperty reads.
 const getPropertySQL = `
 SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at
 FROM properties
@@ -161,12 +213,15 @@ type rowScanner interface {
 	Scan(dest ...any) error
 }
 
-// scanProperty reads the columns of getPropertySQL, in that order.
-func scanProperty(row rowScanner) (Property, error) {
+// scanProperty reads a property from the columns id, price, bedrooms,
+// bathrooms, region_origin, version and updated_at, in that order (every
+// query that returns properties selects them so), then any further columns
+// into extra. It normalizes updated_at to UTC.
+func scanProperty(row rowScanner, extra ...any) (Property, error) {
 	var p Property
 	var bedrooms, bathrooms sql.NullInt32
-	err := row.Scan(&p.ID, &p.Price, &bedrooms, &bathrooms, &p.RegionOrigin, &p.Version, &p.UpdatedAt)
-	if err != nil {
+	dest := append([]any{&p.ID, &p.Price, &bedrooms, &bathrooms, &p.RegionOrigin, &p.Version, &p.UpdatedAt}, extra...)
+	if err := row.Scan(dest...); err != nil {
 		return Property{}, err
 	}
 	p.Bedrooms, p.Bathrooms = nullable(bedrooms), nullable(bathrooms)
@@ -182,127 +237,27 @@ func nullable(n sql.NullInt32) *int32 {
 	return &n.Int32
 }
 
-// Money is an amount in cents. Prices are exact decimals end to end: the
-// client's JSON number is parsed digit by digit, the database stores
-// DECIMAL(12,2), and no binary floating point is involved anywhere.
-type Money int64
-
-// maxMoney is the largest amount DECIMAL(12,2) holds: 9,999,999,999.99.
-const maxMoney Money = 999_999_999_999
-
-// parseMoney parses a decimal number, as JSON or PostgreSQL writes it
-// ("450000.5", "1e3", "-2", "450000.50"), exactly. It fails with a
-// *validationError when the number has more than two decimal places, is not
-// positive or does not fit DECIMAL(12,2).
-func parseMoney(s string) (Money, error) {
-	mantissa, exp := s, 0
-	if i := strings.IndexAny(s, "eE"); i >= 0 {
-		e, err := strconv.Atoi(s[i+1:])
-		if err != nil || e > 100 || e < -100 {
-			// Either a giant or a speck; neither is a price, and refusing here
-			// keeps the digit arithmetic below small.
-			return 0, &validationError{"price is out of range"}
-		}
-		mantissa, exp = s[:i], e
-	}
-	negative := strings.HasPrefix(mantissa, "-")
-	intPart, frac, _ := strings.Cut(strings.TrimPrefix(mantissa, "-"), ".")
-	if !isDigits(intPart) || (frac != "" && !isDigits(frac)) {
-		return 0, &validationError{"price must be a decimal number"}
-	}
-	// The value is digits × 10^shift cents.
-	digits := strings.TrimLeft(intPart+frac, "0")
-	shift := exp - len(frac) + 2
-	if shift < 0 {
-		cut := max(len(digits)+shift, 0)
-		if strings.Trim(digits[cut:], "0") != "" {
-			return 0, &validationError{"price must have at most two decimal places"}
-		}
-		digits = digits[:cut]
-	} else if digits != "" {
-		digits += strings.Repeat("0", shift)
-	}
-	if digits == "" || negative {
-		return 0, &validationError{"price must be greater than 0"}
-	}
-	if len(digits) > len(strconv.FormatInt(int64(maxMoney), 10)) {
-		return 0, &validationError{"price must be less than 10000000000"}
-	}
-	cents, err := strconv.ParseInt(digits, 10, 64)
-	if err != nil || Money(cents) > maxMoney {
-		return 0, &validationError{"price must be less than 10000000000"}
-	}
-	return Money(cents), nil
+// propertyColumns holds properties column by column, the shape PostgreSQL's
+// unnest reads: one statement then writes a whole batch of rows.
+type propertyColumns struct {
+	ids, versions       []int64
+	prices, regions     []string
+	bedrooms, bathrooms []*int32
+	updatedAt           []time.Time
 }
 
-// isDigits reports whether s is one or more ASCII digits.
-func isDigits(s string) bool {
-	if s == "" {
-		return false
-	}
-	for _, c := range []byte(s) {
-		if c < '0' || c > '9' {
-			return false
-		}
-	}
-	return true
+// add appends p as one more row.
+func (c *propertyColumns) add(p Property) {
+	c.ids = append(c.ids, p.ID)
+	c.prices = append(c.prices, p.Price.String())
+	c.bedrooms = append(c.bedrooms, p.Bedrooms)
+	c.bathrooms = append(c.bathrooms, p.Bathrooms)
+	c.regions = append(c.regions, p.RegionOrigin)
+	c.versions = append(c.versions, p.Version)
+	c.updatedAt = append(c.updatedAt, p.UpdatedAt)
 }
 
-// String formats m as a decimal with two places, "450000.50", the form
-// PostgreSQL parses into DECIMAL(12,2).
-func (m Money) String() string {
-	return fmt.Sprintf("%d.%02d", m/100, m%100)
+// args are the columns in the order of the properties table.
+func (c *propertyColumns) args() []any {
+	return []any{c.ids, c.prices, c.bedrooms, c.bathrooms, c.regions, c.versions, c.updatedAt}
 }
-
-// MarshalJSON writes m as a JSON number without trailing zeros: 450000.5.
-func (m Money) MarshalJSON() ([]byte, error) {
-	s := strings.TrimRight(m.String(), "0")
-	return []byte(strings.TrimSuffix(s, ".")), nil
-}
-
-// UnmarshalJSON accepts only a JSON number, never a string, and parses it
-// exactly with parseMoney.
-func (m *Money) UnmarshalJSON(b []byte) error {
-	if len(b) == 0 || (b[0] != '-' && (b[0] < '0' || b[0] > '9')) {
-		return &validationError{"price must be a JSON number"}
-	}
-	v, err := parseMoney(string(b))
-	if err != nil {
-		return err
-	}
-	*m = v
-	return nil
-}
-
-// Value hands m to the database as decimal text, so the driver never
-// converts it through a float.
-func (m Money) Value() (driver.Value, error) {
-	return m.String(), nil
-}
-
-// Scan reads a DECIMAL(12,2) column, which the driver delivers as text.
-func (m *Money) Scan(src any) error {
-	var s string
-	switch v := src.(type) {
-	case string:
-		s = v
-	case []byte:
-		s = string(v)
-	default:
-		return fmt.Errorf("scan money: unexpected %T", src)
-	}
-	v, err := parseMoney(s)
-	if err != nil {
-		return fmt.Errorf("scan money %q: %w", s, err)
-	}
-	*m = v
-	return nil
-}
-
-// Money is what the JSON encoder and database/sql expect of it.
-var (
-	_ json.Marshaler   = Money(0)
-	_ json.Unmarshaler = (*Money)(nil)
-	_ driver.Valuer    = Money(0)
-	_ sql.Scanner      = (*Money)(nil)
-)

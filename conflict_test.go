@@ -5,12 +5,10 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
-	"net/http/httptest"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
-	"github.com/twmb/franz-go/pkg/kgo"
 )
 
 var t0 = time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
@@ -100,51 +98,6 @@ func TestResolveConverges(t *testing.T) {
 				t.Fatalf("trial %d: final row %+v is not the greatest write: %+v is greater", trial, *want, w)
 			}
 		}
-	}
-}
-
-func TestDecodeMessage(t *testing.T) {
-	good := `{"id":7,"price":100.5,"bedrooms":2,"bathrooms":1,"region_origin":"us","version":2,"updated_at":"2026-03-01T12:00:00.123456Z","request_id":"r-1"}`
-	headers := func(kind, region string) []kgo.RecordHeader {
-		return []kgo.RecordHeader{{Key: headerKind, Value: []byte(kind)}, {Key: headerRegion, Value: []byte(region)}}
-	}
-	tests := []struct {
-		name    string
-		rec     *kgo.Record
-		wantErr string
-	}{
-		{"event", &kgo.Record{Key: []byte("7"), Value: []byte(good), Headers: headers("event", "us")}, ""},
-		{"heartbeat", &kgo.Record{Value: []byte(`{"region":"eu","watermark":"2026-03-01T12:00:00Z"}`), Headers: headers("heartbeat", "eu")}, ""},
-		{"not_json", &kgo.Record{Key: []byte("7"), Value: []byte(`not json {`), Headers: headers("event", "us")},
-			"event: invalid character 'o' in literal null (expecting 'u')"},
-		{"no_headers", &kgo.Record{Key: []byte("7"), Value: []byte(good)}, `missing or unknown "region" header ""`},
-		{"unknown_kind", &kgo.Record{Key: []byte("7"), Value: []byte(good), Headers: headers("delete", "us")}, `missing or unknown "kind" header "delete"`},
-		{"unknown_field", &kgo.Record{Key: []byte("7"), Value: []byte(`{"id":7,"color":"red"}`), Headers: headers("event", "us")},
-			`event: json: unknown field "color"`},
-		{"price_with_three_decimals", &kgo.Record{Key: []byte("7"), Value: []byte(`{"id":7,"price":1.001,"region_origin":"us","version":2,"updated_at":"2026-03-01T12:00:00Z","request_id":"r"}`), Headers: headers("event", "us")},
-			"event: price must have at most two decimal places"},
-		{"version_zero", &kgo.Record{Key: []byte("7"), Value: []byte(`{"id":7,"price":1,"region_origin":"us","version":0,"updated_at":"2026-03-01T12:00:00Z","request_id":"r"}`), Headers: headers("event", "us")},
-			"event: version must be positive"},
-		{"region_mismatch", &kgo.Record{Key: []byte("7"), Value: []byte(good), Headers: headers("event", "eu")},
-			`event: region_origin "us" differs from header "eu"`},
-		{"key_mismatch", &kgo.Record{Key: []byte("8"), Value: []byte(good), Headers: headers("event", "us")},
-			`event: key "8" is not the property id 7`},
-		{"trailing_data", &kgo.Record{Key: []byte("7"), Value: []byte(good + `{}`), Headers: headers("event", "us")},
-			"event: trailing data after the JSON object"},
-		{"heartbeat_without_watermark", &kgo.Record{Value: []byte(`{"region":"eu"}`), Headers: headers("heartbeat", "eu")},
-			"heartbeat: region or watermark missing"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			_, err := decodeMessage(tt.rec)
-			gotErr := ""
-			if err != nil {
-				gotErr = err.Error()
-			}
-			if gotErr != tt.wantErr {
-				t.Errorf("decodeMessage(%s) error = %q, want %q", tt.rec.Value, gotErr, tt.wantErr)
-			}
-		})
 	}
 }
 
@@ -261,62 +214,5 @@ func TestApplyEvent(t *testing.T) {
 	status, _, got := call(t, srv, "PUT", fmt.Sprintf("/us/properties/%d", id), "apply-3", `{"price": 1, "version": 4}`)
 	if status != http.StatusUnprocessableEntity || got.RequestID != "apply-3" || got.OriginalResponse == nil || got.OriginalResponse.Price != 300_00 {
 		t.Errorf("PUT with replicated request id apply-3 = %d %+v, want 422 with the original response (price 300)", status, got)
-	}
-}
-
-func TestReplicationLagReport(t *testing.T) {
-	db := testDB(t)
-	ctx := context.Background()
-	srv := testServer(t, "eu", db)
-	t.Cleanup(func() { db.ExecContext(ctx, `DELETE FROM replication_watermarks`) })
-
-	// lagSeconds returns GET /eu/replication-lag's lag, in whole seconds.
-	lagSeconds := func() int {
-		t.Helper()
-		rec := httptest.NewRecorder()
-		srv.ServeHTTP(rec, httptest.NewRequest("GET", "/eu/replication-lag", nil))
-		var got LagReport
-		if err := strictUnmarshal(rec.Body.Bytes(), &got); err != nil || rec.Code != http.StatusOK {
-			t.Fatalf("GET /eu/replication-lag = %d %q (%v), want 200 and a report", rec.Code, rec.Body.String(), err)
-		}
-		if got.Region != "eu" || got.PeerRegion != "us" {
-			t.Errorf("GET /eu/replication-lag: region %q, peer %q; want eu, us", got.Region, got.PeerRegion)
-		}
-		return int(got.LagSeconds)
-	}
-	// setWatermarks stores watermarks for the first n of 3 partitions, the
-	// newest age old and each further partition a second older.
-	setWatermarks := func(n int, age time.Duration) {
-		t.Helper()
-		if _, err := db.ExecContext(ctx, `DELETE FROM replication_watermarks`); err != nil {
-			t.Fatal(err)
-		}
-		for p := range n {
-			w := time.Now().Add(-age - time.Duration(p)*time.Second)
-			if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, w); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-
-	tests := []struct {
-		name       string
-		partitions int
-		age        time.Duration
-		want       int
-	}{
-		{"oldest_partition_counts", 3, 60 * time.Second, 62},
-		{"caught_up", 3, 0, 2},
-		// A partition never heard from could hide anything: the report falls
-		// back to the time since the service started waiting (just now).
-		{"partition_missing", 2, time.Hour, 0},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			setWatermarks(tt.partitions, tt.age)
-			if got := lagSeconds(); got != tt.want {
-				t.Errorf("lag with %d of 3 watermarks, newest %v old = %ds, want %ds", tt.partitions, tt.age, got, tt.want)
-			}
-		})
 	}
 }

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# bench.sh measures the stack: pgbench on db-us's cluster next to the
+# service's benchmarks through NGINX (bench_test.go), with the same client
+# count, and prints a table of figure, value, ratio and target. The table also
+# replaces the README's benchmark section, so that the README shows what was
+# measured, never typed by hand. `./stack.sh bench` runs it.
+#
+#   BENCH_ROUNDS   rounds of the paired comparisons (default 5)
+#   BENCH_SECONDS  how long each pgbench run lasts (default 8)
+#
+# The machine is shared and noisy: a figure taken once can be off by a third.
+# So each comparison runs in rounds, pgbench and then the service right after
+# it, and the table shows medians of the rounds and each round's ratio.
+set -euo pipefail
+
+# The stack's own functions and settings (sourcing stack.sh runs nothing).
+# shellcheck source=stack.sh
+. "$(cd "$(dirname "$0")" && pwd)/stack.sh"
+
+clients=32
+out="$state/bench"
+secs=${BENCH_SECONDS:-8}
+rounds=${BENCH_ROUNDS:-5}
+pg=(-h 127.0.0.1 -p "$(port_of db-us)" -U "$POSTGRES_USER")
+export PGPASSWORD="$POSTGRES_PASSWORD"
+
+# ------------------------------------------------------------- measuring
+
+init_pgbench() {
+	if ! "$pgbin/psql" "${pg[@]}" -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'pgbench'" | grep -q 1; then
+		log "initialising pgbench (scale 10) on db-us"
+		"$pgbin/psql" "${pg[@]}" -d postgres -qc "CREATE DATABASE pgbench"
+		"$pgbin/pgbench" "${pg[@]}" -i -q -s 10 pgbench >"$out/pgbench-init.log" 2>&1
+	fi
+}
+
+# checkpoint starts each measurement from a checkpointed database, so that
+# one run's dirty pages and autovacuum do not land on the next.
+checkpoint() {
+	"$pgbin/psql" "${pg[@]}" -d postgres -qc "CHECKPOINT"
+	sleep 2
+}
+
+# gotest PATTERN COUNT: the benchmarks matching PATTERN, COUNT requests each.
+# The load generator shares the cores with the stack: it collects garbage as
+# rarely as the service does (defaultGCPercent in main.go).
+gotest() {
+	GOGC=${GOGC:-400} go test -tags=integration -run '^$' -bench "$1" -benchtime="$2" -count=1 .
+}
+
+# gobench NAME COUNT: one benchmark, its lines appended to go-bench.log.
+gobench() {
+	checkpoint
+	log "go test -bench $1 -benchtime=$2"
+	gotest "^Benchmark$1\$" "$2" | tee -a "$out/go-bench.log" | grep '^Benchmark' >&2
+}
+
+# pgbench_run MODE ROUND
+pgbench_run() {
+	checkpoint
+	log "pgbench $1, $clients clients, ${secs}s (round $2)"
+	"$pgbin/pgbench" "${pg[@]}" -n "$1" -c "$clients" -j 2 -T "$secs" pgbench >"$out/pgbench$1.$2.log" 2>&1
+}
+
+measure() {
+	: >"$out/go-bench.log"
+	# A warm-up nobody measures: a fresh stack's first seconds of load go to
+	# the broker's JIT compiler and to cold caches, which pgbench, touching
+	# only PostgreSQL, does not pay.
+	log "warm-up, not measured: 10000 GETs and 10000 PUTs"
+	gotest '^Benchmark(GetProperty|PutProperty)$' 10000x >"$out/warm-up.log" 2>&1 ||
+		die "the warm-up failed: see $out/warm-up.log"
+	# Request counts are sized to run about as long as pgbench.
+	local r
+	for r in $(seq 1 "$rounds"); do
+		pgbench_run -S "$r"
+		gobench GetProperty 100000x
+		pgbench_run -N "$r"
+		gobench PutProperty 30000x
+	done
+	gobench Mixed 60000x
+	gobench GetPaced1000 15000x
+	gobench ReplicationDelay 3000x
+}
+
+# ------------------------------------------------------------- reporting
+
+# metric BENCH UNIT: the values a benchmark reported for a unit, one per run.
+metric() {
+	awk -v b="Benchmark$1-" -v u="$2" 'index($1, b) == 1 { for (i = 3; i < NF; i += 2) if ($(i+1) == u) print $i }' "$out/go-bench.log"
+}
+median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+m() { metric "$1" "$2" | median; }
+iterations() { awk -v b="Benchmark$1-" 'index($1, b) == 1 { print $2 }' "$out/go-bench.log" | head -n 1; }
+lat() { printf 'p50 %s ms, p99 %s ms, max %s ms' "$(m "$1" p50_ms)" "$(m "$1" p99_ms)" "$(m "$1" max_ms)"; }
+
+# pgbench_tps MODE: each round's tps, in round order.
+pgbench_tps() {
+	local r
+	for r in $(seq 1 "$rounds"); do
+		sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$out/pgbench$1.$r.log"
+	done
+}
+
+# ratios BENCH MODE: each round's service figure over its pgbench figure.
+ratios() { paste <(metric "$1" req/s) <(pgbench_tps "$2") | awk '{ printf "%.0f%%\n", 100 * $1 / $2 }'; }
+ratio_list() { ratios "$1" "$2" | paste -sd, | sed 's/,/, /g'; }
+median_ratio() { ratios "$1" "$2" | sed 's/%//' | median; }
+
+# target VALUE OP LIMIT TEXT: the target column, judged from the medians.
+target() {
+	awk -v v="$1" -v op="$2" -v t="$3" -v text="$4" \
+		'BEGIN { ok = op == ">=" ? v + 0 >= t + 0 : v + 0 < t + 0; print text ": " (ok ? "met" : "**missed**") }'
+}
+
+table() {
+	local errors get_ratio put_ratio
+	errors=$(awk '/^Benchmark/ { for (i = 3; i < NF; i += 2) if ($(i+1) == "errors") n += $i } END { print n + 0 }' "$out/go-bench.log")
+	get_ratio=$(median_ratio GetProperty -S)
+	put_ratio=$(median_ratio PutProperty -N)
+	echo "Medians of $rounds rounds; the ratio column gives the median ratio, then each round's."
+	echo
+	echo "| figure | value | ratio | target |"
+	echo "|---|---|---|---|"
+	printf '| pgbench select-only (`-S`), %s clients | %.0f tps | 100%% | - |\n' "$clients" "$(pgbench_tps -S | median)"
+	printf '| GET through NGINX, %s clients | %.0f req/s; %s | **%s%%** of pgbench -S (%s) | %s |\n' "$clients" "$(m GetProperty req/s)" \
+		"$(lat GetProperty)" "$get_ratio" "$(ratio_list GetProperty -S)" "$(target "$get_ratio" '>=' 25 '≥ 25%')"
+	printf '| pgbench simple-update (`-N`), %s clients | %.0f tps | 100%% | - |\n' "$clients" "$(pgbench_tps -N | median)"
+	printf '| PUT through NGINX, %s clients | %.0f req/s; %s; %s conflicts | **%s%%** of pgbench -N (%s) | %s |\n' "$clients" "$(m PutProperty req/s)" \
+		"$(lat PutProperty)" "$(m PutProperty conflicts)" "$put_ratio" "$(ratio_list PutProperty -N)" "$(target "$put_ratio" '>=' 50 '≥ 50%')"
+	printf '| 90/10 GET/PUT through NGINX, %s clients | %.0f req/s; %s | - | - |\n' "$clients" "$(m Mixed req/s)" "$(lat Mixed)"
+	printf '| GET at a steady 1,000 req/s | %s | - | %s |\n' "$(lat GetPaced1000)" "$(target "$(m GetPaced1000 p99_ms)" '<' 10 'p99 < 10 ms')"
+	printf '| replication delay US to EU at 200 writes/s, %s writes | %s | - | %s |\n' "$(iterations ReplicationDelay)" "$(lat ReplicationDelay)" \
+		"$(target "$(m ReplicationDelay p99_ms)" '<' 250 'p99 < 250 ms')"
+	printf '| errors, all runs | %s | - | %s |\n' "$errors" "$(target "$errors" '<' 1 'none')"
+}
+
+# update_readme replaces the README's section between the bench markers.
+update_readme() {
+	local machine
+	machine="$(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), $(free -g | awk '/^Mem:/ { print $2 }') GiB, whole stack on the same machine"
+	{
+		echo "<!-- bench:start (written by ./stack.sh bench; do not edit) -->"
+		echo "Measured $(date -u +%Y-%m-%d) with \`./stack.sh bench\` on $machine:"
+		echo
+		cat "$out/table.md"
+		echo "<!-- bench:end -->"
+	} >"$out/readme-section.md"
+	awk -v f="$out/readme-section.md" '
+		/<!-- bench:start/ { while ((getline line < f) > 0) print line; skip = 1; next }
+		/<!-- bench:end -->/ { skip = 0; next }
+		!skip { print }' "$root/README.md" >"$out/README.md" && cp "$out/README.md" "$root/README.md"
+	log "README.md benchmark section updated"
+}
+
+bench_main() {
+	cmd_up
+	test_env
+	cd "$root"
+	mkdir -p "$out"
+	init_pgbench
+	measure
+	[ "$(pgbench_tps -S | wc -l)" = "$rounds" ] && [ "$(pgbench_tps -N | wc -l)" = "$rounds" ] ||
+		die "pgbench printed no tps: see $out/pgbench-*.log"
+	table >"$out/table.md"
+	cat "$out/table.md"
+	update_readme
+}
+
+bench_main "$@"

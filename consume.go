@@ -1,0 +1,400 @@
+package main
+
+// The consumer: the other region's writes, from Kafka into this region's
+// database. It reads the topic in its own region's consumer group, skips the
+// records its own region produced, applies the peer's events by the conflict
+// rule (conflict.go) and its heartbeats as watermarks (lag.go), all of one
+// poll in one transaction, and only then commits the offsets. A crash before
+// the offset commit re-delivers the batch, which changes nothing the second
+// time.
+//
+// A record that cannot be decoded is poison, not an outage: it goes to the
+// dead-letter queue with the reason, and consumption goes on. A database
+// that does not answer is an outage: the same batch is retried with backoff,
+// and nothing is ever skipped.
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+// consumeBatchSize bounds the records of one poll, which are applied in one
+// transaction.
+const consumeBatchSize = 500
+
+// applyAttemptTimeout bounds one attempt to write a batch's dead letters or
+// to apply it. An attempt that runs out is retried.
+const applyAttemptTimeout = 5 * time.Second
+
+// consumer applies the peer region's records to this region's database.
+type consumer struct {
+	logger   *slog.Logger
+	db       *sql.DB
+	client   *kgo.Client
+	producer *kgo.Client // writes dead letters
+	region   string
+	peer     string
+	dlqTopic string
+	started  time.Time // when this region started waiting for its peer
+
+	stats replicationStats
+}
+
+// replicationStats are the consumer's counters, for the lag report.
+type replicationStats struct {
+	applied      atomic.Int64
+	conflicts    atomic.Int64
+	stale        atomic.Int64
+	deadLettered atomic.Int64
+	lastApplied  atomic.Pointer[time.Time]
+
+	mu     sync.Mutex
+	behind map[int32]int64 // records not yet consumed, by partition
+}
+
+// setBehind records how many records of partition p are left to read.
+func (s *replicationStats) setBehind(p int32, n int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.behind == nil {
+		s.behind = map[int32]int64{}
+	}
+	s.behind[p] = n
+}
+
+// recordsBehind is the total of records the consumer has yet to read.
+func (s *replicationStats) recordsBehind() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var n int64
+	for _, b := range s.behind {
+		n += b
+	}
+	return n
+}
+
+// newConsumer creates region's consumer of topic. It does not connect.
+func newConsumer(logger *slog.Logger, db *sql.DB, producer *kgo.Client, region string, brokers []string, topic, dlqTopic string) (*consumer, error) {
+	client, err := kgo.NewClient(
+		kgo.SeedBrokers(brokers...),
+		// One group per region: each region reads every event once.
+		kgo.ConsumerGroup("property-replicator-"+region),
+		kgo.ConsumeTopics(topic),
+		// A new group starts at the oldest event, so that nothing written
+		// before this region first started is missed.
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
+		// Offsets are committed by hand, after the database commit.
+		kgo.DisableAutoCommit(),
+		// No rebalance while a batch is being applied: its partitions cannot
+		// move to another instance between the apply and the offset commit.
+		kgo.BlockRebalanceOnPoll(),
+		kgo.FetchMaxWait(time.Second),
+		// A crashed instance leaves the group only when its session times
+		// out; until then its partitions are not consumed. 10s rather than
+		// the default 45s bounds that pause.
+		kgo.SessionTimeout(10*time.Second),
+		kgo.HeartbeatInterval(time.Second),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("kafka consumer: %w", err)
+	}
+	return &consumer{
+		logger:   logger,
+		db:       db,
+		client:   client,
+		producer: producer,
+		region:   region,
+		peer:     peerOf(region),
+		dlqTopic: dlqTopic,
+		started:  time.Now(),
+	}, nil
+}
+
+// lagReport is this region's replication lag report (lag.go).
+func (c *consumer) lagReport(ctx context.Context) (LagReport, error) {
+	return readLag(ctx, c.db, c.region, c.started, &c.stats)
+}
+
+// run applies the peer region's records from a topic of the given partition
+// count until ctx is cancelled.
+func (c *consumer) run(ctx context.Context, partitions int32) {
+	for {
+		fetches := c.client.PollRecords(ctx, consumeBatchSize)
+		if ctx.Err() != nil || fetches.IsClientClosed() {
+			return
+		}
+		fetchErrors := 0
+		fetches.EachError(func(topic string, partition int32, err error) {
+			fetchErrors++
+			c.logger.Warn("consume: fetch error", "topic", topic, "partition", partition, "err", err)
+		})
+		records := fetches.Records()
+		if fetchErrors > 0 && len(records) == 0 {
+			// The client retries by itself; do not spin on a failing broker.
+			if !sleep(ctx, maxBackoff) {
+				return
+			}
+		}
+		if len(records) > 0 {
+			if !c.handle(ctx, records, partitions) {
+				return // stopping: the batch is not committed and will be re-delivered
+			}
+			// Only now, after the database commit, may Kafka forget them.
+			commitCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			if err := c.client.CommitRecords(commitCtx, records...); err != nil {
+				c.logger.Warn("consume: commit offsets failed; the batch will be re-applied harmlessly", "err", err)
+			}
+			cancel()
+		}
+		fetches.EachPartition(func(p kgo.FetchTopicPartition) {
+			if len(p.Records) > 0 {
+				last := p.Records[len(p.Records)-1].Offset
+				c.stats.setBehind(p.Partition, max(p.HighWatermark-last-1, 0))
+			}
+		})
+		c.client.AllowRebalance()
+	}
+}
+
+// close leaves the consumer group within ctx and closes the client, so that
+// another instance takes the partitions over at once rather than after the
+// session timeout. The last polled batch may still block rebalancing
+// (BlockRebalanceOnPoll) if the consumer stopped before applying it; that
+// batch was not committed, so letting the partitions go is right. Leaving
+// waits for a join in progress, which the broker may hold for a long time,
+// hence the deadline; after it, Close is immediate.
+func (c *consumer) close(ctx context.Context) {
+	c.client.AllowRebalance()
+	if err := c.client.LeaveGroupContext(ctx); err != nil {
+		c.logger.Warn("leave consumer group", "err", err)
+	}
+	c.client.Close()
+}
+
+// batch is one poll's records, sorted out: the peer's events to apply, the
+// newest heartbeat watermark per partition, and the dead letters of the
+// records that could not be decoded.
+type batch struct {
+	events     []event
+	watermarks map[int32]time.Time
+	dead       []*kgo.Record
+}
+
+// sortRecords decodes one poll's records into a batch. Its own region's
+// records are skipped without decoding: there is nothing to apply, and each
+// region validates only what it applies.
+func (c *consumer) sortRecords(records []*kgo.Record) batch {
+	b := batch{watermarks: map[int32]time.Time{}}
+	for _, rec := range records {
+		if header(rec, headerRegion) == c.region {
+			continue
+		}
+		m, err := decodeMessage(rec)
+		switch {
+		case err != nil:
+			b.dead = append(b.dead, c.deadLetter(rec, err))
+		case m.heartbeat != nil:
+			if w := m.heartbeat.Watermark; w.After(b.watermarks[rec.Partition]) {
+				b.watermarks[rec.Partition] = w
+			}
+		case m.event != nil:
+			b.events = append(b.events, *m.event)
+		}
+	}
+	return b
+}
+
+// handle applies one poll's records: dead letters first, then the peer's
+// events and heartbeats in one transaction. Each step is retried with
+// backoff while Kafka or the database is unreachable: consumption pauses,
+// and no record is ever skipped. It returns false if ctx was cancelled first.
+func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions int32) bool {
+	b := c.sortRecords(records)
+	// Dead letters are written before the offsets can be committed, so that
+	// a poison record is never just dropped.
+	if len(b.dead) > 0 {
+		ok := c.retry(ctx, "dead-letter", func(ctx context.Context) error {
+			return c.producer.ProduceSync(ctx, b.dead...).FirstErr()
+		})
+		if !ok {
+			return false
+		}
+		c.stats.deadLettered.Add(int64(len(b.dead)))
+	}
+	var outcomes []outcome
+	ok := c.retry(ctx, "apply", func(ctx context.Context) error {
+		var err error
+		outcomes, err = c.apply(ctx, b, partitions)
+		return err
+	})
+	if !ok {
+		return false
+	}
+	// Counted and logged only once committed, so a retried batch counts once.
+	for i, e := range b.events {
+		c.count(e, outcomes[i])
+	}
+	return true
+}
+
+// retry runs f until it succeeds, with backoff between attempts, and returns
+// false if ctx is cancelled first. Each attempt runs to its end even if ctx
+// is cancelled meanwhile (a transaction is not abandoned halfway), within
+// applyAttemptTimeout.
+func (c *consumer) retry(ctx context.Context, what string, f func(context.Context) error) bool {
+	for attempt := 0; ; attempt++ {
+		attemptCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), applyAttemptTimeout)
+		err := f(attemptCtx)
+		cancel()
+		if err == nil {
+			return true
+		}
+		if attempt%10 == 0 {
+			c.logger.Warn("consume: "+what+" failed; retrying", "attempt", attempt+1, "err", err)
+		}
+		if !sleep(ctx, backoff(attempt)) {
+			return false
+		}
+	}
+}
+
+// saveWatermarkSQL moves a partition's watermark forward, never back: a
+// re-delivered old heartbeat must not make the lag jump.
+const saveWatermarkSQL = `
+INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, applied_at)
+VALUES ($1, $2, $3, $4, now())
+ON CONFLICT (peer_region, partition) DO UPDATE
+SET watermark  = GREATEST(replication_watermarks.watermark, EXCLUDED.watermark),
+    partitions = EXCLUDED.partitions,
+    applied_at = now()`
+
+// apply applies a batch's events and heartbeat watermarks in one
+// transaction, and returns each event's outcome.
+func (c *consumer) apply(ctx context.Context, b batch, partitions int32) ([]outcome, error) {
+	tx, err := c.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, fmt.Errorf("apply batch: %w", err)
+	}
+	defer tx.Rollback()
+	outcomes, err := applyEvents(ctx, tx, b.events)
+	if err != nil {
+		return nil, fmt.Errorf("apply batch: %w", err)
+	}
+	for partition, w := range b.watermarks {
+		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, w); err != nil {
+			return nil, fmt.Errorf("apply batch: save watermark: %w", err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return nil, fmt.Errorf("apply batch: commit: %w", err)
+	}
+	return outcomes, nil
+}
+
+// count records the outcome of one applied event. Conflicts are logged: a
+// concurrent write was lost, and somebody may want to know which.
+func (c *consumer) count(e event, o outcome) {
+	switch o {
+	case applied:
+		c.stats.applied.Add(1)
+		now := time.Now()
+		c.stats.lastApplied.Store(&now)
+	case conflictWon, conflictLost:
+		c.stats.conflicts.Add(1)
+		if o == conflictWon {
+			c.stats.applied.Add(1)
+		}
+		c.logger.Warn("replication conflict: concurrent writes of one version, the greater one kept",
+			"property", e.ID, "version", e.Version, "incoming_region", e.RegionOrigin,
+			"incoming_updated_at", e.UpdatedAt, "incoming_request_id", e.RequestID,
+			"outcome", o)
+	case stale:
+		c.stats.stale.Add(1)
+	}
+}
+
+// message is one decoded record of the topic: an event or a heartbeat.
+type message struct {
+	region    string // the producing region
+	event     *event
+	heartbeat *heartbeat
+}
+
+// decodeMessage decodes and validates one record.
+func decodeMessage(rec *kgo.Record) (message, error) {
+	m := message{region: header(rec, headerRegion)}
+	if !validRegion(m.region) {
+		return m, fmt.Errorf("missing or unknown %q header %q", headerRegion, m.region)
+	}
+	switch kind := header(rec, headerKind); kind {
+	case kindHeartbeat:
+		var hb heartbeat
+		if err := strictUnmarshal(rec.Value, &hb); err != nil {
+			return m, fmt.Errorf("heartbeat: %w", err)
+		}
+		if hb.Region != m.region || hb.Watermark.IsZero() {
+			return m, errors.New("heartbeat: region or watermark missing")
+		}
+		m.heartbeat = &hb
+	case kindEvent:
+		var e event
+		if err := strictUnmarshal(rec.Value, &e); err != nil {
+			return m, fmt.Errorf("event: %w", err)
+		}
+		if err := e.validate(); err != nil {
+			return m, fmt.Errorf("event: %w", err)
+		}
+		if e.RegionOrigin != m.region {
+			return m, fmt.Errorf("event: region_origin %q differs from header %q", e.RegionOrigin, m.region)
+		}
+		if string(rec.Key) != strconv.FormatInt(e.ID, 10) {
+			return m, fmt.Errorf("event: key %q is not the property id %d", rec.Key, e.ID)
+		}
+		m.event = &e
+	default:
+		return m, fmt.Errorf("missing or unknown %q header %q", headerKind, kind)
+	}
+	return m, nil
+}
+
+// validate checks what the database would otherwise reject in the middle of
+// a batch: an event that cannot be applied is poison, not an outage. The
+// values obey the same rules as a client's (checkValues).
+func (e event) validate() error {
+	switch {
+	case e.ID < 1:
+		return errors.New("id must be positive")
+	case !validRegion(e.RegionOrigin):
+		return errors.New("unknown region_origin")
+	case e.Version < 1:
+		return errors.New("version must be positive")
+	case e.UpdatedAt.IsZero():
+		return errors.New("updated_at missing")
+	case !validRequestID(e.RequestID):
+		return errors.New("invalid request_id")
+	}
+	return checkValues(e.Price, e.Bedrooms, e.Bathrooms)
+}
+
+// deadLetter returns the dead-letter record for rec: the original key, value
+// and headers, plus why it was rejected and where it came from.
+func (c *consumer) deadLetter(rec *kgo.Record, reason error) *kgo.Record {
+	c.logger.Error("consume: undecodable record sent to the dead-letter queue",
+		"partition", rec.Partition, "offset", rec.Offset, "reason", reason)
+	headers := append([]kgo.RecordHeader(nil), rec.Headers...)
+	headers = append(headers,
+		kgo.RecordHeader{Key: headerReason, Value: []byte(reason.Error())},
+		kgo.RecordHeader{Key: "source", Value: fmt.Appendf(nil, "%s/%d/%d", rec.Topic, rec.Partition, rec.Offset)},
+		kgo.RecordHeader{Key: "rejected-by", Value: []byte(c.region)},
+	)
+	return &kgo.Record{Topic: c.dlqTopic, Key: rec.Key, Value: rec.Value, Headers: headers}
+}

@@ -1,0 +1,52 @@
+package main
+
+import (
+	"testing"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+func TestDecodeMessage(t *testing.T) {
+	good := `{"id":7,"price":100.5,"bedrooms":2,"bathrooms":1,"region_origin":"us","version":2,"updated_at":"2026-03-01T12:00:00.123456Z","request_id":"r-1"}`
+	headers := func(kind, region string) []kgo.RecordHeader {
+		return []kgo.RecordHeader{{Key: headerKind, Value: []byte(kind)}, {Key: headerRegion, Value: []byte(region)}}
+	}
+	tests := []struct {
+		name    string
+		rec     *kgo.Record
+		wantErr string
+	}{
+		{"event", &kgo.Record{Key: []byte("7"), Value: []byte(good), Headers: headers("event", "us")}, ""},
+		{"heartbeat", &kgo.Record{Value: []byte(`{"region":"eu","watermark":"2026-03-01T12:00:00Z"}`), Headers: headers("heartbeat", "eu")}, ""},
+		{"not_json", &kgo.Record{Key: []byte("7"), Value: []byte(`not json {`), Headers: headers("event", "us")},
+			"event: invalid character 'o' in literal null (expecting 'u')"},
+		{"no_headers", &kgo.Record{Key: []byte("7"), Value: []byte(good)}, `missing or unknown "region" header ""`},
+		{"unknown_kind", &kgo.Record{Key: []byte("7"), Value: []byte(good), Headers: headers("delete", "us")}, `missing or unknown "kind" header "delete"`},
+		{"unknown_field", &kgo.Record{Key: []byte("7"), Value: []byte(`{"id":7,"color":"red"}`), Headers: headers("event", "us")},
+			`event: json: unknown field "color"`},
+		{"price_with_three_decimals", &kgo.Record{Key: []byte("7"), Value: []byte(`{"id":7,"price":1.001,"region_origin":"us","version":2,"updated_at":"2026-03-01T12:00:00Z","request_id":"r"}`), Headers: headers("event", "us")},
+			"event: price must have at most two decimal places"},
+		{"version_zero", &kgo.Record{Key: []byte("7"), Value: []byte(`{"id":7,"price":1,"region_origin":"us","version":0,"updated_at":"2026-03-01T12:00:00Z","request_id":"r"}`), Headers: headers("event", "us")},
+			"event: version must be positive"},
+		{"region_mismatch", &kgo.Record{Key: []byte("7"), Value: []byte(good), Headers: headers("event", "eu")},
+			`event: region_origin "us" differs from header "eu"`},
+		{"key_mismatch", &kgo.Record{Key: []byte("8"), Value: []byte(good), Headers: headers("event", "us")},
+			`event: key "8" is not the property id 7`},
+		{"trailing_data", &kgo.Record{Key: []byte("7"), Value: []byte(good + `{}`), Headers: headers("event", "us")},
+			"event: trailing data after the JSON object"},
+		{"heartbeat_without_watermark", &kgo.Record{Value: []byte(`{"region":"eu"}`), Headers: headers("heartbeat", "eu")},
+			"heartbeat: region or watermark missing"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := decodeMessage(tt.rec)
+			gotErr := ""
+			if err != nil {
+				gotErr = err.Error()
+			}
+			if gotErr != tt.wantErr {
+				t.Errorf("decodeMessage(%s) error = %q, want %q", tt.rec.Value, gotErr, tt.wantErr)
+			}
+		})
+	}
+}

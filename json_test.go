@@ -1,0 +1,44 @@
+package main
+
+import (
+	"errors"
+	"testing"
+)
+
+func TestStrictUnmarshal(t *testing.T) {
+	type object struct {
+		Price   int `json:"price"`
+		Version int `json:"version"`
+	}
+	tests := []struct {
+		name    string
+		in      string
+		wantErr error // nil, errTrailingData, or errAny for encoding/json's own
+	}{
+		{"one_object", `{"price": 5, "version": 1}`, nil},
+		{"white_space_around", " \n{\"price\": 5}\t\r\n", nil},
+		{"second_object", `{"price": 5} {}`, errTrailingData},
+		{"extra_closing_brace", `{"price": 5}}`, errTrailingData},
+		{"extra_closing_bracket", `{"price": 5}]`, errTrailingData},
+		{"trailing_garbage", `{"price": 5}x`, errTrailingData},
+		{"unknown_field", `{"price": 5, "colour": "red"}`, errAny},
+		{"truncated", `{"price": 5`, errAny},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var v object
+			err := strictUnmarshal([]byte(tt.in), &v)
+			switch {
+			case tt.wantErr == nil && err != nil:
+				t.Errorf("strictUnmarshal(%q) = %v, want success", tt.in, err)
+			case tt.wantErr == errAny && err == nil:
+				t.Errorf("strictUnmarshal(%q) succeeded, want an error", tt.in)
+			case tt.wantErr == errTrailingData && !errors.Is(err, errTrailingData):
+				t.Errorf("strictUnmarshal(%q) = %v, want %v", tt.in, err, errTrailingData)
+			}
+		})
+	}
+}
+
+// errAny stands for any error in a test table.
+var errAny = errors.New("any error")

@@ -1,0 +1,267 @@
+package main
+
+// The relay: the second half of the transactional outbox. A write commits
+// its outbox row with the change itself (property.go); the relay publishes
+// committed outbox rows to Kafka and deletes them only once Kafka has
+// acknowledged them. Between the two it may crash, and then the rows are
+// published again: delivery is at least once, and the consumers make a
+// duplicate harmless.
+//
+// When a round leaves the outbox drained, the relay also publishes a
+// heartbeat to every partition, which is what the other region measures its
+// replication lag against (lag.go).
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+// Relay timing and limits.
+const (
+	// relayBatchSize bounds one publish round.
+	relayBatchSize = 500
+	// relayPollInterval is how often the relay looks at the outbox when no
+	// local write woke it, to pick up writes by other instances of the
+	// region.
+	relayPollInterval = 100 * time.Millisecond
+	// relayMinGap is the least time between the starts of two rounds. An
+	// idle relay publishes a write the moment it is woken; a busy one, woken
+	// by every write, gathers the writes of the last 25 ms into one round
+	// instead of paying a transaction, a commit and a Kafka round trip for
+	// each. The broker's cost is per request, not per record, so the gap
+	// saves it most of its work under load (README, Benchmarks); replication
+	// delay grows by at most the gap, and only under load.
+	relayMinGap = 25 * time.Millisecond
+	// relayRoundTimeout bounds one round, Kafka's acknowledgement included.
+	// A round that runs out leaves its rows in the outbox for the next one.
+	relayRoundTimeout = 5 * time.Second
+	// heartbeatInterval is the time between two heartbeats. It bounds what
+	// an idle, healthy link reports as lag. It is not shorter because every
+	// heartbeat costs the broker a produce request and both regions a fetch,
+	// which on a small machine is a visible share of a core (README,
+	// Benchmarks).
+	heartbeatInterval = 250 * time.Millisecond
+	// relayLockKey names the PostgreSQL advisory lock that makes one relay
+	// per region database the publisher (see publishRound).
+	relayLockKey = 0x70726f7065727479 // "property"
+)
+
+// relay publishes one region's outbox to the topic.
+type relay struct {
+	logger   *slog.Logger
+	db       *sql.DB
+	producer *kgo.Client
+	region   string
+	topic    string
+
+	// wake tells the relay that a local write committed. It has room for one
+	// signal: several writes in quick succession need only one publish round.
+	wake chan struct{}
+	// lastHeartbeat is when the relay last published heartbeats; only the
+	// relay's own goroutine uses it.
+	lastHeartbeat time.Time
+}
+
+// newRelay returns the relay of region's outbox, publishing with producer.
+func newRelay(logger *slog.Logger, db *sql.DB, producer *kgo.Client, region, topic string) *relay {
+	return &relay{
+		logger:   logger,
+		db:       db,
+		producer: producer,
+		region:   region,
+		topic:    topic,
+		wake:     make(chan struct{}, 1),
+	}
+}
+
+// notify tells the relay that a local write committed. It never blocks.
+func (r *relay) notify() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+// run publishes the outbox to a topic of the given partition count until ctx
+// is cancelled. It runs a round when a local write wakes it, and at least
+// every relayPollInterval.
+func (r *relay) run(ctx context.Context, partitions int32) {
+	failures := 0
+	var lastRound time.Time
+	for {
+		if !sleep(ctx, relayMinGap-time.Since(lastRound)) {
+			return
+		}
+		lastRound = time.Now()
+		full, err := r.publishRound(ctx, partitions)
+		switch {
+		case err != nil:
+			if failures%10 == 0 {
+				r.logger.Warn("relay: publish failed; events wait in the outbox", "err", err)
+			}
+			failures++
+			if !sleep(ctx, backoff(failures)) {
+				return
+			}
+			continue
+		case failures > 0:
+			r.logger.Info("relay: publishing again", "after_failures", failures)
+			failures = 0
+		}
+		if full {
+			// More rows are waiting: go again at once.
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.wake:
+		case <-time.After(relayPollInterval):
+		}
+	}
+}
+
+// lockRelaySQL takes the relay's advisory lock for this transaction, if no
+// other instance holds it, and reads the clock at the transaction's start.
+const lockRelaySQL = `SELECT pg_try_advisory_xact_lock($1), now()`
+
+// deleteOutboxSQL forgets the rows Kafka has acknowledged.
+const deleteOutboxSQL = `DELETE FROM outbox WHERE seq = ANY($1)`
+
+// publishRound runs one relay round and reports whether the batch was full.
+//
+// Several instances of a region may run a relay; the transaction-scoped
+// advisory lock makes exactly one of them publish at a time, so events are
+// published once and in order. If the instance dies, its transaction ends,
+// the lock is released and another instance's next round takes over.
+//
+// When the round drains the outbox, it also publishes a heartbeat to every
+// partition (at most every heartbeatInterval) with the time the round's
+// transaction started: every write committed before then was visible to this
+// round and is now in Kafka.
+func (r *relay) publishRound(ctx context.Context, partitions int32) (full bool, err error) {
+	// The round finishes even if ctx is cancelled meanwhile: a publish must
+	// not be abandoned between Kafka's acknowledgement and the delete.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), relayRoundTimeout)
+	defer cancel()
+	tx, err := r.db.BeginTx(ctx, nil)
+	if err != nil {
+		return false, fmt.Errorf("relay: %w", err)
+	}
+	defer tx.Rollback()
+	var locked bool
+	var watermark time.Time
+	if err := tx.QueryRowContext(ctx, lockRelaySQL, relayLockKey).Scan(&locked, &watermark); err != nil {
+		return false, fmt.Errorf("relay: lock: %w", err)
+	}
+	if !locked {
+		return false, nil // another instance is the relay
+	}
+
+	seqs, records, err := r.readOutbox(ctx, tx)
+	if err != nil {
+		return false, fmt.Errorf("relay: read outbox: %w", err)
+	}
+	full = len(seqs) == relayBatchSize
+	heartbeatDue := !full && time.Since(r.lastHeartbeat) >= heartbeatInterval
+	if heartbeatDue {
+		hb, err := r.heartbeats(watermark, partitions)
+		if err != nil {
+			return false, fmt.Errorf("relay: %w", err)
+		}
+		records = append(records, hb...)
+	}
+	if len(records) == 0 {
+		return false, nil
+	}
+	// ProduceSync returns when Kafka acknowledged every record (or failed).
+	// One partition's records are acknowledged in order, so a heartbeat is
+	// never ahead of the events it vouches for.
+	if err := r.producer.ProduceSync(ctx, records...).FirstErr(); err != nil {
+		return false, fmt.Errorf("relay: produce: %w", err)
+	}
+	if len(seqs) > 0 {
+		if _, err := tx.ExecContext(ctx, deleteOutboxSQL, seqs); err != nil {
+			return false, fmt.Errorf("relay: delete published rows: %w", err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		// The events are in Kafka but still in the outbox: the next round
+		// publishes them again, and the consumers ignore the duplicates.
+		return false, fmt.Errorf("relay: commit: %w", err)
+	}
+	if heartbeatDue {
+		r.lastHeartbeat = time.Now()
+	}
+	return full, nil
+}
+
+// readOutboxSQL reads the oldest outbox rows with their events, which are the
+// processed_requests rows they name. Rows with a lower seq may still commit
+// after this read (a sequence value is taken before commit), but they are not
+// lost: nothing remembers a position, the next round reads whatever is in the
+// table. And one property's rows are always in order, because its writes are
+// serialized by the row lock.
+const readOutboxSQL = `
+SELECT r.property_id, r.price, r.bedrooms, r.bathrooms, r.region_origin, r.version, r.updated_at,
+       o.seq, r.request_id
+FROM outbox o JOIN processed_requests r USING (request_id)
+ORDER BY o.seq
+LIMIT $1`
+
+// readOutbox reads up to relayBatchSize outbox rows inside tx and returns
+// their seqs and their events as records, in seq order.
+func (r *relay) readOutbox(ctx context.Context, tx *sql.Tx) ([]int64, []*kgo.Record, error) {
+	rows, err := tx.QueryContext(ctx, readOutboxSQL, relayBatchSize)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer rows.Close()
+	var seqs []int64
+	var records []*kgo.Record
+	for rows.Next() {
+		var e event
+		var seq int64
+		if e.Property, err = scanProperty(rows, &seq, &e.RequestID); err != nil {
+			return nil, nil, err
+		}
+		payload, err := json.Marshal(e)
+		if err != nil {
+			return nil, nil, fmt.Errorf("encode event: %w", err)
+		}
+		seqs = append(seqs, seq)
+		records = append(records, &kgo.Record{
+			Topic:   r.topic,
+			Key:     []byte(strconv.FormatInt(e.ID, 10)),
+			Value:   payload,
+			Headers: recordHeaders(kindEvent, r.region),
+		})
+	}
+	return seqs, records, rows.Err()
+}
+
+// heartbeats returns one heartbeat record with the given watermark for each
+// of the topic's partitions.
+func (r *relay) heartbeats(watermark time.Time, partitions int32) ([]*kgo.Record, error) {
+	value, err := json.Marshal(heartbeat{Region: r.region, Watermark: watermark.UTC()})
+	if err != nil {
+		return nil, fmt.Errorf("encode heartbeat: %w", err)
+	}
+	records := make([]*kgo.Record, 0, partitions)
+	for p := range partitions {
+		records = append(records, &kgo.Record{
+			Topic:     r.topic,
+			Partition: p,
+			Value:     value,
+			Headers:   recordHeaders(kindHeartbeat, r.region),
+		})
+	}
+	return records, nil
+}
