@@ -12,8 +12,10 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"database/sql"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -368,51 +370,16 @@ func BenchmarkReplicationDelay(b *testing.B) {
 	s := benchStack(b)
 	eu := stackDB(b, "eu")
 	const rate, ids = 200, 500
-
-	type pending struct {
-		version int64
-		acked   time.Time
-	}
 	var (
 		mu       sync.Mutex
-		waiting  = map[int64]pending{} // by property id
-		versions = map[int64]int64{}
+		versions = map[int64]int64{} // the version each property is at in US
 		l        latencies
+		delays   = &delayTracker{waiting: map[int64]pendingWrite{}, l: &l}
 	)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	pollerDone := make(chan struct{})
-	go func() {
-		// Exits when cancel is called after the last write was seen.
-		defer close(pollerDone)
-		for ctx.Err() == nil {
-			mu.Lock()
-			var list []int64
-			for id := range waiting {
-				list = append(list, id)
-			}
-			mu.Unlock()
-			if len(list) > 0 {
-				rows, err := eu.QueryContext(ctx, `SELECT id, version FROM properties WHERE id = ANY($1)`, list)
-				if err == nil {
-					now := time.Now()
-					for rows.Next() {
-						var id, v int64
-						if rows.Scan(&id, &v) == nil {
-							mu.Lock()
-							if p, found := waiting[id]; found && v >= p.version {
-								l.add(resultOK, now.Sub(p.acked), "")
-								delete(waiting, id)
-							}
-							mu.Unlock()
-						}
-					}
-					rows.Close()
-				}
-			}
-			time.Sleep(time.Millisecond)
-		}
-	}()
+	var poller sync.WaitGroup
+	poller.Go(func() { delays.poll(ctx, eu) }) // exits when cancel is called
 
 	run := time.Now().UnixNano()
 	elapsed := paced(b, rate, func(i int) {
@@ -437,7 +404,7 @@ func BenchmarkReplicationDelay(b *testing.B) {
 		switch r {
 		case resultOK:
 			versions[id] = got.Version
-			waiting[id] = pending{got.Version, time.Now()}
+			delays.acked(id, got.Version)
 		case resultConflict:
 			versions[id] = got.CurrentVersion
 			l.add(r, 0, msg)
@@ -445,21 +412,73 @@ func BenchmarkReplicationDelay(b *testing.B) {
 			l.add(r, 0, msg)
 		}
 	})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		mu.Lock()
-		n := len(waiting)
-		mu.Unlock()
-		if n == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			b.Errorf("%d writes had not reached eu 30s after the run", n)
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitFor(b, 30*time.Second, "every write to reach eu", func() bool { return delays.pending() == 0 })
 	cancel()
-	<-pollerDone
+	poller.Wait()
 	l.report(b, elapsed, "writes")
+}
+
+// delayTracker measures replication delay: for each write acknowledged in
+// US, the time from its 200 until EU's database holds its version.
+type delayTracker struct {
+	mu      sync.Mutex
+	waiting map[int64]pendingWrite // by property id
+	l       *latencies
+}
+
+// pendingWrite is an acknowledged write not yet seen in EU.
+type pendingWrite struct {
+	version int64
+	acked   time.Time
+}
+
+// acked starts the clock of a write of property id at version.
+func (d *delayTracker) acked(id, version int64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.waiting[id] = pendingWrite{version, time.Now()}
+}
+
+// pending is how many acknowledged writes EU does not hold yet.
+func (d *delayTracker) pending() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.waiting)
+}
+
+// poll looks up the waiting writes in db every millisecond until ctx is
+// cancelled, and records the delay of each it finds.
+func (d *delayTracker) poll(ctx context.Context, db *sql.DB) {
+	for ctx.Err() == nil {
+		d.mu.Lock()
+		ids := slices.Collect(maps.Keys(d.waiting))
+		d.mu.Unlock()
+		if len(ids) > 0 {
+			d.check(ctx, db, ids)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// check reads the versions of ids in db with one query and stops the clock
+// of each write that has arrived.
+func (d *delayTracker) check(ctx context.Context, db *sql.DB, ids []int64) {
+	rows, err := db.QueryContext(ctx, `SELECT id, version FROM properties WHERE id = ANY($1)`, ids)
+	if err != nil {
+		return // the next poll asks again
+	}
+	defer rows.Close()
+	now := time.Now()
+	for rows.Next() {
+		var id, v int64
+		if rows.Scan(&id, &v) != nil {
+			continue
+		}
+		d.mu.Lock()
+		if p, found := d.waiting[id]; found && v >= p.version {
+			d.l.add(resultOK, now.Sub(p.acked), "")
+			delete(d.waiting, id)
+		}
+		d.mu.Unlock()
+	}
 }

@@ -20,8 +20,6 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -47,39 +45,6 @@ type consumer struct {
 	started  time.Time // when this region started waiting for its peer
 
 	stats replicationStats
-}
-
-// replicationStats are the consumer's counters, for the lag report.
-type replicationStats struct {
-	applied      atomic.Int64
-	conflicts    atomic.Int64
-	stale        atomic.Int64
-	deadLettered atomic.Int64
-	lastApplied  atomic.Pointer[time.Time]
-
-	mu     sync.Mutex
-	behind map[int32]int64 // records not yet consumed, by partition
-}
-
-// setBehind records how many records of partition p are left to read.
-func (s *replicationStats) setBehind(p int32, n int64) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.behind == nil {
-		s.behind = map[int32]int64{}
-	}
-	s.behind[p] = n
-}
-
-// recordsBehind is the total of records the consumer has yet to read.
-func (s *replicationStats) recordsBehind() int64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var n int64
-	for _, b := range s.behind {
-		n += b
-	}
-	return n
 }
 
 // newConsumer creates region's consumer of topic. It does not connect.

@@ -202,20 +202,6 @@ func parseID(s string) (int64, error) {
 	return id, nil
 }
 
-// parseRequestID returns the one X-Request-ID header of a request.
-func parseRequestID(h http.Header) (string, error) {
-	ids := h.Values("X-Request-ID")
-	switch {
-	case len(ids) == 0:
-		return "", &validationError{"X-Request-ID header is required"}
-	case len(ids) > 1:
-		return "", &validationError{"send exactly one X-Request-ID header"}
-	case !validRequestID(ids[0]):
-		return "", &validationError{fmt.Sprintf("X-Request-ID must be 1 to %d visible ASCII characters", maxRequestIDLen)}
-	}
-	return ids[0], nil
-}
-
 // encode writes v as the JSON response with the given status. Headers must be
 // set before WriteHeader, so the content type goes first.
 func encode[T any](w http.ResponseWriter, status int, v T) {

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"net/http"
 
 	"github.com/jackc/pgx/v5/pgconn"
 )
@@ -52,6 +53,20 @@ func validRequestID(id string) bool {
 		}
 	}
 	return true
+}
+
+// parseRequestID returns the one X-Request-ID header of a request.
+func parseRequestID(h http.Header) (string, error) {
+	ids := h.Values("X-Request-ID")
+	switch {
+	case len(ids) == 0:
+		return "", &validationError{"X-Request-ID header is required"}
+	case len(ids) > 1:
+		return "", &validationError{"send exactly one X-Request-ID header"}
+	case !validRequestID(ids[0]):
+		return "", &validationError{fmt.Sprintf("X-Request-ID must be 1 to %d visible ASCII characters", maxRequestIDLen)}
+	}
+	return ids[0], nil
 }
 
 // isRequestIDTaken reports whether err is the unique violation of

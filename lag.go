@@ -24,6 +24,8 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -53,6 +55,40 @@ type LagReport struct {
 	Conflicts    int64 `json:"conflicts"`
 	StaleEvents  int64 `json:"stale_events"`
 	DeadLettered int64 `json:"dead_lettered"`
+}
+
+// replicationStats are the consumer's counters, which the lag report shows.
+// The consumer writes them (consume.go) and any request may read them.
+type replicationStats struct {
+	applied      atomic.Int64
+	conflicts    atomic.Int64
+	stale        atomic.Int64
+	deadLettered atomic.Int64
+	lastApplied  atomic.Pointer[time.Time]
+
+	mu     sync.Mutex
+	behind map[int32]int64 // records not yet consumed, by partition
+}
+
+// setBehind records how many records of partition p are left to read.
+func (s *replicationStats) setBehind(p int32, n int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.behind == nil {
+		s.behind = map[int32]int64{}
+	}
+	s.behind[p] = n
+}
+
+// recordsBehind is the total of records the consumer has yet to read.
+func (s *replicationStats) recordsBehind() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var n int64
+	for _, b := range s.behind {
+		n += b
+	}
+	return n
 }
 
 // readLagSQL reads the peer's watermark: the smallest over the partitions, and

@@ -265,30 +265,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	})
 	logger.Info("listening", "addr", listener.Addr().String())
 
-	// Replication has a context of its own, cancelled by shutdown only
-	// after HTTP has drained: the writes of the last requests still wake
-	// the relay.
-	replicationCtx, cancelReplication := context.WithCancel(context.WithoutCancel(ctx))
-	defer cancelReplication()
-	var replication sync.WaitGroup
-	replication.Go(func() { rep.run(replicationCtx) }) // exits when replicationCtx is cancelled
-	stopReplication := func() {
-		cancelReplication()
-		replication.Wait()
-	}
-
-	// Profiling on a separate listener that NGINX knows nothing about:
-	// internal endpoints are never reachable from outside.
-	var debugSrv *http.Server
-	if cfg.debugAddr != "" {
-		debugSrv = &http.Server{Addr: cfg.debugAddr, Handler: debugHandler(), ReadHeaderTimeout: 5 * time.Second}
-		wg.Go(func() {
-			// Exits when shutdown calls Close.
-			if err := debugSrv.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
-				logger.Warn("debug server stopped", "err", err)
-			}
-		})
-	}
+	stopReplication := startReplication(rep)
+	debugSrv := startDebugServer(&wg, logger, cfg.debugAddr)
 
 	select {
 	case <-ctx.Done():
@@ -299,6 +277,37 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	wg.Wait()
 	logger.Info("stopped")
 	return err
+}
+
+// startReplication runs rep's relay and consumer in the background until the
+// returned stop is called; stop returns once both have finished. Replication
+// does not stop with run's context but when shutdown says, after HTTP has
+// drained: the writes of the last requests still wake the relay.
+func startReplication(rep *replicator) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { rep.run(ctx) }) // exits when ctx is cancelled
+	return func() {
+		cancel()
+		wg.Wait()
+	}
+}
+
+// startDebugServer serves pprof on addr, a listener NGINX knows nothing
+// about, so that internal endpoints are never reachable from outside. It
+// returns nil, and starts nothing, when addr is empty. The server's
+// goroutine, counted in wg, exits when shutdown closes the server.
+func startDebugServer(wg *sync.WaitGroup, logger *slog.Logger, addr string) *http.Server {
+	if addr == "" {
+		return nil
+	}
+	srv := &http.Server{Addr: addr, Handler: debugHandler(), ReadHeaderTimeout: 5 * time.Second}
+	wg.Go(func() {
+		if err := srv.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
+			logger.Warn("debug server stopped", "err", err)
+		}
+	})
+	return srv
 }
 
 // newHTTPServer returns the server of the API on port.

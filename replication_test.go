@@ -63,51 +63,10 @@ func TestConvergenceUnderConcurrentWrites(t *testing.T) {
 	s.caughtUp(t, 30*time.Second)
 	before := [2]int64{s.lag(t, "us").Conflicts, s.lag(t, "eu").Conflicts}
 
-	const (
-		firstID, ids = 601, 50
-		workers      = 6 // per region
-		putsEach     = 40
-	)
-	var (
-		mu      sync.Mutex
-		acked   []Property // every 200 the clients saw
-		counts  = map[int]int{}
-		wg      sync.WaitGroup
-		failure string
-	)
-	for r, region := range []string{"us", "eu"} {
-		for w := range workers {
-			wg.Go(func() {
-				rng := rand.New(rand.NewPCG(uint64(w), uint64(r)))
-				for i := range putsEach {
-					id := int64(firstID + rng.IntN(ids))
-					path := fmt.Sprintf("/%s/properties/%d", region, id)
-					_, _, cur, err := s.do("GET", path, "", "")
-					if err == nil {
-						var status int
-						var got response
-						status, _, got, err = s.do("PUT", path, newRequestID(fmt.Sprintf("converge-%s-%d-%d", region, w, i)),
-							fmt.Sprintf(`{"price": %d.%02d, "version": %d}`, 100000+rng.IntN(900000), rng.IntN(100), cur.Version))
-						mu.Lock()
-						counts[status]++
-						if status == http.StatusOK {
-							acked = append(acked, got.Property)
-						}
-						mu.Unlock()
-					}
-					if err != nil {
-						mu.Lock()
-						failure = err.Error()
-						mu.Unlock()
-						return
-					}
-				}
-			})
-		}
-	}
-	wg.Wait()
-	if failure != "" {
-		t.Fatalf("a client failed: %s", failure)
+	const workers, putsEach = 6, 40 // per region
+	acked, counts, err := s.writeConcurrently(601, 50, workers, putsEach)
+	if err != nil {
+		t.Fatalf("a client failed: %v", err)
 	}
 	t.Logf("%d PUTs: statuses %v", 2*workers*putsEach, counts)
 	if counts[http.StatusOK]+counts[http.StatusConflict] != 2*workers*putsEach {
@@ -116,12 +75,64 @@ func TestConvergenceUnderConcurrentWrites(t *testing.T) {
 
 	s.caughtUp(t, 60*time.Second)
 	final := waitIdentical(t, us, eu, 30*time.Second)
+	assertNoneLost(t, final, acked)
+	conflicts := s.lag(t, "us").Conflicts - before[0] + s.lag(t, "eu").Conflicts - before[1]
+	t.Logf("%d writes acknowledged; %d cross-region conflicts resolved; %d rows identical in both regions", len(acked), conflicts, len(final))
+}
+
+// writeConcurrently runs workers clients in each region, each sending
+// putsEach PUTs to random properties among ids from firstID, from the version
+// it has just read. It returns the acknowledged writes and the count of each
+// status, or the first transport error.
+func (s *stack) writeConcurrently(firstID int64, ids, workers, putsEach int) (acked []Property, counts map[int]int, err error) {
+	var (
+		mu sync.Mutex
+		wg sync.WaitGroup
+	)
+	counts = map[int]int{}
+	for r, region := range []string{"us", "eu"} {
+		for w := range workers {
+			wg.Go(func() {
+				rng := rand.New(rand.NewPCG(uint64(w), uint64(r)))
+				for i := range putsEach {
+					path := fmt.Sprintf("/%s/properties/%d", region, firstID+int64(rng.IntN(ids)))
+					_, _, cur, gerr := s.do("GET", path, "", "")
+					var status int
+					var got response
+					if gerr == nil {
+						status, _, got, gerr = s.do("PUT", path, newRequestID(fmt.Sprintf("converge-%s-%d-%d", region, w, i)),
+							fmt.Sprintf(`{"price": %d.%02d, "version": %d}`, 100000+rng.IntN(900000), rng.IntN(100), cur.Version))
+					}
+					mu.Lock()
+					if gerr != nil {
+						if err == nil {
+							err = gerr
+						}
+						mu.Unlock()
+						return
+					}
+					counts[status]++
+					if status == http.StatusOK {
+						acked = append(acked, got.Property)
+					}
+					mu.Unlock()
+				}
+			})
+		}
+	}
+	wg.Wait()
+	return acked, counts, err
+}
+
+// assertNoneLost checks every acknowledged write against the converged
+// rows: it is either the final row or lost to a greater one under the
+// conflict rule. None vanished in favour of a lesser write.
+func assertNoneLost(t *testing.T, final, acked []Property) {
+	t.Helper()
 	byID := map[int64]Property{}
 	for _, p := range final {
 		byID[p.ID] = p
 	}
-	// Every acknowledged write is either the final row or lost to a greater
-	// one under the conflict rule: none vanished in favour of a lesser write.
 	for _, w := range acked {
 		f := byID[w.ID]
 		switch c := compareWrites(f, w); {
@@ -131,8 +142,6 @@ func TestConvergenceUnderConcurrentWrites(t *testing.T) {
 			t.Errorf("final row %+v ties acknowledged write %+v under the rule but differs", f, w)
 		}
 	}
-	conflicts := s.lag(t, "us").Conflicts - before[0] + s.lag(t, "eu").Conflicts - before[1]
-	t.Logf("%d writes acknowledged; %d cross-region conflicts resolved; %d rows identical in both regions", len(acked), conflicts, len(final))
 }
 
 // ackedWrite is a PUT the client saw answered 200.
