@@ -38,7 +38,7 @@ const benchClients = 32
 func benchStack(b *testing.B) *stack {
 	b.Helper()
 	s := &stack{
-		url: envOr("STACK_URL", "http://localhost:8080"),
+		url: setting("STACK_URL", "http://localhost:8080"),
 		client: &http.Client{
 			Timeout: 15 * time.Second,
 			Transport: &http.Transport{

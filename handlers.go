@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"reflect"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -36,10 +37,17 @@ const dbTimeout = 3 * time.Second
 func newServer(logger *slog.Logger, region string, db *sql.DB, notify func(), lag lagFunc) http.Handler {
 	mux := http.NewServeMux()
 	addRoutes(mux, logger, region, db, notify, lag)
-	var h http.Handler = jsonErrors(mux)
+	return middleware(logger, region, mux)
+}
+
+// middleware wraps h in what every response of the service goes through,
+// from the inside out: the mux's own answers made JSON, a panic made a JSON
+// 500, X-Served-By, and the request log (which so sees the final status).
+func middleware(logger *slog.Logger, region string, h http.Handler) http.Handler {
+	h = jsonErrors(h)
+	h = recoverPanics(logger, h)
 	h = servedBy(region, h)
-	h = logRequests(logger, h)
-	return h
+	return logRequests(logger, h)
 }
 
 // addRoutes is the one list of the service's routes. Every route but the bare
@@ -211,6 +219,10 @@ func encode[T any](w http.ResponseWriter, status int, v T) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
+// maxDrainBytes bounds how much of a body over maxBodyBytes the server reads
+// and throws away before it answers 413.
+const maxDrainBytes = 1 << 20
+
 // decode reads a request body of at most maxBodyBytes holding exactly one JSON
 // object with only the fields of T (strictUnmarshal). Every failure is a
 // *validationError or an *http.MaxBytesError, with a message fit for the
@@ -221,6 +233,11 @@ func decode[T any](w http.ResponseWriter, r *http.Request) (T, error) {
 	if err != nil {
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {
+			// The server closes the connection after the 413, and a socket
+			// closed with unread data in it is reset: a client still sending
+			// its body would see the reset, not the answer. So the rest of the
+			// body is read first, up to maxDrainBytes more.
+			io.CopyN(io.Discard, r.Body, maxDrainBytes)
 			return v, tooLarge
 		}
 		return v, &validationError{"could not read the request body"}
@@ -239,6 +256,7 @@ func decode[T any](w http.ResponseWriter, r *http.Request) (T, error) {
 func decodeError(err error) error {
 	var (
 		verr      *validationError
+		fieldErr  *fieldError
 		typeErr   *json.UnmarshalTypeError
 		syntaxErr *json.SyntaxError
 	)
@@ -247,6 +265,8 @@ func decodeError(err error) error {
 		return verr
 	case errors.Is(err, errTrailingData):
 		return &validationError{"body must be one JSON object with nothing after it"}
+	case errors.As(err, &fieldErr):
+		return &validationError{fieldErr.Error()}
 	case errors.As(err, &typeErr):
 		want := "a JSON object"
 		switch typeErr.Type.Kind() {
@@ -372,6 +392,34 @@ func (w *jsonErrorWriter) Write(b []byte) (int, error) {
 		return len(b), nil // the mux's own body, replaced by the JSON one
 	}
 	return w.ResponseWriter.Write(b)
+}
+
+// recoverPanics turns a panic in a handler into a JSON 500 and one log line
+// with the stack. Without it, net/http logs the panic and drops the
+// connection, and the client (or NGINX, which then replays the request in
+// the other region) never learns what happened. http.ErrAbortHandler, the
+// deliberate way to abort a response, passes through.
+func recoverPanics(logger *slog.Logger, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			p := recover()
+			if p == nil {
+				return
+			}
+			if p == http.ErrAbortHandler {
+				panic(p)
+			}
+			logger.ErrorContext(r.Context(), "panic", "method", r.Method, "path", r.URL.Path,
+				"panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+			if rec, ok := w.(*statusRecorder); ok && rec.status != 0 {
+				// Too late for an answer: a half-written one must not pass
+				// for whole, so the connection is dropped.
+				panic(http.ErrAbortHandler)
+			}
+			encode(w, http.StatusInternalServerError, errorBody{Error: "internal error"})
+		}()
+		h.ServeHTTP(w, r)
+	})
 }
 
 // servedBy adds the X-Served-By header, which tells a client (and a failover

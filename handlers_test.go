@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"database/sql"
 	"encoding/json"
@@ -8,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -210,6 +213,8 @@ func TestUpdatePropertyBadInput(t *testing.T) {
 		{"trailing_data", path, "bad-6", valid + ` {}`, 400, bad("body must be one JSON object with nothing after it")},
 		{"trailing_garbage", path, "bad-7", valid + `x`, 400, bad("body must be one JSON object with nothing after it")},
 		{"unknown_field", path, "bad-8", `{"price": 5, "version": 1, "region_origin": "eu"}`, 400, bad(`unknown field "region_origin"`)},
+		{"field_name_case", path, "bad-35", `{"PRICE": 5, "vErSiOn": 9}`, 400, bad(`unknown field "PRICE"`)},
+		{"repeated_key", path, "bad-36", `{"price": 5, "version": 3, "version": 7}`, 400, bad(`repeated field "version"`)},
 		{"price_string", path, "bad-9", `{"price": "500000", "version": 1}`, 400, bad("price must be a JSON number")},
 		{"price_bool", path, "bad-10", `{"price": true, "version": 1}`, 400, bad("price must be a JSON number")},
 		{"price_missing", path, "bad-11", `{"version": 1}`, 400, bad("price is required")},
@@ -406,5 +411,68 @@ func TestEncodeError(t *testing.T) {
 				t.Errorf("encodeError(%v): body mismatch (-want +got):\n%s", tt.err, diff)
 			}
 		})
+	}
+}
+
+// TestRecoverPanic: a handler that panics gets the client a JSON 500 and the
+// log one line with the stack, not a dropped connection.
+func TestRecoverPanic(t *testing.T) {
+	var log bytes.Buffer
+	logger := slog.New(slog.NewJSONHandler(&log, nil))
+	h := middleware(logger, "us", http.HandlerFunc(func(http.ResponseWriter, *http.Request) {
+		panic("boom")
+	}))
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", "/us/properties/1", nil))
+	if rec.Code != http.StatusInternalServerError || rec.Header().Get("X-Served-By") != "us" {
+		t.Errorf("a panicking handler: status %d, X-Served-By %q; want 500 from us", rec.Code, rec.Header().Get("X-Served-By"))
+	}
+	var got response
+	if err := strictUnmarshal(rec.Body.Bytes(), &got); err != nil {
+		t.Fatalf("a panicking handler: body %q: %v", rec.Body.String(), err)
+	}
+	if diff := cmp.Diff(response{Error: "internal error"}, got); diff != "" {
+		t.Errorf("a panicking handler: body mismatch (-want +got):\n%s", diff)
+	}
+	if n := strings.Count(log.String(), `"msg":"panic"`); n != 1 || !strings.Contains(log.String(), "TestRecoverPanic") {
+		t.Errorf("a panicking handler logged %d panic lines, want one with the stack:\n%s", n, log.String())
+	}
+}
+
+// TestBodyOverLimitIsReadable sends a body far over the limit straight to
+// the service, slowly and whole before reading, as a simple client does,
+// and must read the 413, not a connection reset.
+func TestBodyOverLimitIsReadable(t *testing.T) {
+	srv := httptest.NewServer(testServer(t, "us", unreachableDB(t)))
+	t.Cleanup(srv.Close)
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	const size, chunk = 512 << 10, 8 << 10
+	fmt.Fprintf(conn, "PUT /us/properties/1 HTTP/1.1\r\nHost: test\r\nX-Request-ID: big-1\r\n"+
+		"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n", size)
+	// Slower than the server's wait between answering and closing (half a
+	// second): a server that closed with the body unread would reset the
+	// connection while it is still being sent.
+	for sent := 0; sent < size; sent += chunk {
+		if _, err := conn.Write(bytes.Repeat([]byte("x"), chunk)); err != nil {
+			t.Fatalf("sending byte %d of a %d-byte body: %v", sent, size, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("reading the answer to a %d-byte body: %v", size, err)
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	var got response
+	if err := strictUnmarshal(raw, &got); err != nil || resp.StatusCode != http.StatusRequestEntityTooLarge {
+		t.Fatalf("a %d-byte body: %s %q (%v), want 413 and a JSON error", size, resp.Status, raw, err)
+	}
+	if diff := cmp.Diff(response{Error: "request body is larger than 65536 bytes"}, got); diff != "" {
+		t.Errorf("a %d-byte body: body mismatch (-want +got):\n%s", size, diff)
 	}
 }

@@ -4,24 +4,51 @@ package main
 // request body or the other region's event, is decoded by strictUnmarshal
 // and by nothing else, so that both sides of the service refuse the same
 // things. A lenient decoder is a quiet way to accept a request nobody meant:
-// a field the service does not know is ignored, a second object after the
-// first is never read.
+//
+//   - encoding/json ignores a field it does not know: {"prise": 5} would
+//     leave the price unset;
+//   - it matches field names without regard to case: {"PRICE": 5} would set
+//     the price;
+//   - it keeps the last of a repeated key: "version":3,"version":7 would mean
+//     7 to us and, to another parser, 3;
+//   - it stops after the first value: {…}} would pass.
+//
+// So the names are checked first, exactly and once each, and then the value
+// is decoded with unknown fields refused and nothing allowed after it.
 
 import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"reflect"
+	"strings"
+	"sync"
 )
 
 // errTrailingData is a document with more after its one JSON value: another
 // value, or stray characters such as a second closing brace.
 var errTrailingData = errors.New("trailing data after the JSON object")
 
-// strictUnmarshal decodes b, which must hold exactly one JSON value, into v.
-// A field that v does not have is an error, and so is anything after the
-// value but white space (errTrailingData). Other errors are encoding/json's.
+// fieldError is a field name the rules refuse: one the type does not have
+// (compared exactly, case included), or one given twice.
+type fieldError struct {
+	problem string // "unknown field" or "repeated field"
+	name    string
+}
+
+// Error names the field, as the client wrote it.
+func (e *fieldError) Error() string { return fmt.Sprintf("%s %q", e.problem, e.name) }
+
+// strictUnmarshal decodes b, which must hold exactly one JSON value, into v,
+// a pointer to a struct. A field name that is not exactly one of v's, or
+// that an object repeats, is a *fieldError; anything after the value but
+// white space is errTrailingData. Other errors are encoding/json's.
 func strictUnmarshal(b []byte, v any) error {
+	if err := checkNames(b, fieldNames(reflect.TypeOf(v).Elem())); err != nil {
+		return err
+	}
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
@@ -33,4 +60,87 @@ func strictUnmarshal(b []byte, v any) error {
 		return errTrailingData
 	}
 	return nil
+}
+
+// checkNames walks b's tokens and returns a *fieldError for the first key
+// that an object repeats, or that the top-level object has but names does
+// not. Malformed JSON is left for the decoder to report.
+func checkNames(b []byte, names map[string]bool) error {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	// One frame per open object or array: an object's keys so far, and
+	// whether its next string is a key.
+	type frame struct {
+		keys    map[string]bool
+		wantKey bool
+	}
+	var stack []*frame
+	for {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil // the end, or malformed: the decoder says which
+		}
+		var top *frame
+		if len(stack) > 0 {
+			top = stack[len(stack)-1]
+		}
+		if key, ok := tok.(string); ok && top != nil && top.wantKey {
+			if top.keys[key] {
+				return &fieldError{"repeated field", key}
+			}
+			if len(stack) == 1 && !names[key] {
+				return &fieldError{"unknown field", key}
+			}
+			top.keys[key] = true
+			top.wantKey = false
+			continue
+		}
+		switch tok {
+		case json.Delim('{'):
+			stack = append(stack, &frame{keys: map[string]bool{}, wantKey: true})
+			continue
+		case json.Delim('['):
+			stack = append(stack, &frame{})
+			continue
+		case json.Delim('}'), json.Delim(']'):
+			stack = stack[:len(stack)-1]
+			if len(stack) == 0 {
+				return nil
+			}
+			top = stack[len(stack)-1]
+		}
+		// A value ended: the enclosing object's next string is a key.
+		if top != nil && top.keys != nil {
+			top.wantKey = true
+		}
+	}
+}
+
+// fieldNamesCache holds fieldNames' answer per type.
+var fieldNamesCache sync.Map // reflect.Type → map[string]bool
+
+// fieldNames returns the JSON names of struct type t's fields, as
+// encoding/json names them: the tag's name, else the Go name, with the
+// fields of an embedded struct promoted.
+func fieldNames(t reflect.Type) map[string]bool {
+	if names, ok := fieldNamesCache.Load(t); ok {
+		return names.(map[string]bool)
+	}
+	names := map[string]bool{}
+	for i := range t.NumField() {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		switch {
+		case name == "-" || !f.IsExported() && !f.Anonymous:
+		case f.Anonymous && name == "" && f.Type.Kind() == reflect.Struct:
+			for n := range fieldNames(f.Type) {
+				names[n] = true
+			}
+		case name == "":
+			names[f.Name] = true
+		default:
+			names[name] = true
+		}
+	}
+	fieldNamesCache.Store(t, names)
+	return names
 }

@@ -13,7 +13,7 @@ func TestStrictUnmarshal(t *testing.T) {
 	tests := []struct {
 		name    string
 		in      string
-		wantErr error // nil, errTrailingData, or errAny for encoding/json's own
+		wantErr error // nil, errTrailingData, errField, or errAny for encoding/json's own
 	}{
 		{"one_object", `{"price": 5, "version": 1}`, nil},
 		{"white_space_around", " \n{\"price\": 5}\t\r\n", nil},
@@ -21,7 +21,10 @@ func TestStrictUnmarshal(t *testing.T) {
 		{"extra_closing_brace", `{"price": 5}}`, errTrailingData},
 		{"extra_closing_bracket", `{"price": 5}]`, errTrailingData},
 		{"trailing_garbage", `{"price": 5}x`, errTrailingData},
-		{"unknown_field", `{"price": 5, "colour": "red"}`, errAny},
+		{"unknown_field", `{"price": 5, "colour": "red"}`, errField},
+		{"name_in_other_case", `{"PRICE": 5, "version": 1}`, errField},
+		{"repeated_key", `{"price": 5, "version": 3, "version": 7}`, errField},
+		{"repeated_key_nested", `{"price": {"a": 1, "a": 2}}`, errField},
 		{"truncated", `{"price": 5`, errAny},
 	}
 	for _, tt := range tests {
@@ -33,6 +36,8 @@ func TestStrictUnmarshal(t *testing.T) {
 				t.Errorf("strictUnmarshal(%q) = %v, want success", tt.in, err)
 			case tt.wantErr == errAny && err == nil:
 				t.Errorf("strictUnmarshal(%q) succeeded, want an error", tt.in)
+			case tt.wantErr == errField && !errors.As(err, new(*fieldError)):
+				t.Errorf("strictUnmarshal(%q) = %v, want a *fieldError", tt.in, err)
 			case tt.wantErr == errTrailingData && !errors.Is(err, errTrailingData):
 				t.Errorf("strictUnmarshal(%q) = %v, want %v", tt.in, err, errTrailingData)
 			}
@@ -40,5 +45,9 @@ func TestStrictUnmarshal(t *testing.T) {
 	}
 }
 
-// errAny stands for any error in a test table.
-var errAny = errors.New("any error")
+// errAny and errField stand for any error and for any *fieldError in a test
+// table.
+var (
+	errAny   = errors.New("any error")
+	errField = errors.New("a *fieldError")
+)

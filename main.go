@@ -236,13 +236,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	}
 	logger := slog.New(slog.NewJSONHandler(stdout, nil)).With("region", cfg.region)
 
-	db, err := openDB(cfg)
+	db, replicationDB, err := openPools(cfg)
 	if err != nil {
 		return err
 	}
-	// Closed last, after everything that uses it has stopped.
+	// Closed last, after everything that uses them has stopped.
 	defer db.Close()
-	rep, err := newReplicator(logger, db, cfg.region, cfg.kafkaBrokers, cfg.kafkaTopic)
+	defer replicationDB.Close()
+	rep, err := newReplicator(logger, replicationDB, cfg.region, cfg.kafkaBrokers, cfg.kafkaTopic)
 	if err != nil {
 		return err
 	}
@@ -350,6 +351,28 @@ func shutdown(srv, debugSrv *http.Server, stopReplication func(), rep *replicato
 	defer cancel()
 	rep.close(closeCtx)
 	return err
+}
+
+// replicationConns is the size of the replication's own pool: the relay's
+// round and the consumer's batch hold one connection each, and the lag report
+// reads with a third.
+const replicationConns = 4
+
+// openPools opens a region's two connection pools: one for requests, of
+// DB_MAX_CONNS connections, and a small one for replication. Apart, neither
+// can starve the other: requests queued on a locked row cannot hold back the
+// other region's writes, and a relay waiting on a slow Kafka with its
+// transaction open cannot take a connection from a request.
+func openPools(cfg config) (requests, replication *sql.DB, err error) {
+	if requests, err = openDB(cfg); err != nil {
+		return nil, nil, err
+	}
+	cfg.dbMaxConns = replicationConns
+	if replication, err = openDB(cfg); err != nil {
+		requests.Close()
+		return nil, nil, err
+	}
+	return requests, replication, nil
 }
 
 // openDB opens the connection pool. It does not wait for the database: the

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	neturl "net/url"
 	"os"
 	"regexp"
 	"strconv"
@@ -26,28 +27,101 @@ import (
 )
 
 // scratchURL is the connection string of the scratch database, or "" when
-// TEST_DATABASE_URL is not set.
+// there is no server to make one on.
 var scratchURL string
+
+// requireStack is true in the integration build (stack_test.go sets it):
+// those tests need the running stack, and TestMain checks once that it is up
+// rather than let every test fail with the same message.
+var requireStack bool
+
+// checkStack is the integration build's check that the stack is up.
+var checkStack func() error
 
 func TestMain(m *testing.M) {
 	os.Exit(runTests(m))
 }
 
 func runTests(m *testing.M) int {
-	admin := os.Getenv("TEST_DATABASE_URL")
+	loadSettings()
+	if requireStack {
+		if err := checkStack(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+	}
+	admin, chosen := testDatabaseURL()
 	if admin == "" {
-		// Every test that needs the database fails and says how to set it.
+		// Every test that needs the database fails and says how to get one.
 		return m.Run()
 	}
 	name := fmt.Sprintf("property_test_%d_%d", os.Getpid(), time.Now().UnixNano())
 	url, drop, err := createScratchDB(admin, name)
-	if err != nil {
+	if err != nil && (chosen || requireStack) {
 		fmt.Fprintln(os.Stderr, "create scratch database:", err)
 		return 1
+	}
+	if err != nil {
+		// A guessed server that is not there: run what needs no database.
+		fmt.Fprintf(os.Stderr, "no scratch database on %s (%v): the tests that need PostgreSQL will fail\n", admin, err)
+		return m.Run()
 	}
 	defer drop()
 	scratchURL = url
 	return m.Run()
+}
+
+// settings are the variables that point the tests at a database and at the
+// running stack, found the way a user would expect: the environment first,
+// then .stack/stack.env (which ./stack.sh up writes and down removes), then
+// .env (compose's credentials, as compose reads them). loadSettings fills it
+// once, before any test runs.
+var settings = map[string]string{}
+
+// setting returns the named setting, or def if none is found.
+func setting(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	if v := settings[name]; v != "" {
+		return v
+	}
+	return def
+}
+
+// loadSettings reads .env and then .stack/stack.env into settings; a file
+// that is not there adds nothing.
+func loadSettings() {
+	for _, file := range []string{".env", ".stack/stack.env"} {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			line = strings.TrimSpace(line)
+			name, value, ok := strings.Cut(line, "=")
+			if !ok || strings.HasPrefix(line, "#") {
+				continue
+			}
+			settings[strings.TrimSpace(name)] = strings.Trim(strings.TrimSpace(value), `"'`)
+		}
+	}
+}
+
+// testDatabaseURL returns the server to make the scratch database on, and
+// whether somebody chose it: TEST_DATABASE_URL from the environment or from
+// the local stack's stack.env; or else a guess, the US database's server of
+// a compose stack with the credentials in .env.
+func testDatabaseURL() (url string, chosen bool) {
+	if u := setting("TEST_DATABASE_URL", ""); u != "" {
+		return u, true
+	}
+	user, password := setting("POSTGRES_USER", ""), setting("POSTGRES_PASSWORD", "")
+	if user == "" || password == "" {
+		return "", false
+	}
+	u := neturl.URL{Scheme: "postgres", User: neturl.UserPassword(user, password), Host: "localhost:5433", Path: "/postgres"}
+	return u.String(), false
 }
 
 // createScratchDB creates database name on the admin server, loads the
@@ -107,14 +181,14 @@ func replaceDBName(rawURL, name string) (string, error) {
 	return rawURL[:i+3] + host + "/" + name + query, nil
 }
 
-// testDB returns a pool on the scratch database. Without TEST_DATABASE_URL it
-// fails the test, saying how to provide one.
+// testDB returns a pool on the scratch database. Without one it fails the
+// test, saying how to provide one.
 func testDB(t *testing.T) *sql.DB {
 	t.Helper()
 	if scratchURL == "" {
-		t.Fatal("TEST_DATABASE_URL is not set: these tests need a PostgreSQL server they may create " +
-			"a scratch database on, e.g. TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres " +
-			"(./stack.sh test sets it up)")
+		t.Fatal("no PostgreSQL server to make a scratch database on: start the stack (`./stack.sh up` " +
+			"or `docker compose up -d --wait`), or set TEST_DATABASE_URL to a server the tests may " +
+			"create a database on, e.g. TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres")
 	}
 	db, err := openDB(config{databaseURL: scratchURL, dbMaxConns: 30})
 	if err != nil {
@@ -284,5 +358,40 @@ func TestShutdownFitsGracePeriod(t *testing.T) {
 	seconds, _ := strconv.Atoi(string(m[1]))
 	if grace := time.Duration(seconds) * time.Second; shutdownBudget >= grace {
 		t.Errorf("shutdown budget %v does not fit docker-compose.yml's stop_grace_period %v", shutdownBudget, grace)
+	}
+}
+
+// TestPoolsDoNotStarveEachOther takes every connection of one of the pools
+// run opens, and the other must still reach the database at once.
+func TestPoolsDoNotStarveEachOther(t *testing.T) {
+	testDB(t) // fails early, with the explanation, when there is no database
+	requests, replication, err := openPools(config{databaseURL: scratchURL, dbMaxConns: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { requests.Close(); replication.Close() })
+	for _, tt := range []struct {
+		name        string
+		busy, other *sql.DB
+		size        int
+	}{
+		{"requests_busy", requests, replication, 2},
+		{"replication_busy", replication, requests, replicationConns},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			for range tt.size {
+				conn, err := tt.busy.Conn(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { conn.Close() })
+			}
+			ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			defer cancel()
+			if err := tt.other.PingContext(ctx); err != nil {
+				t.Errorf("with all %d connections of one pool taken, the other pool: %v", tt.size, err)
+			}
+		})
 	}
 }

@@ -285,9 +285,9 @@ func TestReplicationSurvivesCrash(t *testing.T) {
 
 func TestPoisonRecordGoesToDLQ(t *testing.T) {
 	s := newStack(t)
-	topic := envOr("KAFKA_TOPIC", "property-updates")
+	topic := setting("KAFKA_TOPIC", "property-updates")
 	client, err := kgo.NewClient(
-		kgo.SeedBrokers(strings.Split(envOr("STACK_KAFKA", "localhost:9092"), ",")...),
+		kgo.SeedBrokers(strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")...),
 		kgo.ConsumeTopics(topic+".dlq"),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
 	)

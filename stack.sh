@@ -330,11 +330,13 @@ cmd_up() {
 	for svc in db-us db-eu kafka; do wait_healthy "$svc"; done
 	for svc in backend-us backend-eu nginx; do start_service "$svc"; done
 	for svc in backend-us backend-eu nginx; do wait_healthy "$svc"; done
+	write_test_env
 	cmd_ps
 }
 
 cmd_down() {
 	local i
+	rm -f "$state/stack.env"
 	for ((i = ${#services[@]} - 1; i >= 0; i--)); do
 		stop_service "${services[i]}" TERM
 	done
@@ -359,14 +361,40 @@ cmd_start() {
 	wait_healthy "$svc"
 }
 
-# The environment that points the integration tests at this stack.
+# write_test_env writes .stack/stack.env, which says how to reach this stack:
+# the tests read it (main_test.go), so that a bare `go test -tags=integration
+# ./...` finds the stack that `up` started. `down` removes it. Variables set
+# in the environment still win over the file.
+write_test_env() {
+	cat >"$state/stack.env" <<-EOF
+		# Written by ./stack.sh up, removed by ./stack.sh down: how the tests reach this stack.
+		STACK_URL=http://127.0.0.1:8080
+		STACK_CMD=$root/stack.sh
+		STACK_DB_US=$(db_url db-us)
+		STACK_DB_EU=$(db_url db-eu)
+		STACK_KAFKA=127.0.0.1:9092
+		# The unit tests make (and drop) a scratch database on db-us's server.
+		TEST_DATABASE_URL=$(db_url db-us postgres)
+	EOF
+}
+
+# test_env exports what stack.env says, for the commands of this script.
 test_env() {
-	export STACK_URL=http://127.0.0.1:8080
-	export STACK_CMD="$root/stack.sh"
-	export STACK_DB_US="$(db_url db-us)" STACK_DB_EU="$(db_url db-eu)"
-	export STACK_KAFKA=127.0.0.1:9092
-	# The unit tests make a scratch database on db-us's server.
-	export TEST_DATABASE_URL="$(db_url db-us postgres)"
+	set -a
+	# shellcheck disable=SC1091
+	. "$state/stack.env"
+	set +a
+}
+
+# check_compose checks docker-compose.yml's invariants on its normalized
+# form (.ci/check_compose.py), with Debian's docker-compose, which parses the
+# file without a Docker engine.
+check_compose() {
+	if ! command -v docker-compose >/dev/null; then
+		[ "$(id -u)" = 0 ] || die "missing docker-compose: install it, or run as root"
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+	fi
+	(cd "$root" && /usr/bin/python3 .ci/check_compose.py)
 }
 
 cmd_test() {
@@ -378,6 +406,7 @@ cmd_test() {
 	[ -z "$unformatted" ] || die "gofmt would change: $unformatted"
 	go vet ./...
 	go vet -tags=integration ./...
+	check_compose
 	local out="$state/logs/test.log" status=0
 	# One run: the integration tag adds the stack's tests to the unit tests,
 	# so every test runs exactly once and the count below counts each once.

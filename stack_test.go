@@ -16,7 +16,9 @@ package main
 //	                          and POSTGRES_DB, as in .env)
 //	STACK_KAFKA               a broker for host clients (default localhost:9092)
 //
-// ./stack.sh test sets them all.
+// Each is read from the environment, else from .stack/stack.env, which
+// ./stack.sh up writes, else from .env (see setting in main_test.go): after
+// either stack is up, a bare `go test -tags=integration ./...` finds it.
 
 import (
 	"bytes"
@@ -26,7 +28,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
+	neturl "net/url"
 	"os/exec"
 	"strings"
 	"testing"
@@ -42,30 +44,44 @@ type stack struct {
 	client *http.Client
 }
 
-// newStack returns the stack named by the environment, and fails the test
-// with the command that starts it if NGINX does not answer.
-func newStack(t *testing.T) *stack {
-	t.Helper()
-	s := &stack{
-		url:    envOr("STACK_URL", "http://localhost:8080"),
-		cmd:    strings.Fields(envOr("STACK_CMD", "docker compose")),
+// In this build the stack must be up: TestMain checks it once, before any
+// test runs, and stops with one message if it is not.
+func init() {
+	requireStack = true
+	checkStack = func() error { return findStack().up() }
+}
+
+// findStack returns the stack the settings name.
+func findStack() *stack {
+	return &stack{
+		url:    setting("STACK_URL", "http://localhost:8080"),
+		cmd:    strings.Fields(setting("STACK_CMD", "docker compose")),
 		client: &http.Client{Timeout: 15 * time.Second},
 	}
+}
+
+// up returns an error that says how to start the stack unless both regions
+// answer healthy through NGINX.
+func (s *stack) up() error {
 	for _, region := range []string{"us", "eu"} {
 		status, _, _, err := s.do("GET", "/"+region+"/health", "", "")
 		if err != nil || status != http.StatusOK {
-			t.Fatalf("the stack at %s is not up (GET /%s/health: %d, %v): start it with "+
-				"`docker compose up -d --wait` or `./stack.sh up`, or run `./stack.sh test`", s.url, region, status, err)
+			return fmt.Errorf("the stack at %s is not up (GET /%s/health: %d, %v): start it with "+
+				"`./stack.sh up` or `docker compose up -d --wait` (or run `./stack.sh test`)", s.url, region, status, err)
 		}
 	}
-	return s
+	return nil
 }
 
-func envOr(name, def string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
+// newStack returns the running stack, and fails the test with the command
+// that starts it if NGINX does not answer (a test may have broken it).
+func newStack(t *testing.T) *stack {
+	t.Helper()
+	s := findStack()
+	if err := s.up(); err != nil {
+		t.Fatal(err)
 	}
-	return def
+	return s
 }
 
 // do sends one request through NGINX. An empty requestID sends no
@@ -189,15 +205,16 @@ func (s *stack) accessLogEntry(t *testing.T, requestID string) accessLogEntry {
 func stackDB(t testing.TB, region string) *sql.DB {
 	t.Helper()
 	name := "STACK_DB_" + strings.ToUpper(region)
-	url := os.Getenv(name)
+	url := setting(name, "")
 	if url == "" {
-		user, pass, db := os.Getenv("POSTGRES_USER"), os.Getenv("POSTGRES_PASSWORD"), os.Getenv("POSTGRES_DB")
+		user, pass, db := setting("POSTGRES_USER", ""), setting("POSTGRES_PASSWORD", ""), setting("POSTGRES_DB", "")
 		if user == "" || pass == "" || db == "" {
 			t.Fatalf("%s is not set, nor POSTGRES_USER, POSTGRES_PASSWORD and POSTGRES_DB to build it from "+
-				"(`set -a; . ./.env; set +a` for the compose stack; ./stack.sh test sets it)", name)
+				"(in .env for the compose stack; ./stack.sh up writes .stack/stack.env)", name)
 		}
 		port := map[string]string{"us": "5433", "eu": "5434"}[region]
-		url = fmt.Sprintf("postgres://%s:%s@localhost:%s/%s", user, pass, port, db)
+		u := neturl.URL{Scheme: "postgres", User: neturl.UserPassword(user, pass), Host: "localhost:" + port, Path: "/" + db}
+		url = u.String()
 	}
 	db, err := openDB(config{databaseURL: url, dbMaxConns: 4})
 	if err != nil {

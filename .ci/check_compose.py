@@ -1,0 +1,104 @@
+#!/usr/bin/python3
+"""Checks docker-compose.yml's invariants on its normalized form.
+
+Compose cannot run on the CI machine (no Docker engine), so this reads what
+`docker-compose config` makes of the file, with the variables of
+.env.example, and checks what a running stack would otherwise prove:
+
+  - every stateful service keeps its data on a volume (a recreated container
+    must not lose the databases, Kafka's log or the consumer offsets);
+  - nothing but NGINX, the one entry for clients, is published beyond
+    127.0.0.1;
+  - every service has a healthcheck;
+  - the backends get every variable the service requires (loadConfig in
+    main.go);
+  - no service waits for another's health at start: one region's database or
+    Kafka down at cold start must not keep the other region or NGINX from
+    serving (a backend answers 503 until its database answers, and NGINX
+    fails over).
+
+It prints each broken invariant and exits 1 if there is any. Debian's
+/usr/bin/python3 has PyYAML, which docker-compose itself depends on.
+"""
+
+import subprocess
+import sys
+
+import yaml
+
+# The data directory of each stateful service. Kafka's is whatever
+# KAFKA_LOG_DIRS says: unset, the apache/kafka image writes to
+# /tmp/kraft-combined-logs, inside the container.
+DATA_DIRS = {"db-us": "/var/lib/postgresql/data", "db-eu": "/var/lib/postgresql/data", "kafka": None}
+
+# What the service cannot start without (main.go, loadConfig): a region, a
+# broker, and a database as DATABASE_URL or as its parts.
+REQUIRED = ["REGION", "KAFKA_BROKER"]
+DATABASE_PARTS = ["DB_HOST", "DB_USER", "DB_PASSWORD", "DB_NAME"]
+
+PUBLIC = {"nginx"}
+
+
+def volume_targets(service):
+    """The container paths that are mounted from a volume or the host."""
+    targets = set()
+    for v in service.get("volumes", []):
+        if isinstance(v, dict):
+            targets.add(v["target"])
+        else:
+            parts = v.split(":")
+            targets.add(parts[1] if len(parts) > 1 else parts[0])
+    return targets
+
+
+def host_ip(port):
+    """The host address a published port binds, "" for every interface."""
+    if isinstance(port, dict):
+        return port.get("host_ip", "")
+    parts = str(port).split(":")
+    return parts[0] if len(parts) == 3 else ""
+
+
+def problems(config):
+    services = config["services"]
+    for name, data_dir in DATA_DIRS.items():
+        service = services[name]
+        if data_dir is None:
+            data_dir = service.get("environment", {}).get("KAFKA_LOG_DIRS")
+            if not data_dir:
+                yield f"{name}: KAFKA_LOG_DIRS is not set: the log goes to /tmp/kraft-combined-logs, inside the container"
+                continue
+        if data_dir not in volume_targets(service):
+            yield f"{name}: its data directory {data_dir} is not on a volume"
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            if name not in PUBLIC and host_ip(port) != "127.0.0.1":
+                yield f"{name}: port {port} is published beyond 127.0.0.1"
+        if "healthcheck" not in service or service["healthcheck"].get("disable"):
+            yield f"{name}: no healthcheck"
+        for dep, how in service.get("depends_on", {}).items():
+            if how.get("condition") == "service_healthy":
+                yield f"{name}: waits for {dep} to be healthy before it starts"
+        if name.startswith("backend-"):
+            env = service.get("environment", {})
+            need = REQUIRED + ([] if env.get("DATABASE_URL") else DATABASE_PARTS)
+            for var in need:
+                if not str(env.get(var, "")):
+                    yield f"{name}: {var} is not set"
+
+
+def main():
+    out = subprocess.run(
+        ["docker-compose", "--env-file", ".env.example", "config"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    found = list(problems(yaml.safe_load(out)))
+    for p in found:
+        print("docker-compose.yml:", p)
+    if found:
+        sys.exit(1)
+    print("docker-compose.yml: valid, and every invariant holds")
+
+
+if __name__ == "__main__":
+    main()
