@@ -379,16 +379,15 @@ func TestPoolsDoNotStarveEachOther(t *testing.T) {
 		{"replication_busy", replication, requests, replicationConns},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			ctx := context.Background()
-			for range tt.size {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			for i := range tt.size {
 				conn, err := tt.busy.Conn(ctx)
 				if err != nil {
-					t.Fatal(err)
+					t.Fatalf("taking connection %d of %d: %v", i+1, tt.size, err)
 				}
 				t.Cleanup(func() { conn.Close() })
 			}
-			ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-			defer cancel()
 			if err := tt.other.PingContext(ctx); err != nil {
 				t.Errorf("with all %d connections of one pool taken, the other pool: %v", tt.size, err)
 			}
