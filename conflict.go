@@ -48,6 +48,11 @@ const (
 	// version, made in different regions; one of them is lost.
 	conflictWon  // the incoming write replaced a concurrent local one
 	conflictLost // the incoming write lost to a concurrent local one
+	// replayWon and replayLost are the same, but both writes were one
+	// request, replayed in the second region (idempotency.go): nothing a
+	// client meant was lost.
+	replayWon
+	replayLost
 )
 
 // String names the outcome, for logs and test failures.
@@ -63,12 +68,28 @@ func (o outcome) String() string {
 		return "conflict won"
 	case conflictLost:
 		return "conflict lost"
+	case replayWon:
+		return "replay won"
+	case replayLost:
+		return "replay lost"
 	}
 	return fmt.Sprintf("outcome(%d)", int(o))
 }
 
 // replaces reports whether an outcome writes the incoming row.
-func (o outcome) replaces() bool { return o == applied || o == conflictWon }
+func (o outcome) replaces() bool { return o == applied || o == conflictWon || o == replayWon }
+
+// asReplay is the outcome of a conflict between the two writes of one
+// request replayed in both regions; any other outcome stays as it is.
+func (o outcome) asReplay() outcome {
+	switch o {
+	case conflictWon:
+		return replayWon
+	case conflictLost:
+		return replayLost
+	}
+	return o
+}
 
 // resolve decides what the conflict rule does with an incoming write, given
 // the local row (nil if there is none). It is a pure function: the whole rule
@@ -129,6 +150,10 @@ func applyEvents(ctx context.Context, tx *sql.Tx, events []event) ([]outcome, er
 	if err != nil {
 		return nil, err
 	}
+	replayed, err := twins(ctx, tx, events)
+	if err != nil {
+		return nil, err
+	}
 	outcomes := make([]outcome, len(events))
 	winners := map[int64]Property{}
 	for i, e := range events {
@@ -137,6 +162,9 @@ func applyEvents(ctx context.Context, tx *sql.Tx, events []event) ([]outcome, er
 			current = &p
 		}
 		outcomes[i] = resolve(current, e.Property)
+		if replayed[e.RequestID] {
+			outcomes[i] = outcomes[i].asReplay()
+		}
 		if outcomes[i].replaces() {
 			local[e.ID] = e.Property
 			winners[e.ID] = e.Property
@@ -151,12 +179,7 @@ func applyEvents(ctx context.Context, tx *sql.Tx, events []event) ([]outcome, er
 			return nil, fmt.Errorf("upsert rows: %w", err)
 		}
 	}
-	requestIDs := make([]string, len(events))
-	rows := make([]Property, len(events))
-	for i, e := range events {
-		requestIDs[i], rows[i] = e.RequestID, e.Property
-	}
-	if err := recordReplicatedRequests(ctx, tx, requestIDs, rows); err != nil {
+	if err := recordReplicatedRequests(ctx, tx, events); err != nil {
 		return nil, err
 	}
 	return outcomes, nil

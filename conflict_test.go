@@ -108,7 +108,7 @@ func TestApplyEventsBatch(t *testing.T) {
 	ctx := context.Background()
 	at := func(d time.Duration) time.Time { return time.Date(2026, 2, 2, 0, 0, 0, 0, time.UTC).Add(d) }
 	ev := func(id, version int64, t time.Time, region string, requestID string) event {
-		return event{Property{ID: id, Price: Money(version * 100), RegionOrigin: region, Version: version, UpdatedAt: t}, requestID}
+		return event{Property: Property{ID: id, Price: Money(version * 100), RegionOrigin: region, Version: version, UpdatedAt: t}, RequestID: requestID}
 	}
 	batch := []event{
 		ev(42, 3, at(0), "eu", "batch-1"),
@@ -162,8 +162,14 @@ func TestApplyEvent(t *testing.T) {
 	const id = 40
 	seed := seedProperty(id)
 	at := func(d time.Duration) time.Time { return time.Date(2026, 2, 1, 0, 0, 0, 0, time.UTC).Add(d) }
+	// ev is the event of a PUT of price from version-1 made in region,
+	// with the fingerprint that PUT's request had there.
 	ev := func(version int64, t time.Time, region string, price Money, requestID string) event {
-		return event{Property{ID: id, Price: price, Bedrooms: ptr(int32(3)), Bathrooms: ptr(int32(2)), RegionOrigin: region, Version: version, UpdatedAt: t}, requestID}
+		return event{
+			Property:    Property{ID: id, Price: price, Bedrooms: ptr(int32(3)), Bathrooms: ptr(int32(2)), RegionOrigin: region, Version: version, UpdatedAt: t},
+			RequestID:   requestID,
+			fingerprint: requestFingerprint("PUT", fmt.Sprintf("/properties/%d", id), updateRequest{Price: &price, Version: ptr(version - 1)}),
+		}
 	}
 	steps := []struct {
 		name         string
@@ -209,10 +215,16 @@ func TestApplyEvent(t *testing.T) {
 	}
 
 	// A request id consumed in the other region is a 422 here, even though
-	// its write lost the conflict.
+	// its write lost the conflict: with the original response for a retry of
+	// the same request, without it for another request under that id.
 	srv := testServer(t, "us", db)
-	status, _, got := call(t, srv, "PUT", fmt.Sprintf("/us/properties/%d", id), "apply-3", `{"price": 1, "version": 4}`)
-	if status != http.StatusUnprocessableEntity || got.RequestID != "apply-3" || got.OriginalResponse == nil || got.OriginalResponse.Price != 300_00 {
-		t.Errorf("PUT with replicated request id apply-3 = %d %+v, want 422 with the original response (price 300)", status, got)
+	path := fmt.Sprintf("/us/properties/%d", id)
+	status, _, got := call(t, srv, "PUT", path, "apply-3", `{"price": 300, "version": 1}`)
+	if status != http.StatusUnprocessableEntity || got.Error != "duplicate request" || got.OriginalResponse == nil || got.OriginalResponse.Price != 300_00 {
+		t.Errorf("PUT %s retrying replicated request apply-3 = %d %+v, want 422 with the original response (price 300)", path, status, got)
+	}
+	status, _, got = call(t, srv, "PUT", path, "apply-3", `{"price": 1, "version": 4}`)
+	if diff := cmp.Diff(response{Error: "request id reused for a different request", RequestID: "apply-3"}, got); status != http.StatusUnprocessableEntity || diff != "" {
+		t.Errorf("PUT %s with replicated request id apply-3 and another body = %d, want 422 (-want +got):\n%s", path, status, diff)
 	}
 }

@@ -273,6 +273,13 @@ func (c *consumer) count(e event, o outcome) {
 		c.stats.applied.Add(1)
 		now := time.Now()
 		c.stats.lastApplied.Store(&now)
+	case replayWon, replayLost:
+		c.stats.replays.Add(1)
+		if o == replayWon {
+			c.stats.applied.Add(1)
+		}
+		c.logger.Info("a request written in both regions: the greater write kept",
+			"property", e.ID, "version", e.Version, "request_id", e.RequestID, "outcome", o.String())
 	case conflictWon, conflictLost:
 		c.stats.conflicts.Add(1)
 		if o == conflictWon {
@@ -281,7 +288,7 @@ func (c *consumer) count(e event, o outcome) {
 		c.logger.Warn("replication conflict: concurrent writes of one version, the greater one kept",
 			"property", e.ID, "version", e.Version, "incoming_region", e.RegionOrigin,
 			"incoming_updated_at", e.UpdatedAt, "incoming_request_id", e.RequestID,
-			"outcome", o)
+			"outcome", o.String())
 	case stale:
 		c.stats.stale.Add(1)
 	}
@@ -315,6 +322,7 @@ func decodeMessage(rec *kgo.Record) (message, error) {
 		if err := strictUnmarshal(rec.Value, &e); err != nil {
 			return m, fmt.Errorf("event: %w", err)
 		}
+		e.fingerprint = header(rec, headerFingerprint)
 		if err := e.validate(); err != nil {
 			return m, fmt.Errorf("event: %w", err)
 		}
@@ -346,6 +354,8 @@ func (e event) validate() error {
 		return errors.New("updated_at missing")
 	case !validRequestID(e.RequestID):
 		return errors.New("invalid request_id")
+	case !validFingerprint(e.fingerprint):
+		return fmt.Errorf("missing or invalid %q header", headerFingerprint)
 	}
 	return checkValues(e.Price, e.Bedrooms, e.Bathrooms)
 }

@@ -8,8 +8,9 @@ import (
 
 func TestDecodeMessage(t *testing.T) {
 	good := `{"id":7,"price":100.5,"bedrooms":2,"bathrooms":1,"region_origin":"us","version":2,"updated_at":"2026-03-01T12:00:00.123456Z","request_id":"r-1"}`
+	fingerprint := requestFingerprint("PUT", "/properties/7", updateRequest{Price: ptr(Money(100_50)), Version: ptr(int64(1))})
 	headers := func(kind, region string) []kgo.RecordHeader {
-		return []kgo.RecordHeader{{Key: headerKind, Value: []byte(kind)}, {Key: headerRegion, Value: []byte(region)}}
+		return append(recordHeaders(kind, region), kgo.RecordHeader{Key: headerFingerprint, Value: []byte(fingerprint)})
 	}
 	tests := []struct {
 		name    string
@@ -36,6 +37,8 @@ func TestDecodeMessage(t *testing.T) {
 			`event: unknown field "ID"`},
 		{"repeated_key", &kgo.Record{Key: []byte("7"), Value: []byte(`{"id":7,"price":1,"region_origin":"us","version":2,"version":9,"updated_at":"2026-03-01T12:00:00Z","request_id":"r"}`), Headers: headers("event", "us")},
 			`event: repeated field "version"`},
+		{"fingerprint_missing", &kgo.Record{Key: []byte("7"), Value: []byte(good), Headers: recordHeaders("event", "us")},
+			`event: missing or invalid "request-fingerprint" header`},
 		{"trailing_data", &kgo.Record{Key: []byte("7"), Value: []byte(good + `{}`), Headers: headers("event", "us")},
 			"event: trailing data after the JSON object"},
 		{"heartbeat_without_watermark", &kgo.Record{Value: []byte(`{"region":"eu"}`), Headers: headers("heartbeat", "eu")},

@@ -156,9 +156,10 @@ func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 			encodeError(w, r, logger, err)
 			return
 		}
+		fingerprint := requestFingerprint(r.Method, "/properties/"+strconv.FormatInt(id, 10), req)
 		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
 		defer cancel()
-		p, err := updateProperty(ctx, db, region, requestID, id, u)
+		p, err := updateProperty(ctx, db, region, requestID, fingerprint, id, u)
 		if err != nil {
 			encodeError(w, r, logger, err)
 			return
@@ -298,6 +299,7 @@ func encodeError(w http.ResponseWriter, r *http.Request, logger *slog.Logger, er
 		verr     *validationError
 		tooLarge *http.MaxBytesError
 		dup      *duplicateRequestError
+		reused   *requestReusedError
 		mismatch *versionMismatchError
 	)
 	switch {
@@ -311,6 +313,11 @@ func encodeError(w http.ResponseWriter, r *http.Request, logger *slog.Logger, er
 			RequestID        string   `json:"request_id"`
 			OriginalResponse Property `json:"original_response"`
 		}{"duplicate request", dup.requestID, dup.original})
+	case errors.As(err, &reused):
+		encode(w, http.StatusUnprocessableEntity, struct {
+			Error     string `json:"error"`
+			RequestID string `json:"request_id"`
+		}{"request id reused for a different request", reused.requestID})
 	case errors.Is(err, errUnknownRegion):
 		encode(w, http.StatusNotFound, errorBody{Error: "unknown region: use /us/ or /eu/"})
 	case errors.Is(err, errNotFound):
@@ -331,13 +338,18 @@ func encodeError(w http.ResponseWriter, r *http.Request, logger *slog.Logger, er
 
 // databaseUnreachable tells an outage from a bug. If PostgreSQL answered with
 // an error, the request or the code is wrong: a 500. If it did not answer at
-// all (connection refused or lost, timeout, server shutting down), the region
-// is unhealthy: a 503, on which NGINX retries the other region.
+// all (connection refused or lost, timeout, server shutting down), or gave up
+// waiting (a lock or statement timeout, see requestLimits), the region cannot
+// serve this request now and changed nothing: a 503, on which NGINX retries
+// the other region.
 func databaseUnreachable(err error) bool {
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
-		// Class 08 is connection exceptions, 57P0x the server shutting down.
-		return strings.HasPrefix(pgErr.Code, "08") || strings.HasPrefix(pgErr.Code, "57P0")
+		// Class 08 is connection exceptions, 57P0x the server shutting down,
+		// 55P03 a lock not granted in time, 57014 a statement cancelled (its
+		// timeout, or its context ended).
+		return strings.HasPrefix(pgErr.Code, "08") || strings.HasPrefix(pgErr.Code, "57P0") ||
+			pgErr.Code == "55P03" || pgErr.Code == "57014"
 	}
 	var netErr net.Error
 	var connectErr *pgconn.ConnectError

@@ -46,7 +46,7 @@ func testServer(t *testing.T, region string, db *sql.DB) http.Handler {
 // would be answered 503.
 func unreachableDB(t *testing.T) *sql.DB {
 	t.Helper()
-	db, err := openDB(config{databaseURL: "postgres://nobody@127.0.0.1:1/none", dbMaxConns: 1})
+	db, err := openDB("postgres://nobody@127.0.0.1:1/none", 1, sessionLimits{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,7 +110,7 @@ func readRow(t *testing.T, db *sql.DB, id int64) rowState {
 	if err != nil && err != errNotFound {
 		t.Fatalf("getProperty(%d): %v", id, err)
 	}
-	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM outbox JOIN processed_requests USING (request_id) WHERE property_id = $1`, id).Scan(&s.Outbox); err != nil {
+	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM outbox WHERE property_id = $1`, id).Scan(&s.Outbox); err != nil {
 		t.Fatalf("count outbox rows of %d: %v", id, err)
 	}
 	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM processed_requests WHERE property_id = $1`, id).Scan(&s.Requests); err != nil {
@@ -305,13 +305,23 @@ func TestUpdateProperty(t *testing.T) {
 	}{
 		{"duplicate_request", path, "update-1", `{"price": 500000.5, "version": 1, "bedrooms": 4}`, 422,
 			response{Error: "duplicate request", RequestID: "update-1", OriginalResponse: &wantProperty}},
-		// 422 comes before 404 and 409 in the contract's order.
-		{"duplicate_beats_version_mismatch", path, "update-1", `{"price": 1, "version": 7}`, 422,
+		// The region prefix only picks a region: a failover replays the same
+		// request under the other one.
+		{"duplicate_through_other_prefix", "/eu/properties/20", "update-1", `{"price": 500000.5, "version": 1, "bedrooms": 4}`, 422,
 			response{Error: "duplicate request", RequestID: "update-1", OriginalResponse: &wantProperty}},
-		{"duplicate_beats_not_found", "/us/properties/77777", "update-1", `{"price": 1, "version": 1}`, 422,
+		{"duplicate_written_otherwise", path, "update-1", `{"bedrooms": 4, "version": 1, "price": 500000.50}`, 422,
 			response{Error: "duplicate request", RequestID: "update-1", OriginalResponse: &wantProperty}},
-		{"duplicate_with_current_version", path, "update-1", `{"price": 1, "version": 2}`, 422,
-			response{Error: "duplicate request", RequestID: "update-1", OriginalResponse: &wantProperty}},
+		// The same id with another request: no original response, so that
+		// the client cannot believe its new body was applied. 422 still comes
+		// before 404 and 409 in the contract's order.
+		{"reused_for_other_body", path, "update-1", `{"price": 500001, "version": 1, "bedrooms": 4}`, 422,
+			response{Error: "request id reused for a different request", RequestID: "update-1"}},
+		{"reused_beats_version_mismatch", path, "update-1", `{"price": 1, "version": 7}`, 422,
+			response{Error: "request id reused for a different request", RequestID: "update-1"}},
+		{"reused_beats_not_found", "/us/properties/77777", "update-1", `{"price": 500000.5, "version": 1, "bedrooms": 4}`, 422,
+			response{Error: "request id reused for a different request", RequestID: "update-1"}},
+		{"reused_with_current_version", path, "update-1", `{"price": 1, "version": 2}`, 422,
+			response{Error: "request id reused for a different request", RequestID: "update-1"}},
 		{"stale_version", path, "update-2", `{"price": 600000, "version": 1}`, 409,
 			response{Error: "version mismatch", CurrentVersion: 2}},
 		{"future_version", path, "update-3", `{"price": 600000, "version": 3}`, 409,
@@ -391,6 +401,12 @@ func TestEncodeError(t *testing.T) {
 			response{Error: "service unavailable, try again"}},
 		{"database_shutting_down", &pgconn.PgError{Code: "57P01", Message: "terminating connection"}, 503,
 			response{Error: "service unavailable, try again"}},
+		{"lock_timeout", &pgconn.PgError{Code: "55P03", Message: "canceling statement due to lock timeout"}, 503,
+			response{Error: "service unavailable, try again"}},
+		{"statement_timeout", &pgconn.PgError{Code: "57014", Message: "canceling statement due to statement timeout"}, 503,
+			response{Error: "service unavailable, try again"}},
+		{"request_reused", &requestReusedError{requestID: "r-2"}, 422,
+			response{Error: "request id reused for a different request", RequestID: "r-2"}},
 		{"database_refused_a_value", &pgconn.PgError{Code: "23514", Message: "secret detail of the schema"}, 500,
 			response{Error: "internal error"}},
 		{"bug", errors.New("secret detail of the code"), 500, response{Error: "internal error"}},

@@ -1,15 +1,5 @@
 package main
 
-import (
-	"context"
-	"database/sql"
-	"errors"
-	"fmt"
-	"net/http"
-
-	"github.com/jackc/pgx/v5/pgconn"
-)
-
 // Idempotency: a client that did not hear back from a PUT cannot know whether
 // it was applied, so it retries with the same X-Request-ID. The server
 // remembers every request id that produced a successful update, in the
@@ -21,13 +11,42 @@ import (
 // that failed (404, 409, a crash) leaves its id free for the retry. Request ids
 // travel with the replication events, so a retry that fails over to the other
 // region is recognised there too, once the original write has replicated.
+//
+// Two things make this hold beyond the easy case:
+//
+//   - A request id names one request. With it the server keeps a fingerprint
+//     of what the request asked for; the same id with another method, path or
+//     body is not a retry but a mistake, and gets a 422 of its own without
+//     the original response, so the client cannot believe its new body was
+//     applied.
+//   - A retry can reach the other region before the first write does (NGINX
+//     replays a PUT whose first attempt timed out after it committed). Then
+//     both regions write under one request id. Neither can know in time, so
+//     both writes stand until the events cross; then the conflict rule keeps
+//     the greater of the two rows (conflict.go), and each region keeps the
+//     greater of the two request records too, so that both give the same
+//     original response. The pair is counted as a replay, not a conflict:
+//     nobody else's write was lost.
+
+import (
+	"context"
+	"crypto/sha256"
+	"database/sql"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
 
 // maxRequestIDLen bounds X-Request-ID: long enough for any UUID or ULID with a
 // prefix, short enough to index and log.
 const maxRequestIDLen = 128
 
-// duplicateRequestError reports a request id that was already used. original
-// is the row the first request wrote: its response.
+// duplicateRequestError reports a request id that was already used by this
+// same request. original is the row the first request wrote: its response.
 type duplicateRequestError struct {
 	requestID string
 	original  Property
@@ -36,6 +55,17 @@ type duplicateRequestError struct {
 // Error names the request id.
 func (e *duplicateRequestError) Error() string {
 	return fmt.Sprintf("duplicate request %q", e.requestID)
+}
+
+// requestReusedError reports a request id that was already used by another
+// request: another method, path or body.
+type requestReusedError struct {
+	requestID string
+}
+
+// Error names the request id.
+func (e *requestReusedError) Error() string {
+	return fmt.Sprintf("request id %q reused for a different request", e.requestID)
 }
 
 // errRequestUnused is duplicateRequest's answer for an id never used.
@@ -69,6 +99,27 @@ func parseRequestID(h http.Header) (string, error) {
 	return ids[0], nil
 }
 
+// requestFingerprint names what a request asks for: its method, its resource
+// without the region prefix (either region serves it, and a failover replays
+// it under the other prefix), and its decoded body re-encoded, so that white
+// space and key order do not matter. It is a SHA-256, in hex.
+func requestFingerprint(method, resource string, body any) string {
+	canonical, err := json.Marshal(body)
+	if err != nil {
+		// The bodies are plain structs that always encode; a failure here is
+		// a bug, and a fingerprint that matches nothing is the safe answer.
+		canonical = []byte(err.Error())
+	}
+	sum := sha256.Sum256(fmt.Appendf(nil, "%s %s %s", method, resource, canonical))
+	return hex.EncodeToString(sum[:])
+}
+
+// validFingerprint reports whether f looks like requestFingerprint's answer.
+func validFingerprint(f string) bool {
+	_, err := hex.DecodeString(f)
+	return len(f) == 2*sha256.Size && err == nil
+}
+
 // isRequestIDTaken reports whether err is the unique violation of
 // processed_requests' primary key: the request id was claimed first by
 // another, committed, update.
@@ -77,45 +128,123 @@ func isRequestIDTaken(err error) bool {
 	return errors.As(err, &pgErr) && pgErr.Code == "23505" && pgErr.ConstraintName == "processed_requests_pkey"
 }
 
-// lookupRequestSQL reads the row a request id's update wrote.
+// lookupRequestSQL reads the row a request id's update wrote, and the
+// request's fingerprint.
 const lookupRequestSQL = `
-SELECT property_id, price, bedrooms, bathrooms, region_origin, version, updated_at
+SELECT property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, fingerprint
 FROM processed_requests
 WHERE request_id = $1`
 
-// duplicateRequest returns *duplicateRequestError with the original response
-// if requestID was used by a committed update, and errRequestUnused if not.
-func duplicateRequest(ctx context.Context, db *sql.DB, requestID string) error {
-	original, err := scanProperty(db.QueryRowContext(ctx, lookupRequestSQL, requestID))
-	if errors.Is(err, sql.ErrNoRows) {
+// duplicateRequest tells what a request id's earlier use means for a request
+// with the given fingerprint: *duplicateRequestError with the original
+// response if the same request was applied, *requestReusedError if another
+// request used the id, and errRequestUnused if none did.
+func duplicateRequest(ctx context.Context, db *sql.DB, requestID, fingerprint string) error {
+	var stored string
+	original, err := scanProperty(db.QueryRowContext(ctx, lookupRequestSQL, requestID), &stored)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
 		return errRequestUnused
-	}
-	if err != nil {
+	case err != nil:
 		return fmt.Errorf("look up request %q: %w", requestID, err)
+	case stored != fingerprint:
+		return &requestReusedError{requestID: requestID}
 	}
 	return &duplicateRequestError{requestID: requestID, original: original}
 }
 
-// recordReplicatedRequestsSQL records request ids that the other region
-// consumed, each with the row its update wrote there (the first array is the
-// request ids, the others the properties table's columns). A redelivered
-// event finds its id recorded already and changes nothing.
+// recordReplicatedRequestsSQL records the request ids that the other region
+// consumed, each with its fingerprint and the row its update wrote there (the
+// first two arrays are the ids and fingerprints, the others the properties
+// table's columns). A redelivered event finds its record there already and
+// changes nothing. A request written in both regions finds the record of its
+// twin, and the greater of the two under the conflict rule stays, in both
+// regions alike: (version, updated_at, region_origin), the region compared
+// bytewise as compareWrites does.
 const recordReplicatedRequestsSQL = `
 INSERT INTO processed_requests
-    (request_id, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::numeric[], $4::integer[], $5::integer[], $6::varchar[], $7::bigint[], $8::timestamptz[])
-ON CONFLICT (request_id) DO NOTHING`
+    (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::numeric[], $5::integer[], $6::integer[], $7::varchar[], $8::bigint[], $9::timestamptz[])
+ON CONFLICT (request_id) DO UPDATE
+SET fingerprint   = EXCLUDED.fingerprint,
+    property_id   = EXCLUDED.property_id,
+    price         = EXCLUDED.price,
+    bedrooms      = EXCLUDED.bedrooms,
+    bathrooms     = EXCLUDED.bathrooms,
+    region_origin = EXCLUDED.region_origin,
+    version       = EXCLUDED.version,
+    updated_at    = EXCLUDED.updated_at
+WHERE (EXCLUDED.version, EXCLUDED.updated_at, EXCLUDED.region_origin COLLATE "C")
+    > (processed_requests.version, processed_requests.updated_at, processed_requests.region_origin COLLATE "C")`
 
-// recordReplicatedRequests stores the request ids of remote writes inside
-// the transaction that applies them, each with the row its write made in the
-// other region, so that a retry of one of those requests here is a 422.
-func recordReplicatedRequests(ctx context.Context, tx *sql.Tx, requestIDs []string, rows []Property) error {
-	var c propertyColumns
-	for _, p := range rows {
-		c.add(p)
+// recordReplicatedRequests stores the request records of remote writes inside
+// the transaction that applies them, so that a retry of one of those
+// requests here is a 422. An INSERT may touch a row once only, so of several
+// events with one request id (a redelivery within the batch) only the
+// greatest is sent.
+func recordReplicatedRequests(ctx context.Context, tx *sql.Tx, events []event) error {
+	greatest := map[string]event{}
+	for _, e := range events {
+		if g, ok := greatest[e.RequestID]; !ok || compareWrites(e.Property, g.Property) > 0 {
+			greatest[e.RequestID] = e
+		}
 	}
-	if _, err := tx.ExecContext(ctx, recordReplicatedRequestsSQL, append([]any{requestIDs}, c.args()...)...); err != nil {
+	var requestIDs, fingerprints []string
+	var c propertyColumns
+	for _, e := range greatest {
+		requestIDs = append(requestIDs, e.RequestID)
+		fingerprints = append(fingerprints, e.fingerprint)
+		c.add(e.Property)
+	}
+	args := append([]any{requestIDs, fingerprints}, c.args()...)
+	if _, err := tx.ExecContext(ctx, recordReplicatedRequestsSQL, args...); err != nil {
 		return fmt.Errorf("record %d replicated request ids: %w", len(requestIDs), err)
 	}
 	return nil
+}
+
+// twinsSQL reads this region's records of the request ids of a batch.
+const twinsSQL = `
+SELECT request_id, property_id, version, fingerprint
+FROM processed_requests
+WHERE request_id = ANY($1)`
+
+// twins returns the request ids of the events that this region also wrote:
+// the same request (id and fingerprint) applied to the same version of the
+// same property here. Such a pair is one request replayed in both regions,
+// not two concurrent writers.
+func twins(ctx context.Context, tx *sql.Tx, events []event) (map[string]bool, error) {
+	ids := make([]string, 0, len(events))
+	for _, e := range events {
+		ids = append(ids, e.RequestID)
+	}
+	rows, err := tx.QueryContext(ctx, twinsSQL, ids)
+	if err != nil {
+		return nil, fmt.Errorf("read request records: %w", err)
+	}
+	defer rows.Close()
+	type record struct {
+		propertyID, version int64
+		fingerprint         string
+	}
+	local := map[string]record{}
+	for rows.Next() {
+		var id string
+		var r record
+		if err := rows.Scan(&id, &r.propertyID, &r.version, &r.fingerprint); err != nil {
+			return nil, fmt.Errorf("read request records: %w", err)
+		}
+		local[id] = r
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read request records: %w", err)
+	}
+	found := map[string]bool{}
+	for _, e := range events {
+		r, ok := local[e.RequestID]
+		if ok && r.fingerprint == e.fingerprint && r.propertyID == e.ID && r.version == e.Version {
+			found[e.RequestID] = true
+		}
+	}
+	return found, nil
 }

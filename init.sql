@@ -56,9 +56,15 @@ CREATE INDEX IF NOT EXISTS properties_updated_at_idx ON properties (updated_at);
 -- update, here or in the other region, with the row that update wrote: that
 -- row is the original response a retry gets with its 422, and the replication
 -- event the relay publishes. A request id is written by the same statement as
--- its update, so it exists if and only if the update does.
+-- its update, so it exists if and only if the update does. When one request
+-- was written in both regions (a retry replayed in the other region before
+-- the first write arrived there), both regions keep the same record: the
+-- greater write under the conflict rule (see idempotency.go).
 CREATE TABLE IF NOT EXISTS processed_requests (
     request_id    TEXT PRIMARY KEY,
+    -- What the request asked for (method, resource, body), hashed: the same
+    -- id with another request is told from a retry (idempotency.go).
+    fingerprint   TEXT NOT NULL,
     property_id   BIGINT NOT NULL,
     price         DECIMAL(12, 2) NOT NULL,
     bedrooms      INTEGER,
@@ -70,16 +76,26 @@ CREATE TABLE IF NOT EXISTS processed_requests (
     processed_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
--- outbox lists the local writes whose events Kafka has not acknowledged yet
--- (the transactional outbox pattern, see replicate.go). The update inserts a
--- row in the same statement as the change; the relay deletes it once Kafka
--- has the event. The event itself is the processed_requests row.
+-- outbox holds the events of local writes that Kafka has not acknowledged
+-- yet (the transactional outbox pattern, see relay.go). The update inserts
+-- its event in the same statement as the change; the relay publishes it and
+-- deletes it once Kafka has it. An event is never changed: it is the write as
+-- it was made, even after the request's record here has given way to the
+-- other region's twin (idempotency.go).
 CREATE TABLE IF NOT EXISTS outbox (
     -- seq orders the events of one property: two updates of the same row are
     -- serialized by its row lock, so the later one also takes the later seq.
-    seq        BIGSERIAL PRIMARY KEY,
-    request_id TEXT NOT NULL REFERENCES processed_requests (request_id),
-    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    seq           BIGSERIAL PRIMARY KEY,
+    request_id    TEXT NOT NULL REFERENCES processed_requests (request_id),
+    fingerprint   TEXT NOT NULL,
+    property_id   BIGINT NOT NULL,
+    price         DECIMAL(12, 2) NOT NULL,
+    bedrooms      INTEGER,
+    bathrooms     INTEGER,
+    region_origin VARCHAR(2) NOT NULL,
+    version       BIGINT NOT NULL,
+    updated_at    TIMESTAMPTZ NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
 -- replication_watermarks records, per Kafka partition, the peer region's

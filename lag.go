@@ -51,8 +51,12 @@ type LagReport struct {
 	// Counters since this process started: peer writes applied, concurrent
 	// writes resolved by the conflict rule (one of each pair lost), old
 	// events ignored, and undecodable records sent to the dead-letter queue.
-	Applied      int64 `json:"applied"`
-	Conflicts    int64 `json:"conflicts"`
+	Applied   int64 `json:"applied"`
+	Conflicts int64 `json:"conflicts"`
+	// Replays counts requests written in both regions under one request id
+	// (a retry replayed in the other region before the first write arrived
+	// there): one write kept, and no conflict, since both were one request.
+	Replays      int64 `json:"replays"`
 	StaleEvents  int64 `json:"stale_events"`
 	DeadLettered int64 `json:"dead_lettered"`
 }
@@ -62,6 +66,7 @@ type LagReport struct {
 type replicationStats struct {
 	applied      atomic.Int64
 	conflicts    atomic.Int64
+	replays      atomic.Int64
 	stale        atomic.Int64
 	deadLettered atomic.Int64
 	lastApplied  atomic.Pointer[time.Time]
@@ -132,6 +137,7 @@ func readLag(ctx context.Context, db *sql.DB, region string, since time.Time, st
 	rep.RecordsBehind = stats.recordsBehind()
 	rep.Applied = stats.applied.Load()
 	rep.Conflicts = stats.conflicts.Load()
+	rep.Replays = stats.replays.Load()
 	rep.StaleEvents = stats.stale.Load()
 	rep.DeadLettered = stats.deadLettered.Load()
 	return rep, nil

@@ -128,7 +128,7 @@ func testDatabaseURL() (url string, chosen bool) {
 // schema and both seeds, and returns its URL and a function that drops it.
 func createScratchDB(adminURL, name string) (string, func(), error) {
 	ctx := context.Background()
-	admin, err := openDB(config{databaseURL: adminURL, dbMaxConns: 2})
+	admin, err := openDB(adminURL, 2, sessionLimits{})
 	if err != nil {
 		return "", nil, err
 	}
@@ -145,7 +145,7 @@ func createScratchDB(adminURL, name string) (string, func(), error) {
 		drop()
 		return "", nil, err
 	}
-	db, err := openDB(config{databaseURL: url, dbMaxConns: 1})
+	db, err := openDB(url, 1, sessionLimits{})
 	if err != nil {
 		drop()
 		return "", nil, err
@@ -190,7 +190,7 @@ func testDB(t *testing.T) *sql.DB {
 			"or `docker compose up -d --wait`), or set TEST_DATABASE_URL to a server the tests may " +
 			"create a database on, e.g. TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres")
 	}
-	db, err := openDB(config{databaseURL: scratchURL, dbMaxConns: 30})
+	db, err := openDB(scratchURL, 30, requestLimits)
 	if err != nil {
 		t.Fatalf("openDB(%q): %v", scratchURL, err)
 	}
@@ -390,6 +390,40 @@ func TestPoolsDoNotStarveEachOther(t *testing.T) {
 			}
 			if err := tt.other.PingContext(ctx); err != nil {
 				t.Errorf("with all %d connections of one pool taken, the other pool: %v", tt.size, err)
+			}
+		})
+	}
+}
+
+// TestSessionLimits reads the lock and statement timeouts from connections
+// of the pools run opens: each must be set, and below the deadline of what
+// runs on it, so that the database gives up first.
+func TestSessionLimits(t *testing.T) {
+	testDB(t) // fails early, with the explanation, when there is no database
+	requests, replication, err := openPools(config{databaseURL: scratchURL, dbMaxConns: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { requests.Close(); replication.Close() })
+	tests := []struct {
+		name     string
+		db       *sql.DB
+		deadline time.Duration // of the work on this pool
+	}{
+		{"requests", requests, dbTimeout},
+		{"replication", replication, min(relayRoundTimeout, applyAttemptTimeout)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for _, setting := range []string{"lock_timeout", "statement_timeout"} {
+				var value string
+				if err := tt.db.QueryRow("SHOW " + setting).Scan(&value); err != nil {
+					t.Fatal(err)
+				}
+				d, err := time.ParseDuration(value)
+				if err != nil || d <= 0 || d >= tt.deadline {
+					t.Errorf("%s pool: %s = %q, want more than 0 and less than %v", tt.name, setting, value, tt.deadline)
+				}
 			}
 		})
 	}

@@ -134,19 +134,20 @@ func getProperty(ctx context.Context, db *sql.DB, id int64) (Property, error) {
 //  3. the write is queued in the outbox for replication (replicate.go).
 //
 // So a request id is consumed only by a successful update, and every committed
-// update has exactly one event. The failures, in the contract's order of
-// precedence, are *duplicateRequestError, errNotFound and *versionMismatchError;
-// any other error comes from the database.
-func updateProperty(ctx context.Context, db *sql.DB, region, requestID string, id int64, u propertyUpdate) (Property, error) {
+// update has exactly one event. fingerprint names the request
+// (requestFingerprint). The failures, in the contract's order of precedence,
+// are *duplicateRequestError or *requestReusedError, errNotFound and
+// *versionMismatchError; any other error comes from the database.
+func updateProperty(ctx context.Context, db *sql.DB, region, requestID, fingerprint string, id int64, u propertyUpdate) (Property, error) {
 	p, err := scanProperty(db.QueryRowContext(ctx, updatePropertySQL,
-		id, u.Version, u.Price, u.Bedrooms, u.Bathrooms, region, requestID))
+		id, u.Version, u.Price, u.Bedrooms, u.Bathrooms, region, requestID, fingerprint))
 	switch {
 	case err == nil:
 		return p, nil
 	case errors.Is(err, sql.ErrNoRows):
-		return Property{}, explainNoUpdate(ctx, db, requestID, id)
+		return Property{}, explainNoUpdate(ctx, db, requestID, fingerprint, id)
 	case isRequestIDTaken(err):
-		return Property{}, duplicateRequest(ctx, db, requestID)
+		return Property{}, duplicateRequest(ctx, db, requestID, fingerprint)
 	}
 	return Property{}, fmt.Errorf("update property %d: %w", id, err)
 }
@@ -165,7 +166,8 @@ func updateProperty(ctx context.Context, db *sql.DB, region, requestID string, i
 // with a unique violation, which rolls back its whole statement (update
 // included) and becomes its 422.
 //
-// queued puts the write in the outbox for replication.
+// queued puts the write's event in the outbox for replication: the row as
+// written, with the request id and fingerprint.
 const updatePropertySQL = `
 WITH updated AS (
     UPDATE properties
@@ -179,11 +181,13 @@ WITH updated AS (
     RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at
 ), recorded AS (
     INSERT INTO processed_requests
-        (request_id, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at)
-    SELECT $7, id, price, bedrooms, bathrooms, region_origin, version, updated_at FROM updated
-    RETURNING request_id
+        (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at)
+    SELECT $7, $8, id, price, bedrooms, bathrooms, region_origin, version, updated_at FROM updated
+    RETURNING request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at
 ), queued AS (
-    INSERT INTO outbox (request_id) SELECT request_id FROM recorded
+    INSERT INTO outbox
+        (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at)
+    SELECT * FROM recorded
 )
 SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at FROM updated`
 
@@ -193,8 +197,8 @@ const currentVersionSQL = `SELECT version FROM properties WHERE id = $1`
 // explainNoUpdate finds out why updatePropertySQL changed no row, checking the
 // reasons in the contract's order: a used request id first, then a missing
 // property, then a stale version.
-func explainNoUpdate(ctx context.Context, db *sql.DB, requestID string, id int64) error {
-	if err := duplicateRequest(ctx, db, requestID); !errors.Is(err, errRequestUnused) {
+func explainNoUpdate(ctx context.Context, db *sql.DB, requestID, fingerprint string, id int64) error {
+	if err := duplicateRequest(ctx, db, requestID, fingerprint); !errors.Is(err, errRequestUnused) {
 		return err
 	}
 	var current int64

@@ -203,17 +203,17 @@ func (r *relay) publishRound(ctx context.Context, partitions int32) (full bool, 
 	return full, nil
 }
 
-// readOutboxSQL reads the oldest outbox rows with their events, which are the
-// processed_requests rows they name. Rows with a lower seq may still commit
+// readOutboxSQL reads the oldest events of the outbox. Rows with a lower seq
+// may still commit
 // after this read (a sequence value is taken before commit), but they are not
 // lost: nothing remembers a position, the next round reads whatever is in the
 // table. And one property's rows are always in order, because its writes are
 // serialized by the row lock.
 const readOutboxSQL = `
-SELECT r.property_id, r.price, r.bedrooms, r.bathrooms, r.region_origin, r.version, r.updated_at,
-       o.seq, r.request_id
-FROM outbox o JOIN processed_requests r USING (request_id)
-ORDER BY o.seq
+SELECT property_id, price, bedrooms, bathrooms, region_origin, version, updated_at,
+       seq, request_id, fingerprint
+FROM outbox
+ORDER BY seq
 LIMIT $1`
 
 // readOutbox reads up to relayBatchSize outbox rows inside tx and returns
@@ -229,7 +229,7 @@ func (r *relay) readOutbox(ctx context.Context, tx *sql.Tx) ([]int64, []*kgo.Rec
 	for rows.Next() {
 		var e event
 		var seq int64
-		if e.Property, err = scanProperty(rows, &seq, &e.RequestID); err != nil {
+		if e.Property, err = scanProperty(rows, &seq, &e.RequestID, &e.fingerprint); err != nil {
 			return nil, nil, err
 		}
 		payload, err := json.Marshal(e)
@@ -241,7 +241,7 @@ func (r *relay) readOutbox(ctx context.Context, tx *sql.Tx) ([]int64, []*kgo.Rec
 			Topic:   r.topic,
 			Key:     []byte(strconv.FormatInt(e.ID, 10)),
 			Value:   payload,
-			Headers: recordHeaders(kindEvent, r.region),
+			Headers: append(recordHeaders(kindEvent, r.region), kgo.RecordHeader{Key: headerFingerprint, Value: []byte(e.fingerprint)}),
 		})
 	}
 	return seqs, records, rows.Err()

@@ -53,6 +53,9 @@ import (
 type event struct {
 	Property
 	RequestID string `json:"request_id"`
+	// fingerprint names the request (requestFingerprint). It travels in the
+	// record's headerFingerprint, beside the event rather than in it.
+	fingerprint string
 }
 
 // heartbeat is the record a region's relay publishes to every partition when
@@ -71,6 +74,9 @@ const (
 	headerKind   = "kind"   // kindEvent or kindHeartbeat
 	headerRegion = "region" // the region that produced the record
 	headerReason = "reason" // why a record went to the dead-letter queue
+	// headerFingerprint is an event's request fingerprint, so that a retry
+	// in the other region is told from a reused request id there too.
+	headerFingerprint = "request-fingerprint"
 
 	kindEvent     = "event"
 	kindHeartbeat = "heartbeat"

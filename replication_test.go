@@ -45,7 +45,7 @@ func TestReplicationBothWays(t *testing.T) {
 
 			// The request id travelled too: a retry in the other region is a 422.
 			status, _, dup := s.mustDo(t, "PUT", fmt.Sprintf("/%s/properties/%d", tt.to, tt.id), requestID,
-				fmt.Sprintf(`{"price": 1, "version": %d}`, written.Version))
+				fmt.Sprintf(`{"price": 654321.09, "version": %d}`, written.Version-1))
 			want := response{Error: "duplicate request", RequestID: requestID, OriginalResponse: ptr(written.Property)}
 			if status != http.StatusUnprocessableEntity {
 				t.Errorf("retry of %s in %s: status %d, want 422", requestID, tt.to, status)
@@ -194,7 +194,8 @@ func assertDelivered(t *testing.T, db *sql.DB, acked []ackedWrite) {
 			t.Errorf("request %s recorded %d times, want once", w.requestID, n)
 			continue
 		}
-		got, err := scanProperty(db.QueryRow(lookupRequestSQL, w.requestID))
+		var fingerprint string
+		got, err := scanProperty(db.QueryRow(lookupRequestSQL, w.requestID), &fingerprint)
 		if err != nil {
 			t.Fatalf("look up request %s: %v", w.requestID, err)
 		}
@@ -330,5 +331,67 @@ func TestPoisonRecordGoesToDLQ(t *testing.T) {
 	got := s.waitReplicated(t, "eu", written.Property, 10*time.Second)
 	if diff := cmp.Diff(written.Property, got.Property); diff != "" {
 		t.Errorf("property 7 in eu after the poison record (-written +served):\n%s", diff)
+	}
+}
+
+// TestRequestReplayedInBothRegions writes one request in both regions, as a
+// retry that NGINX replays in the other region after the first attempt
+// committed does, while the regions cannot hear of each other (Kafka is
+// stopped). Once they have, both hold one record of the request, the same
+// one, and the greater write alone survives; the pair counts as a replay,
+// not as a conflict.
+func TestRequestReplayedInBothRegions(t *testing.T) {
+	s := newStack(t)
+	us, eu := stackDB(t, "us"), stackDB(t, "eu")
+	s.caughtUp(t, 30*time.Second)
+	counters := func() (conflicts, replays int64) {
+		for _, region := range []string{"us", "eu"} {
+			r := s.lag(t, region)
+			conflicts, replays = conflicts+r.Conflicts, replays+r.Replays
+		}
+		return conflicts, replays
+	}
+	conflictsBefore, replaysBefore := counters()
+
+	const id = 207
+	version := s.current(t, "us", id).Version
+	s.stop(t, "kafka", false)
+	requestID := newRequestID("replayed")
+	body := fmt.Sprintf(`{"price": 207207.07, "version": %d}`, version)
+	var written []Property
+	for _, region := range []string{"us", "eu"} {
+		status, servedBy, got := s.mustDo(t, "PUT", fmt.Sprintf("/%s/properties/%d", region, id), requestID, body)
+		if status != http.StatusOK || servedBy != region {
+			t.Fatalf("PUT of request %s in %s: %d served by %s (%+v), want 200 from %s", requestID, region, status, servedBy, got, region)
+		}
+		written = append(written, got.Property)
+	}
+	s.start(t, "kafka")
+	s.caughtUp(t, 90*time.Second)
+	final := waitIdentical(t, us, eu, 30*time.Second)
+
+	want := written[0]
+	if compareWrites(written[1], want) > 0 {
+		want = written[1]
+	}
+	for _, p := range final {
+		if p.ID == id && !cmp.Equal(want, p) {
+			t.Errorf("property %d after both writes of one request = %+v, want the greater write %+v", id, p, want)
+		}
+	}
+	for _, db := range []*sql.DB{us, eu} {
+		var fingerprint string
+		got, err := scanProperty(db.QueryRow(lookupRequestSQL, requestID), &fingerprint)
+		if err != nil {
+			t.Fatalf("look up request %s: %v", requestID, err)
+		}
+		if diff := cmp.Diff(want, got); diff != "" {
+			t.Errorf("the record of request %s differs from the surviving write (-want +got):\n%s", requestID, diff)
+		}
+	}
+	conflictsAfter, replaysAfter := counters()
+	if conflictsAfter != conflictsBefore || replaysAfter != replaysBefore+2 {
+		t.Errorf("conflicts %d -> %d, replays %d -> %d; want conflicts unchanged and one replay counted in each region",
+			conflictsBefore, conflictsAfter, replaysBefore, replaysAfter)
 	}
 }

@@ -216,7 +216,7 @@ func stackDB(t testing.TB, region string) *sql.DB {
 		u := neturl.URL{Scheme: "postgres", User: neturl.UserPassword(user, pass), Host: "localhost:" + port, Path: "/" + db}
 		url = u.String()
 	}
-	db, err := openDB(config{databaseURL: url, dbMaxConns: 4})
+	db, err := openDB(url, 4, sessionLimits{})
 	if err != nil {
 		t.Fatalf("%s: %v", name, err)
 	}
