@@ -283,3 +283,34 @@ func TestNGINXEdges(t *testing.T) {
 		})
 	}
 }
+
+// TestBackupThatFailsOnceStaysInService: while US's backend is down, /us/ has
+// EU's alone. One failed answer from EU (its database stopped for a moment)
+// must not take EU out of /us/'s rotation: once EU's database is back, /us/
+// is served again at once, not after a fail timeout.
+func TestBackupThatFailsOnceStaysInService(t *testing.T) {
+	s := newStack(t)
+	eu := stackDB(t, "eu")
+	s.stop(t, "backend-us", false)
+	waitFor(t, 10*time.Second, "/us/health to be served by eu", func() bool {
+		status, servedBy, _, err := s.do("GET", "/us/health", "", "")
+		return err == nil && status == http.StatusOK && servedBy == "eu"
+	})
+
+	// Not s.stop: its clean-up would wait for US to be served by US, before
+	// backend-us's own clean-up has started it.
+	s.control(t, "stop", "db-eu")
+	t.Cleanup(func() { s.control(t, "start", "db-eu") })
+	status, _, got, err := s.do("GET", "/us/health", "", "")
+	if err != nil || status < 500 {
+		t.Fatalf("GET /us/health with backend-us and db-eu down = %d %+v %v, want a 5xx", status, got, err)
+	}
+	s.control(t, "start", "db-eu")
+	waitFor(t, 30*time.Second, "db-eu to answer", func() bool { return eu.Ping() == nil })
+	// EU's own pool reconnects within a moment; NGINX must not add its
+	// fail timeout (10 s by default) to that.
+	waitFor(t, 3*time.Second, "/us/ to be served by eu again", func() bool {
+		status, servedBy, _, err := s.do("GET", "/us/properties/1", "", "")
+		return err == nil && status == http.StatusOK && servedBy == "eu"
+	})
+}
