@@ -20,8 +20,10 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
@@ -32,6 +34,11 @@ const consumeBatchSize = 500
 // applyAttemptTimeout bounds one attempt to write a batch's dead letters or
 // to apply it. An attempt that runs out is retried.
 const applyAttemptTimeout = 5 * time.Second
+
+// maxRefusals is how many times the database may refuse a batch for what is
+// in it (refusedByDatabase) before the consumer applies its events one by
+// one and sends those the database refuses to the dead-letter queue.
+const maxRefusals = 3
 
 // consumer applies the peer region's records to this region's database.
 type consumer struct {
@@ -145,11 +152,12 @@ func (c *consumer) close(ctx context.Context) {
 	c.client.Close()
 }
 
-// batch is one poll's records, sorted out: the peer's events to apply, the
-// newest heartbeat watermark per partition, and the dead letters of the
-// records that could not be decoded.
+// batch is one poll's records, sorted out: the peer's events to apply (and
+// the record each came in), the newest heartbeat watermark per partition,
+// and the dead letters of the records that could not be decoded.
 type batch struct {
 	events     []event
+	sources    []*kgo.Record
 	watermarks map[int32]time.Time
 	dead       []*kgo.Record
 }
@@ -173,17 +181,37 @@ func (c *consumer) sortRecords(records []*kgo.Record) batch {
 			}
 		case m.event != nil:
 			b.events = append(b.events, *m.event)
+			b.sources = append(b.sources, rec)
 		}
 	}
 	return b
 }
 
-// handle applies one poll's records: dead letters first, then the peer's
-// events and heartbeats in one transaction. Each step is retried with
-// backoff while Kafka or the database is unreachable: consumption pauses,
-// and no record is ever skipped. It returns false if ctx was cancelled first.
+// handle applies one poll's records: the peer's events and heartbeats in one
+// transaction, then the dead letters. Each step is retried with backoff
+// while Kafka or the database is unreachable: consumption pauses, and no
+// record is ever skipped. An event the database refuses for what it holds is
+// tried maxRefusals times with its batch, and then goes to the dead-letter
+// queue with the reason, alone. It returns false if ctx was cancelled first.
 func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions int32) bool {
 	b := c.sortRecords(records)
+	var outcomes []outcome
+	refusals := 0
+	ok := c.retry(ctx, "apply", func(ctx context.Context) error {
+		var err error
+		if refusals < maxRefusals {
+			outcomes, err = c.apply(ctx, b, partitions)
+		} else {
+			outcomes, err = c.applyEach(ctx, &b, partitions)
+		}
+		if refusedByDatabase(err) {
+			refusals++
+		}
+		return err
+	})
+	if !ok {
+		return false
+	}
 	// Dead letters are written before the offsets can be committed, so that
 	// a poison record is never just dropped.
 	if len(b.dead) > 0 {
@@ -194,15 +222,6 @@ func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions
 			return false
 		}
 		c.stats.deadLettered.Add(int64(len(b.dead)))
-	}
-	var outcomes []outcome
-	ok := c.retry(ctx, "apply", func(ctx context.Context) error {
-		var err error
-		outcomes, err = c.apply(ctx, b, partitions)
-		return err
-	})
-	if !ok {
-		return false
 	}
 	// Counted and logged only once committed, so a retried batch counts once.
 	for i, e := range b.events {
@@ -263,6 +282,63 @@ func (c *consumer) apply(ctx context.Context, b batch, partitions int32) ([]outc
 		return nil, fmt.Errorf("apply batch: commit: %w", err)
 	}
 	return outcomes, nil
+}
+
+// applyEach is apply for a batch the database keeps refusing: each event is
+// applied under a savepoint of its own, and one that the database refuses
+// (refusedByDatabase) is rolled back and moved from b's events to its dead
+// letters, with the database's reason. The rest, and the watermarks, commit
+// together as apply's would.
+func (c *consumer) applyEach(ctx context.Context, b *batch, partitions int32) ([]outcome, error) {
+	tx, err := c.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, fmt.Errorf("apply events one by one: %w", err)
+	}
+	defer tx.Rollback()
+	var (
+		outcomes []outcome
+		kept     batch
+		refused  []*kgo.Record
+	)
+	for i, e := range b.events {
+		if _, err := tx.ExecContext(ctx, "SAVEPOINT event"); err != nil {
+			return nil, fmt.Errorf("apply events one by one: %w", err)
+		}
+		o, err := applyEvents(ctx, tx, []event{e})
+		switch {
+		case refusedByDatabase(err):
+			if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT event"); err != nil {
+				return nil, fmt.Errorf("apply events one by one: %w", err)
+			}
+			refused = append(refused, c.deadLetter(b.sources[i], fmt.Errorf("refused by the database: %w", err)))
+		case err != nil:
+			return nil, fmt.Errorf("apply events one by one: %w", err)
+		default:
+			outcomes = append(outcomes, o...)
+			kept.events = append(kept.events, e)
+			kept.sources = append(kept.sources, b.sources[i])
+		}
+	}
+	for partition, w := range b.watermarks {
+		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, w); err != nil {
+			return nil, fmt.Errorf("apply events one by one: save watermark: %w", err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return nil, fmt.Errorf("apply events one by one: commit: %w", err)
+	}
+	b.events, b.sources = kept.events, kept.sources
+	b.dead = append(b.dead, refused...)
+	return outcomes, nil
+}
+
+// refusedByDatabase reports whether err is PostgreSQL refusing what an event
+// holds (SQLSTATE class 22, data exception, or 23, integrity constraint
+// violation): trying the same event again changes nothing. Every other
+// failure, an outage above all, is worth retrying.
+func refusedByDatabase(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "22") || strings.HasPrefix(pgErr.Code, "23"))
 }
 
 // count records the outcome of one applied event. Conflicts are logged: a
@@ -363,7 +439,7 @@ func (e event) validate() error {
 // deadLetter returns the dead-letter record for rec: the original key, value
 // and headers, plus why it was rejected and where it came from.
 func (c *consumer) deadLetter(rec *kgo.Record, reason error) *kgo.Record {
-	c.logger.Error("consume: undecodable record sent to the dead-letter queue",
+	c.logger.Error("consume: record sent to the dead-letter queue",
 		"partition", rec.Partition, "offset", rec.Offset, "reason", reason)
 	headers := append([]kgo.RecordHeader(nil), rec.Headers...)
 	headers = append(headers,
