@@ -176,6 +176,10 @@ func (c *consumer) sortRecords(records []*kgo.Record) batch {
 		case err != nil:
 			b.dead = append(b.dead, c.deadLetter(rec, err))
 		case m.heartbeat != nil:
+			if w := m.heartbeat.Watermark; w.After(time.Now().Add(maxClockSkew)) {
+				c.logger.Warn("consume: a peer watermark from the future, clamped to now (a skewed or forged clock)",
+					"watermark", w, "partition", rec.Partition)
+			}
 			if w := m.heartbeat.Watermark; w.After(b.watermarks[rec.Partition]) {
 				b.watermarks[rec.Partition] = w
 			}
@@ -251,11 +255,19 @@ func (c *consumer) retry(ctx context.Context, what string, f func(context.Contex
 	}
 }
 
+// maxClockSkew is how far ahead of this region's clock a peer watermark may
+// be. The regions' clocks are kept in step (NTP); a watermark further ahead
+// comes from a skewed or forged clock.
+const maxClockSkew = time.Second
+
 // saveWatermarkSQL moves a partition's watermark forward, never back: a
-// re-delivered old heartbeat must not make the lag jump.
+// re-delivered old heartbeat must not make the lag jump. A watermark from the
+// future is clamped to this database's clock plus maxClockSkew ($5): kept as
+// it came, it would hold the lag at 0 until that future arrived, whatever
+// went missing meanwhile.
 const saveWatermarkSQL = `
 INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, applied_at)
-VALUES ($1, $2, $3, $4, now())
+VALUES ($1, $2, $3, LEAST($4, clock_timestamp() + $5 * interval '1 millisecond'), now())
 ON CONFLICT (peer_region, partition) DO UPDATE
 SET watermark  = GREATEST(replication_watermarks.watermark, EXCLUDED.watermark),
     partitions = EXCLUDED.partitions,
@@ -274,7 +286,7 @@ func (c *consumer) apply(ctx context.Context, b batch, partitions int32) ([]outc
 		return nil, fmt.Errorf("apply batch: %w", err)
 	}
 	for partition, w := range b.watermarks {
-		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, w); err != nil {
+		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, w, maxClockSkew.Milliseconds()); err != nil {
 			return nil, fmt.Errorf("apply batch: save watermark: %w", err)
 		}
 	}
@@ -320,7 +332,7 @@ func (c *consumer) applyEach(ctx context.Context, b *batch, partitions int32) ([
 		}
 	}
 	for partition, w := range b.watermarks {
-		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, w); err != nil {
+		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, w, maxClockSkew.Milliseconds()); err != nil {
 			return nil, fmt.Errorf("apply events one by one: save watermark: %w", err)
 		}
 	}

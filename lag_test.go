@@ -37,7 +37,7 @@ func TestReplicationLagReport(t *testing.T) {
 		}
 		for p := range n {
 			w := time.Now().Add(-age - time.Duration(p)*time.Second)
-			if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, w); err != nil {
+			if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, w, maxClockSkew.Milliseconds()); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -63,4 +63,26 @@ func TestReplicationLagReport(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestFutureWatermarkIsClamped applies a heartbeat from the year 3000, as a
+// skewed or forged peer clock would send: the lag must not freeze at 0 but
+// go on growing from now.
+func TestFutureWatermarkIsClamped(t *testing.T) {
+	db := testDB(t)
+	ctx := context.Background()
+	t.Cleanup(func() { db.ExecContext(ctx, `DELETE FROM replication_watermarks`) })
+	for p := range 3 {
+		future := time.Date(3000, 1, 1, 0, 0, 0, 0, time.UTC)
+		if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, future, maxClockSkew.Milliseconds()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 5*time.Second, "the lag to grow past half a second after a watermark from the future", func() bool {
+		r, err := readLag(ctx, db, "eu", time.Now(), &replicationStats{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.LagSeconds > 0.5
+	})
 }

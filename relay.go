@@ -129,8 +129,27 @@ func (r *relay) run(ctx context.Context, partitions int32) {
 }
 
 // lockRelaySQL takes the relay's advisory lock for this transaction, if no
-// other instance holds it, and reads the clock at the transaction's start.
-const lockRelaySQL = `SELECT pg_try_advisory_xact_lock($1), now()`
+// other instance holds it.
+const lockRelaySQL = `SELECT pg_try_advisory_xact_lock($1)`
+
+// lockRelayWatermarkSQL is lockRelaySQL for a round that publishes
+// heartbeats, and also reads their watermark: the earliest time a write that
+// is not in the outbox yet could carry. That is this transaction's start,
+// unless another transaction still in progress started earlier: a PUT is one
+// statement, and the time it stamps its row with (updated_at, now()) is its
+// transaction's start, which may be long before it commits. Read in the
+// round's first statement, before the outbox: under READ COMMITTED each
+// statement sees every transaction that committed before it began, so a
+// write is either in progress now (and bounds the watermark), or visible to
+// the outbox read that follows, or starts after now.
+const lockRelayWatermarkSQL = `
+SELECT pg_try_advisory_xact_lock($1),
+       LEAST(now(), (SELECT min(xact_start) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()))`
+
+// oldestLeftSQL is the earliest time carried by an event the round leaves in
+// the outbox (a full round leaves the rest for the next one).
+const oldestLeftSQL = `SELECT min(created_at) FROM outbox WHERE seq > $1`
 
 // deleteOutboxSQL forgets the rows Kafka has acknowledged.
 const deleteOutboxSQL = `DELETE FROM outbox WHERE seq = ANY($1)`
@@ -142,10 +161,12 @@ const deleteOutboxSQL = `DELETE FROM outbox WHERE seq = ANY($1)`
 // published once and in order. If the instance dies, its transaction ends,
 // the lock is released and another instance's next round takes over.
 //
-// When the round drains the outbox, it also publishes a heartbeat to every
-// partition (at most every heartbeatInterval) with the time the round's
-// transaction started: every write committed before then was visible to this
-// round and is now in Kafka.
+// At most every heartbeatInterval, the round also publishes a heartbeat to
+// every partition, after its events: every write that carries an earlier
+// time than the heartbeat's watermark is in Kafka ahead of it (see
+// lockRelayWatermarkSQL). A full round sends one too, with a watermark no
+// later than the oldest event it leaves behind, so that the other region's
+// lag stays true under a load that keeps every round full.
 func (r *relay) publishRound(ctx context.Context, partitions int32) (full bool, err error) {
 	// The round finishes even if ctx is cancelled meanwhile: a publish must
 	// not be abandoned between Kafka's acknowledgement and the delete.
@@ -156,9 +177,15 @@ func (r *relay) publishRound(ctx context.Context, partitions int32) (full bool, 
 		return false, fmt.Errorf("relay: %w", err)
 	}
 	defer tx.Rollback()
+	heartbeatDue := time.Since(r.lastHeartbeat) >= heartbeatInterval
 	var locked bool
 	var watermark time.Time
-	if err := tx.QueryRowContext(ctx, lockRelaySQL, relayLockKey).Scan(&locked, &watermark); err != nil {
+	if heartbeatDue {
+		err = tx.QueryRowContext(ctx, lockRelayWatermarkSQL, relayLockKey).Scan(&locked, &watermark)
+	} else {
+		err = tx.QueryRowContext(ctx, lockRelaySQL, relayLockKey).Scan(&locked)
+	}
+	if err != nil {
 		return false, fmt.Errorf("relay: lock: %w", err)
 	}
 	if !locked {
@@ -170,7 +197,15 @@ func (r *relay) publishRound(ctx context.Context, partitions int32) (full bool, 
 		return false, fmt.Errorf("relay: read outbox: %w", err)
 	}
 	full = len(seqs) == relayBatchSize
-	heartbeatDue := !full && time.Since(r.lastHeartbeat) >= heartbeatInterval
+	if heartbeatDue && full {
+		var left sql.NullTime
+		if err := tx.QueryRowContext(ctx, oldestLeftSQL, seqs[len(seqs)-1]).Scan(&left); err != nil {
+			return false, fmt.Errorf("relay: oldest event left: %w", err)
+		}
+		if left.Valid && left.Time.Before(watermark) {
+			watermark = left.Time
+		}
+	}
 	if heartbeatDue {
 		hb, err := r.heartbeats(watermark, partitions)
 		if err != nil {
