@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
@@ -62,8 +63,12 @@ func newConsumer(logger *slog.Logger, db *sql.DB, producer *kgo.Client, region s
 		kgo.ConsumerGroup("property-replicator-"+region),
 		kgo.ConsumeTopics(topic),
 		// A new group starts at the oldest event, so that nothing written
-		// before this region first started is missed.
-		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
+		// before this region first started is missed. And no offset is ever
+		// reset: if the broker no longer holds the next event this region
+		// needs (it was away longer than the retention, or the broker lost
+		// data), that is an error (eventsLost), not a jump to whatever the
+		// broker still has.
+		kgo.ConsumeResetOffset(kgo.NoResetOffset()),
 		// Offsets are committed by hand, after the database commit.
 		kgo.DisableAutoCommit(),
 		// No rebalance while a batch is being applied: its partitions cannot
@@ -107,8 +112,18 @@ func (c *consumer) run(ctx context.Context, partitions int32) {
 		fetchErrors := 0
 		fetches.EachError(func(topic string, partition int32, err error) {
 			fetchErrors++
+			if eventsLost(err) {
+				c.stop(fmt.Sprintf("events lost: partition %d of %s no longer holds the next event this region needs (%v); "+
+					"re-seed this region from the other one (README)", partition, topic, err))
+				return
+			}
 			c.logger.Warn("consume: fetch error", "topic", topic, "partition", partition, "err", err)
 		})
+		if c.stats.stopped.Load() != nil {
+			// Nothing of this poll is applied and no offset moves: the
+			// region stays exactly where the loss was found.
+			return
+		}
 		records := fetches.Records()
 		if fetchErrors > 0 && len(records) == 0 {
 			// The client retries by itself; do not spin on a failing broker.
@@ -135,6 +150,33 @@ func (c *consumer) run(ctx context.Context, partitions int32) {
 		})
 		c.client.AllowRebalance()
 	}
+}
+
+// eventsLost reports whether a fetch error means the broker lost events this
+// region had not applied yet: the committed offset is no longer in the log
+// (OffsetOutOfRange, which NoResetOffset hands back instead of resetting), or
+// the log was cut back below what was consumed (ErrDataLoss).
+func eventsLost(err error) bool {
+	var dataLoss *kgo.ErrDataLoss
+	return errors.Is(err, kerr.OffsetOutOfRange) || errors.As(err, &dataLoss)
+}
+
+// stop ends the consumer's work for good, with the reason: the lag report
+// and /health's body show it from now on, and the log says it at error
+// level. Skipping ahead would leave the regions different for ever without a
+// word; stopping keeps the lag growing, which is the truth.
+func (c *consumer) stop(reason string) {
+	if c.stats.stopped.CompareAndSwap(nil, &reason) {
+		c.logger.Error("consume: replication stopped", "reason", reason)
+	}
+}
+
+// stoppedReason is why replication stopped, or "" while it runs.
+func (c *consumer) stoppedReason() string {
+	if r := c.stats.stopped.Load(); r != nil {
+		return *r
+	}
+	return ""
 }
 
 // close leaves the consumer group within ctx and closes the client, so that

@@ -31,12 +31,13 @@ const dbTimeout = 3 * time.Second
 
 // newServer returns the HTTP handler of one regional backend: the routes of
 // addRoutes, wrapped so that every response is JSON, carries X-Served-By and
-// is logged. Besides the database, the handlers need two things of the
-// replication: notify, which wakes the outbox relay after a write commits,
-// and lag, which builds the replication lag report.
-func newServer(logger *slog.Logger, region string, db *sql.DB, notify func(), lag lagFunc) http.Handler {
+// is logged. Besides the database, the handlers need three things of the
+// replication: notify, which wakes the outbox relay after a write commits;
+// lag, which builds the replication lag report; and stopped, which says why
+// replication stopped for good, or "" while it runs.
+func newServer(logger *slog.Logger, region string, db *sql.DB, notify func(), lag lagFunc, stopped func() string) http.Handler {
 	mux := http.NewServeMux()
-	addRoutes(mux, logger, region, db, notify, lag)
+	addRoutes(mux, logger, region, db, notify, lag, stopped)
 	return middleware(logger, region, mux)
 }
 
@@ -53,30 +54,33 @@ func middleware(logger *slog.Logger, region string, h http.Handler) http.Handler
 // addRoutes is the one list of the service's routes. Every route but the bare
 // /health exists under both region prefixes: either backend serves either
 // region's traffic, which is what NGINX failover needs.
-func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.DB, notify func(), lag lagFunc) {
-	mux.Handle("GET /health", handleHealth(region, db))
-	mux.Handle("GET /{region}/health", knownRegion(logger, handleHealth(region, db)))
+func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.DB, notify func(), lag lagFunc, stopped func() string) {
+	mux.Handle("GET /health", handleHealth(region, db, stopped))
+	mux.Handle("GET /{region}/health", knownRegion(logger, handleHealth(region, db, stopped)))
 	mux.Handle("GET /{region}/properties/{id}", knownRegion(logger, handleGetProperty(logger, db)))
 	mux.Handle("PUT /{region}/properties/{id}", knownRegion(logger, handleUpdateProperty(logger, region, db, notify)))
 	mux.Handle("GET /{region}/replication-lag", knownRegion(logger, handleReplicationLag(logger, lag)))
 }
 
 // handleHealth answers 200 when the database answers, and 503 otherwise so
-// that NGINX moves the region's traffic to the other backend.
-func handleHealth(region string, db *sql.DB) http.Handler {
+// that NGINX moves the region's traffic to the other backend. A replication
+// that stopped for good (stopped) is said in the body, not in the status:
+// the region still serves its clients, and NGINX must not move them.
+func handleHealth(region string, db *sql.DB, stopped func() string) http.Handler {
 	type response struct {
-		Status string `json:"status"`
-		Region string `json:"region"`
-		Error  string `json:"error,omitempty"`
+		Status             string `json:"status"`
+		Region             string `json:"region"`
+		Error              string `json:"error,omitempty"`
+		ReplicationStopped string `json:"replication_stopped,omitempty"`
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), time.Second)
 		defer cancel()
 		if err := db.PingContext(ctx); err != nil {
-			encode(w, http.StatusServiceUnavailable, response{"unavailable", region, "database unreachable"})
+			encode(w, http.StatusServiceUnavailable, response{"unavailable", region, "database unreachable", stopped()})
 			return
 		}
-		encode(w, http.StatusOK, response{Status: "ok", Region: region})
+		encode(w, http.StatusOK, response{Status: "ok", Region: region, ReplicationStopped: stopped()})
 	})
 }
 

@@ -38,7 +38,7 @@ func testServer(t *testing.T, region string, db *sql.DB) http.Handler {
 	lag := func(ctx context.Context) (LagReport, error) {
 		return readLag(ctx, db, region, started, &replicationStats{})
 	}
-	return newServer(logger, region, db, func() {}, lag)
+	return newServer(logger, region, db, func() {}, lag, func() string { return "" })
 }
 
 // unreachableDB returns a pool on a port where nothing listens: a stopped
@@ -61,8 +61,9 @@ type response struct {
 	Property
 
 	// Health fields.
-	Status string `json:"status,omitempty"`
-	Region string `json:"region,omitempty"`
+	Status             string `json:"status,omitempty"`
+	Region             string `json:"region,omitempty"`
+	ReplicationStopped string `json:"replication_stopped,omitempty"`
 
 	// Error fields.
 	Error            string    `json:"error,omitempty"`

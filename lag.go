@@ -59,6 +59,11 @@ type LagReport struct {
 	Replays      int64 `json:"replays"`
 	StaleEvents  int64 `json:"stale_events"`
 	DeadLettered int64 `json:"dead_lettered"`
+	// ReplicationStopped says why this region stopped applying the other
+	// region's writes, when it did: the broker no longer holds events it
+	// needs, and the region must be re-seeded (README). Absent while
+	// replication runs.
+	ReplicationStopped string `json:"replication_stopped,omitempty"`
 }
 
 // replicationStats are the consumer's counters, which the lag report shows.
@@ -70,6 +75,9 @@ type replicationStats struct {
 	stale        atomic.Int64
 	deadLettered atomic.Int64
 	lastApplied  atomic.Pointer[time.Time]
+	// stopped is why replication stopped for good (consumer.stop); nil
+	// while it runs.
+	stopped atomic.Pointer[string]
 
 	mu     sync.Mutex
 	behind map[int32]int64 // records not yet consumed, by partition
@@ -140,5 +148,8 @@ func readLag(ctx context.Context, db *sql.DB, region string, since time.Time, st
 	rep.Replays = stats.replays.Load()
 	rep.StaleEvents = stats.stale.Load()
 	rep.DeadLettered = stats.deadLettered.Load()
+	if r := stats.stopped.Load(); r != nil {
+		rep.ReplicationStopped = *r
+	}
 	return rep, nil
 }

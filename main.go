@@ -247,7 +247,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if err != nil {
 		return err
 	}
-	srv := newHTTPServer(cfg.port, logger, newServer(logger, cfg.region, db, rep.notify, rep.lagReport))
+	srv := newHTTPServer(cfg.port, logger, newServer(logger, cfg.region, db, rep.notify, rep.lagReport, rep.stoppedReason))
 	listener, err := net.Listen("tcp", srv.Addr)
 	if err != nil {
 		closeCtx, cancel := context.WithTimeout(context.Background(), kafkaCloseTimeout)

@@ -190,6 +190,9 @@ func (r *replicator) lagReport(ctx context.Context) (LagReport, error) {
 	return r.consumer.lagReport(ctx)
 }
 
+// stoppedReason is why replication stopped for good, or "" while it runs.
+func (r *replicator) stoppedReason() string { return r.consumer.stoppedReason() }
+
 // run creates the topics (retrying until Kafka answers), then relays and
 // consumes until ctx is cancelled. Each loop finishes its current batch
 // before it returns; run returns when both have.
