@@ -460,7 +460,9 @@ func TestRequestReplayedInBothRegions(t *testing.T) {
 // before it, so EU's lag grows while it is held.
 func TestLagCoversWritesInProgress(t *testing.T) {
 	s := newStack(t)
-	us := stackDB(t, "us")
+	// As the backends' role: a write is the service's, and the relay sees
+	// the transactions of its own role.
+	us := serviceDB(t, "us")
 	s.caughtUp(t, 30*time.Second)
 	const id = 210
 	p := s.current(t, "us", id)

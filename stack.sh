@@ -35,6 +35,8 @@ set +a
 : "${POSTGRES_USER:?set POSTGRES_USER in .env (see .env.example)}"
 : "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env (see .env.example)}"
 : "${POSTGRES_DB:?set POSTGRES_DB in .env (see .env.example)}"
+: "${SERVICE_DB_USER:?set SERVICE_DB_USER in .env (see .env.example)}"
+: "${SERVICE_DB_PASSWORD:?set SERVICE_DB_PASSWORD in .env (see .env.example)}"
 
 log() { printf '%s stack: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -47,8 +49,12 @@ port_of() {
 	esac
 }
 
-db_url() { # db_url SERVICE [DATABASE]
+db_url() { # db_url SERVICE [DATABASE]: as the superuser
 	printf 'postgres://%s:%s@127.0.0.1:%s/%s' "$POSTGRES_USER" "$POSTGRES_PASSWORD" "$(port_of "$1")" "${2:-$POSTGRES_DB}"
+}
+
+service_db_url() { # service_db_url SERVICE: as the backends' own role
+	printf 'postgres://%s:%s@127.0.0.1:%s/%s' "$SERVICE_DB_USER" "$SERVICE_DB_PASSWORD" "$(port_of "$1")" "$POSTGRES_DB"
 }
 
 pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
@@ -147,8 +153,8 @@ init_db() {
 	local psql=("$pgbin/psql" -q -v ON_ERROR_STOP=1 -h "$state/pg" -p "$(port_of "$svc")" -U "$POSTGRES_USER")
 	as_pg "${psql[@]}" -d postgres -c "CREATE DATABASE \"$POSTGRES_DB\"" >/dev/null
 	# Both seeds into both regions, in the order the postgres image runs
-	# docker-entrypoint-initdb.d: the schema, then the seeds.
-	for f in init.sql us_seed.sql eu_seed.sql; do
+	# docker-entrypoint-initdb.d: the schema, the seeds, the backends' role.
+	for f in init.sql us_seed.sql eu_seed.sql service_role.sql; do
 		as_pg "${psql[@]}" -d "$POSTGRES_DB" -f - <"$root/$f" >/dev/null
 	done
 }
@@ -222,7 +228,7 @@ start_backend() {
 	local debug=6061
 	[ "$region" = eu ] && debug=6062
 	spawn "$svc" env REGION="$region" PORT="$(port_of "$svc")" \
-		DATABASE_URL="$(db_url "db-$region")" \
+		DATABASE_URL="$(service_db_url "db-$region")" \
 		KAFKA_BROKER=127.0.0.1:9092 KAFKA_TOPIC=property-updates \
 		DEBUG_ADDR="127.0.0.1:$debug" \
 		"$state/bin/property-listing"
@@ -375,6 +381,9 @@ write_test_env() {
 		STACK_KAFKA=127.0.0.1:9092
 		# The unit tests make (and drop) a scratch database on db-us's server.
 		TEST_DATABASE_URL=$(db_url db-us postgres)
+		# The backends' own role, for the tests of what it may do.
+		SERVICE_DB_USER=$SERVICE_DB_USER
+		SERVICE_DB_PASSWORD=$SERVICE_DB_PASSWORD
 	EOF
 }
 

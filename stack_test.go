@@ -200,29 +200,56 @@ func (s *stack) accessLogEntry(t *testing.T, requestID string) accessLogEntry {
 	return found
 }
 
-// stackDB opens one region's database, failing with what to set if the
-// address is unknown or the database does not answer.
+// stackDB opens one region's database as the superuser, failing with what
+// to set if the address is unknown or the database does not answer.
 func stackDB(t testing.TB, region string) *sql.DB {
 	t.Helper()
-	name := "STACK_DB_" + strings.ToUpper(region)
-	url := setting(name, "")
-	if url == "" {
-		user, pass, db := setting("POSTGRES_USER", ""), setting("POSTGRES_PASSWORD", ""), setting("POSTGRES_DB", "")
-		if user == "" || pass == "" || db == "" {
-			t.Fatalf("%s is not set, nor POSTGRES_USER, POSTGRES_PASSWORD and POSTGRES_DB to build it from "+
-				"(in .env for the compose stack; ./stack.sh up writes .stack/stack.env)", name)
-		}
-		port := map[string]string{"us": "5433", "eu": "5434"}[region]
-		u := neturl.URL{Scheme: "postgres", User: neturl.UserPassword(user, pass), Host: "localhost:" + port, Path: "/" + db}
-		url = u.String()
+	return openStackDB(t, stackURL(t, region))
+}
+
+// serviceDB opens one region's database as the backends' own role
+// (service_role.sql).
+func serviceDB(t testing.TB, region string) *sql.DB {
+	t.Helper()
+	u, err := neturl.Parse(stackURL(t, region))
+	if err != nil {
+		t.Fatal(err)
 	}
+	user, pass := setting("SERVICE_DB_USER", ""), setting("SERVICE_DB_PASSWORD", "")
+	if user == "" || pass == "" {
+		t.Fatal("SERVICE_DB_USER and SERVICE_DB_PASSWORD are not set (in .env for the compose stack; ./stack.sh up writes .stack/stack.env)")
+	}
+	u.User = neturl.UserPassword(user, pass)
+	return openStackDB(t, u.String())
+}
+
+// stackURL is the address of one region's database, as the superuser.
+func stackURL(t testing.TB, region string) string {
+	t.Helper()
+	name := "STACK_DB_" + strings.ToUpper(region)
+	if url := setting(name, ""); url != "" {
+		return url
+	}
+	user, pass, db := setting("POSTGRES_USER", ""), setting("POSTGRES_PASSWORD", ""), setting("POSTGRES_DB", "")
+	if user == "" || pass == "" || db == "" {
+		t.Fatalf("%s is not set, nor POSTGRES_USER, POSTGRES_PASSWORD and POSTGRES_DB to build it from "+
+			"(in .env for the compose stack; ./stack.sh up writes .stack/stack.env)", name)
+	}
+	port := map[string]string{"us": "5433", "eu": "5434"}[region]
+	u := neturl.URL{Scheme: "postgres", User: neturl.UserPassword(user, pass), Host: "localhost:" + port, Path: "/" + db}
+	return u.String()
+}
+
+// openStackDB opens a small pool on url and fails unless it answers.
+func openStackDB(t testing.TB, url string) *sql.DB {
+	t.Helper()
 	db, err := openDB(url, 4, sessionLimits{})
 	if err != nil {
-		t.Fatalf("%s: %v", name, err)
+		t.Fatal(err)
 	}
 	t.Cleanup(func() { db.Close() })
 	if err := db.PingContext(context.Background()); err != nil {
-		t.Fatalf("%s does not answer (%v): is the stack up? `./stack.sh up` or `docker compose up -d --wait`", name, err)
+		t.Fatalf("the database does not answer (%v): is the stack up? `./stack.sh up` or `docker compose up -d --wait`", err)
 	}
 	return db
 }

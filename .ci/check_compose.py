@@ -11,7 +11,7 @@ Compose cannot run on the CI machine (no Docker engine), so this reads what
     127.0.0.1;
   - every service has a healthcheck;
   - the backends get every variable the service requires (loadConfig in
-    main.go);
+    main.go), and connect as their own role, not the database superuser;
   - no service waits for another's health at start: one region's database or
     Kafka down at cold start must not keep the other region or NGINX from
     serving (a backend answers 503 until its database answers, and NGINX
@@ -85,6 +85,9 @@ def problems(config):
             for var in need:
                 if not str(env.get(var, "")):
                     yield f"{name}: {var} is not set"
+            superuser = services["db-" + name.removeprefix("backend-")]["environment"]["POSTGRES_USER"]
+            if env.get("DB_USER") == superuser:
+                yield f"{name}: connects as the database superuser {superuser}"
 
 
 def main():
