@@ -19,11 +19,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strconv"
-	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
@@ -35,11 +32,6 @@ const consumeBatchSize = 500
 // applyAttemptTimeout bounds one attempt to write a batch's dead letters or
 // to apply it. An attempt that runs out is retried.
 const applyAttemptTimeout = 5 * time.Second
-
-// maxRefusals is how many times the database may refuse a batch for what is
-// in it (refusedByDatabase) before the consumer applies its events one by
-// one and sends those the database refuses to the dead-letter queue.
-const maxRefusals = 3
 
 // consumer applies the peer region's records to this region's database.
 type consumer struct {
@@ -338,63 +330,6 @@ func (c *consumer) apply(ctx context.Context, b batch, partitions int32) ([]outc
 	return outcomes, nil
 }
 
-// applyEach is apply for a batch the database keeps refusing: each event is
-// applied under a savepoint of its own, and one that the database refuses
-// (refusedByDatabase) is rolled back and moved from b's events to its dead
-// letters, with the database's reason. The rest, and the watermarks, commit
-// together as apply's would.
-func (c *consumer) applyEach(ctx context.Context, b *batch, partitions int32) ([]outcome, error) {
-	tx, err := c.db.BeginTx(ctx, nil)
-	if err != nil {
-		return nil, fmt.Errorf("apply events one by one: %w", err)
-	}
-	defer tx.Rollback()
-	var (
-		outcomes []outcome
-		kept     batch
-		refused  []*kgo.Record
-	)
-	for i, e := range b.events {
-		if _, err := tx.ExecContext(ctx, "SAVEPOINT event"); err != nil {
-			return nil, fmt.Errorf("apply events one by one: %w", err)
-		}
-		o, err := applyEvents(ctx, tx, []event{e})
-		switch {
-		case refusedByDatabase(err):
-			if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT event"); err != nil {
-				return nil, fmt.Errorf("apply events one by one: %w", err)
-			}
-			refused = append(refused, c.deadLetter(b.sources[i], fmt.Errorf("refused by the database: %w", err)))
-		case err != nil:
-			return nil, fmt.Errorf("apply events one by one: %w", err)
-		default:
-			outcomes = append(outcomes, o...)
-			kept.events = append(kept.events, e)
-			kept.sources = append(kept.sources, b.sources[i])
-		}
-	}
-	for partition, w := range b.watermarks {
-		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, w, maxClockSkew.Milliseconds()); err != nil {
-			return nil, fmt.Errorf("apply events one by one: save watermark: %w", err)
-		}
-	}
-	if err := tx.Commit(); err != nil {
-		return nil, fmt.Errorf("apply events one by one: commit: %w", err)
-	}
-	b.events, b.sources = kept.events, kept.sources
-	b.dead = append(b.dead, refused...)
-	return outcomes, nil
-}
-
-// refusedByDatabase reports whether err is PostgreSQL refusing what an event
-// holds (SQLSTATE class 22, data exception, or 23, integrity constraint
-// violation): trying the same event again changes nothing. Every other
-// failure, an outage above all, is worth retrying.
-func refusedByDatabase(err error) bool {
-	var pgErr *pgconn.PgError
-	return errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "22") || strings.HasPrefix(pgErr.Code, "23"))
-}
-
 // count records the outcome of one applied event. Conflicts are logged: a
 // concurrent write was lost, and somebody may want to know which.
 func (c *consumer) count(e event, o outcome) {
@@ -422,84 +357,4 @@ func (c *consumer) count(e event, o outcome) {
 	case stale:
 		c.stats.stale.Add(1)
 	}
-}
-
-// message is one decoded record of the topic: an event or a heartbeat.
-type message struct {
-	region    string // the producing region
-	event     *event
-	heartbeat *heartbeat
-}
-
-// decodeMessage decodes and validates one record.
-func decodeMessage(rec *kgo.Record) (message, error) {
-	m := message{region: header(rec, headerRegion)}
-	if !validRegion(m.region) {
-		return m, fmt.Errorf("missing or unknown %q header %q", headerRegion, m.region)
-	}
-	switch kind := header(rec, headerKind); kind {
-	case kindHeartbeat:
-		var hb heartbeat
-		if err := strictUnmarshal(rec.Value, &hb); err != nil {
-			return m, fmt.Errorf("heartbeat: %w", err)
-		}
-		if hb.Region != m.region || hb.Watermark.IsZero() {
-			return m, errors.New("heartbeat: region or watermark missing")
-		}
-		m.heartbeat = &hb
-	case kindEvent:
-		var e event
-		if err := strictUnmarshal(rec.Value, &e); err != nil {
-			return m, fmt.Errorf("event: %w", err)
-		}
-		e.fingerprint = header(rec, headerFingerprint)
-		if err := e.validate(); err != nil {
-			return m, fmt.Errorf("event: %w", err)
-		}
-		if e.RegionOrigin != m.region {
-			return m, fmt.Errorf("event: region_origin %q differs from header %q", e.RegionOrigin, m.region)
-		}
-		if string(rec.Key) != strconv.FormatInt(e.ID, 10) {
-			return m, fmt.Errorf("event: key %q is not the property id %d", rec.Key, e.ID)
-		}
-		m.event = &e
-	default:
-		return m, fmt.Errorf("missing or unknown %q header %q", headerKind, kind)
-	}
-	return m, nil
-}
-
-// validate checks what the database would otherwise reject in the middle of
-// a batch: an event that cannot be applied is poison, not an outage. The
-// values obey the same rules as a client's (checkValues).
-func (e event) validate() error {
-	switch {
-	case e.ID < 1:
-		return errors.New("id must be positive")
-	case !validRegion(e.RegionOrigin):
-		return errors.New("unknown region_origin")
-	case e.Version < 1:
-		return errors.New("version must be positive")
-	case e.UpdatedAt.IsZero():
-		return errors.New("updated_at missing")
-	case !validRequestID(e.RequestID):
-		return errors.New("invalid request_id")
-	case !validFingerprint(e.fingerprint):
-		return fmt.Errorf("missing or invalid %q header", headerFingerprint)
-	}
-	return checkValues(e.Price, e.Bedrooms, e.Bathrooms)
-}
-
-// deadLetter returns the dead-letter record for rec: the original key, value
-// and headers, plus why it was rejected and where it came from.
-func (c *consumer) deadLetter(rec *kgo.Record, reason error) *kgo.Record {
-	c.logger.Error("consume: record sent to the dead-letter queue",
-		"partition", rec.Partition, "offset", rec.Offset, "reason", reason)
-	headers := append([]kgo.RecordHeader(nil), rec.Headers...)
-	headers = append(headers,
-		kgo.RecordHeader{Key: headerReason, Value: []byte(reason.Error())},
-		kgo.RecordHeader{Key: "source", Value: fmt.Appendf(nil, "%s/%d/%d", rec.Topic, rec.Partition, rec.Offset)},
-		kgo.RecordHeader{Key: "rejected-by", Value: []byte(c.region)},
-	)
-	return &kgo.Record{Topic: c.dlqTopic, Key: rec.Key, Value: rec.Value, Headers: headers}
 }

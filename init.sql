@@ -54,9 +54,9 @@ CREATE INDEX IF NOT EXISTS properties_updated_at_idx ON properties (updated_at);
 
 -- processed_requests remembers every X-Request-ID that produced a successful
 -- update, here or in the other region, with the row that update wrote: that
--- row is the original response a retry gets with its 422, and the replication
--- event the relay publishes. A request id is written by the same statement as
--- its update, so it exists if and only if the update does. When one request
+-- row is the original response a retry gets with its 422. A request id is
+-- written by the same statement as its update, so it exists if and only if
+-- the update does. When one request
 -- was written in both regions (a retry replayed in the other region before
 -- the first write arrived there), both regions keep the same record: the
 -- greater write under the conflict rule (see idempotency.go).

@@ -6,19 +6,28 @@ package main
 // "Time since the last message" would be wrong twice over: it grows on an
 // idle, healthy link, and it stays small while old messages trickle in. What
 // matters is the oldest peer write that has not arrived yet. The peer's relay
-// tells us, with heartbeats: when it has drained its outbox into Kafka, it
-// publishes to every partition "everything I committed before time W is in
-// Kafka ahead of this record". When our consumer has applied a heartbeat, every
-// peer write committed before W has been applied here too. So:
+// tells us, with heartbeats: every quarter second it publishes to every
+// partition "every write of mine that carries a time before W is in Kafka,
+// ahead of this record". When our consumer has applied a heartbeat, every
+// peer write before W has been applied here too. So:
 //
 //	lag = now − W, where W is the smallest watermark over the partitions
+//
+// The promise is only as good as W, and W must allow for writes that are
+// still on their way into the peer's outbox: a PUT stamps its row with the
+// time its transaction started, and may commit later. So W is the relay
+// transaction's start, or the start of an older transaction still in
+// progress, or, when the relay is behind, the time of the oldest event it
+// has not published yet (relay.go, lockRelayWatermarkSQL).
 //
 // An idle, healthy link reports at most about the heartbeat interval (0.25 s).
 // When the peer's writes cannot arrive (Kafka down, the peer's relay or
 // database stopped, our consumer stopped), no heartbeat is applied and the lag
 // grows in real time. When they can again, the backlog is applied, the next
 // heartbeat lands, and the lag drops back to about 0. Both regions' clocks are
-// assumed to agree (NTP); a skew between them shifts the figure by the skew.
+// assumed to agree (NTP); a skew between them shifts the figure by the skew,
+// and a watermark more than maxClockSkew ahead is clamped, so that a skewed or
+// forged clock cannot hold the lag at 0.
 
 import (
 	"context"

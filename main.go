@@ -16,20 +16,27 @@
 //     either region.
 //   - handlers.go: the routes, request decoding and validation, and the one
 //     function that maps errors to status codes.
+//   - middleware.go: what every response goes through: JSON for the mux's
+//     own answers, a panic made a 500, X-Served-By, the request log.
 //   - json.go: the one strict JSON decoder, for request bodies and events.
+//   - database.go: the two connection pools, for requests and replication,
+//     and the lock and statement timeouts that keep a request from
+//     committing after its client gave up.
 //   - replicate.go: how a write reaches the other region, the records on the
 //     topic, and the replicator that runs the two halves below.
 //   - relay.go: the transactional outbox's relay, which publishes local
 //     writes to Kafka, and its heartbeats.
-//   - consume.go: the consumer, which applies the other region's writes and
-//     sends what it cannot decode to the dead-letter queue.
+//   - consume.go: the consumer, which applies the other region's writes,
+//     and stops, loudly, if the broker lost events it needs.
+//   - deadletter.go: where a record the consumer cannot apply goes.
 //   - conflict.go: the conflict rule that makes both databases converge, and
 //     the batch apply that carries it out.
 //   - lag.go: what the replication lag means and how it is measured.
 //
-// Around the program: init.sql and the seeds define the database, nginx.conf
-// the failover, docker-compose.yml and stack.sh the whole two-region stack,
-// and the *_test.go files prove each of these against real servers.
+// Around the program: init.sql and the seeds define the database and
+// service_role.sql the role the service connects as, nginx.conf the
+// failover, docker-compose.yml and stack.sh the whole two-region stack, and
+// the *_test.go files prove each of these against real servers.
 //
 // The program also has a health-check mode, "property-listing healthcheck",
 // that asks a running instance for GET /health and exits 0 or 1, so that a
@@ -38,7 +45,6 @@ package main
 
 import (
 	"context"
-	"database/sql"
 	"errors"
 	"fmt"
 	"io"
@@ -57,7 +63,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/stdlib"
 )
 
 // defaultGCPercent is the garbage collector's target unless GOGC is set. The
@@ -236,7 +241,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	}
 	logger := slog.New(slog.NewJSONHandler(stdout, nil)).With("region", cfg.region)
 
-	db, replicationDB, err := openPools(cfg)
+	db, replicationDB, err := openPools(cfg.databaseURL, cfg.dbMaxConns)
 	if err != nil {
 		return err
 	}
@@ -351,75 +356,6 @@ func shutdown(srv, debugSrv *http.Server, stopReplication func(), rep *replicato
 	defer cancel()
 	rep.close(closeCtx)
 	return err
-}
-
-// replicationConns is the size of the replication's own pool: the relay's
-// round and the consumer's batch hold one connection each, and the lag report
-// reads with a third.
-const replicationConns = 4
-
-// sessionLimits bound, on every connection of a pool, how long a statement
-// may wait for a row lock (lock_timeout) and how long it may run in all
-// (statement_timeout). Zero is no bound.
-type sessionLimits struct {
-	lock, statement time.Duration
-}
-
-// The limits of the two pools. A request's are below its own deadline
-// (dbTimeout, 3s): a PUT stuck behind a row lock must fail in the database,
-// having changed nothing, before its context runs out. Past the deadline the
-// client has its 503 and NGINX replays the PUT in the other region; a
-// statement that went on waiting could then still commit here, and the one
-// request would be written twice. Replication's are below its attempts'
-// deadlines (relayRoundTimeout, applyAttemptTimeout) for the same reason.
-var (
-	requestLimits     = sessionLimits{lock: time.Second, statement: 2 * time.Second}
-	replicationLimits = sessionLimits{lock: 2 * time.Second, statement: 4 * time.Second}
-)
-
-// openPools opens a region's two connection pools: one for requests, of
-// DB_MAX_CONNS connections, and a small one for replication. Apart, neither
-// can starve the other: requests queued on a locked row cannot hold back the
-// other region's writes, and a relay waiting on a slow Kafka with its
-// transaction open cannot take a connection from a request.
-func openPools(cfg config) (requests, replication *sql.DB, err error) {
-	if requests, err = openDB(cfg.databaseURL, cfg.dbMaxConns, requestLimits); err != nil {
-		return nil, nil, err
-	}
-	if replication, err = openDB(cfg.databaseURL, replicationConns, replicationLimits); err != nil {
-		requests.Close()
-		return nil, nil, err
-	}
-	return requests, replication, nil
-}
-
-// openDB opens a pool of at most maxConns connections with the given limits.
-// It does not wait for the database: the service starts and answers 503
-// until the database is reachable.
-func openDB(databaseURL string, maxConns int, limits sessionLimits) (*sql.DB, error) {
-	pgcfg, err := pgx.ParseConfig(databaseURL)
-	if err != nil {
-		return nil, errors.New("DATABASE_URL is not a valid PostgreSQL connection string")
-	}
-	if pgcfg.ConnectTimeout == 0 {
-		// A database host that is down should cost a request a moment, not
-		// the operating system's TCP connect timeout of minutes.
-		pgcfg.ConnectTimeout = 2 * time.Second
-	}
-	for name, d := range map[string]time.Duration{"lock_timeout": limits.lock, "statement_timeout": limits.statement} {
-		if d > 0 {
-			pgcfg.RuntimeParams[name] = strconv.FormatInt(d.Milliseconds(), 10)
-		}
-	}
-	db := stdlib.OpenDB(*pgcfg)
-	// A bounded pool: enough connections to keep two cores busy while some wait
-	// on commits, few enough that PostgreSQL's max_connections (100) holds
-	// both regions' pools, the relay and the consumer with room to spare.
-	db.SetMaxOpenConns(maxConns)
-	db.SetMaxIdleConns(maxConns)
-	db.SetConnMaxIdleTime(5 * time.Minute)
-	db.SetConnMaxLifetime(30 * time.Minute)
-	return db, nil
 }
 
 // debugHandler serves net/http/pprof's profiles.

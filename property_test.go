@@ -1,11 +1,7 @@
 package main
 
 import (
-	"bytes"
-	"context"
 	"fmt"
-	"log/slog"
-	"net/http"
 	"net/http/httptest"
 	"strings"
 	"sync"
@@ -75,37 +71,4 @@ func race(t *testing.T, n int, f func(i int) int) map[int]int {
 	close(start)
 	wg.Wait()
 	return statuses
-}
-
-// TestPutBehindLockGivesUpInTheDatabase holds a row's lock from another
-// transaction. A PUT of that row must give up in the database (its lock
-// timeout, requestLimits), having changed nothing, and not run into its own
-// deadline: past that, the client has its 503 and NGINX replays the PUT in
-// the other region, while the statement here could still commit.
-func TestPutBehindLockGivesUpInTheDatabase(t *testing.T) {
-	db := testDB(t)
-	ctx := context.Background()
-	var log bytes.Buffer
-	srv := newServer(slog.New(slog.NewJSONHandler(&log, nil)), "us", db, func() {}, nil, func() string { return "" })
-	const id = 60
-	before := readRow(t, db, id)
-	tx, err := db.BeginTx(ctx, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tx.Rollback()
-	if _, err := tx.ExecContext(ctx, `SELECT 1 FROM properties WHERE id = $1 FOR UPDATE`, id); err != nil {
-		t.Fatal(err)
-	}
-	status, _, got := call(t, srv, "PUT", "/us/properties/60", newRequestID("locked"), `{"price": 1, "version": 1}`)
-	tx.Rollback()
-	if diff := cmp.Diff(response{Error: "service unavailable, try again"}, got); status != http.StatusServiceUnavailable || diff != "" {
-		t.Errorf("PUT of a locked row = %d, want 503 (-want +got):\n%s", status, diff)
-	}
-	if !strings.Contains(log.String(), "SQLSTATE 55P03") {
-		t.Errorf("PUT of a locked row: the log does not show the database's lock timeout (SQLSTATE 55P03), so the request ran into its own deadline:\n%s", log.String())
-	}
-	if diff := cmp.Diff(before, readRow(t, db, id)); diff != "" {
-		t.Errorf("PUT of a locked row changed it (-before +after):\n%s", diff)
-	}
 }

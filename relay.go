@@ -7,8 +7,8 @@ package main
 // published again: delivery is at least once, and the consumers make a
 // duplicate harmless.
 //
-// When a round leaves the outbox drained, the relay also publishes a
-// heartbeat to every partition, which is what the other region measures its
+// Every heartbeatInterval, a round also publishes a heartbeat to every
+// partition after its events, which is what the other region measures its
 // replication lag against (lag.go).
 
 import (
@@ -178,36 +178,17 @@ func (r *relay) publishRound(ctx context.Context, partitions int32) (full bool, 
 	}
 	defer tx.Rollback()
 	heartbeatDue := time.Since(r.lastHeartbeat) >= heartbeatInterval
-	var locked bool
-	var watermark time.Time
-	if heartbeatDue {
-		err = tx.QueryRowContext(ctx, lockRelayWatermarkSQL, relayLockKey).Scan(&locked, &watermark)
-	} else {
-		err = tx.QueryRowContext(ctx, lockRelaySQL, relayLockKey).Scan(&locked)
+	locked, watermark, err := r.lock(ctx, tx, heartbeatDue)
+	if err != nil || !locked {
+		return false, err // !locked: another instance is the relay
 	}
-	if err != nil {
-		return false, fmt.Errorf("relay: lock: %w", err)
-	}
-	if !locked {
-		return false, nil // another instance is the relay
-	}
-
 	seqs, records, err := r.readOutbox(ctx, tx)
 	if err != nil {
 		return false, fmt.Errorf("relay: read outbox: %w", err)
 	}
 	full = len(seqs) == relayBatchSize
-	if heartbeatDue && full {
-		var left sql.NullTime
-		if err := tx.QueryRowContext(ctx, oldestLeftSQL, seqs[len(seqs)-1]).Scan(&left); err != nil {
-			return false, fmt.Errorf("relay: oldest event left: %w", err)
-		}
-		if left.Valid && left.Time.Before(watermark) {
-			watermark = left.Time
-		}
-	}
 	if heartbeatDue {
-		hb, err := r.heartbeats(watermark, partitions)
+		hb, err := r.heartbeats(ctx, tx, watermark, seqs, partitions)
 		if err != nil {
 			return false, fmt.Errorf("relay: %w", err)
 		}
@@ -236,6 +217,21 @@ func (r *relay) publishRound(ctx context.Context, partitions int32) (full bool, 
 		r.lastHeartbeat = time.Now()
 	}
 	return full, nil
+}
+
+// lock takes the relay's advisory lock in tx, and reports whether it got it.
+// With withWatermark, it also reads the heartbeats' watermark, in the same
+// first statement of the round (see lockRelayWatermarkSQL).
+func (r *relay) lock(ctx context.Context, tx *sql.Tx, withWatermark bool) (locked bool, watermark time.Time, err error) {
+	if withWatermark {
+		err = tx.QueryRowContext(ctx, lockRelayWatermarkSQL, relayLockKey).Scan(&locked, &watermark)
+	} else {
+		err = tx.QueryRowContext(ctx, lockRelaySQL, relayLockKey).Scan(&locked)
+	}
+	if err != nil {
+		return false, time.Time{}, fmt.Errorf("relay: lock: %w", err)
+	}
+	return locked, watermark, nil
 }
 
 // readOutboxSQL reads the oldest events of the outbox. Rows with a lower seq
@@ -282,9 +278,20 @@ func (r *relay) readOutbox(ctx context.Context, tx *sql.Tx) ([]int64, []*kgo.Rec
 	return seqs, records, rows.Err()
 }
 
-// heartbeats returns one heartbeat record with the given watermark for each
-// of the topic's partitions.
-func (r *relay) heartbeats(watermark time.Time, partitions int32) ([]*kgo.Record, error) {
+// heartbeats returns one heartbeat record for each of the topic's
+// partitions, to follow the round's events (seqs, in order). Their watermark
+// is the one lock read, or, when the round was full, the oldest time an
+// event it leaves behind carries, if that is earlier.
+func (r *relay) heartbeats(ctx context.Context, tx *sql.Tx, watermark time.Time, seqs []int64, partitions int32) ([]*kgo.Record, error) {
+	if len(seqs) == relayBatchSize {
+		var left sql.NullTime
+		if err := tx.QueryRowContext(ctx, oldestLeftSQL, seqs[len(seqs)-1]).Scan(&left); err != nil {
+			return nil, fmt.Errorf("oldest event left: %w", err)
+		}
+		if left.Valid && left.Time.Before(watermark) {
+			watermark = left.Time
+		}
+	}
 	value, err := json.Marshal(heartbeat{Region: r.region, Watermark: watermark.UTC()})
 	if err != nil {
 		return nil, fmt.Errorf("encode heartbeat: %w", err)

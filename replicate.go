@@ -25,9 +25,9 @@ package main
 // a total order that both regions evaluate the same way. Whatever order the
 // events arrive in, every database ends with the greatest write of each row.
 //
-// This file holds what the parts share: the records on the topic, the topics
-// themselves, and the replicator that starts and stops the relay and the
-// consumer together.
+// This file holds what the parts share: the records on the topic and how
+// they are decoded, the topics themselves, and the replicator that starts
+// and stops the relay and the consumer together.
 
 import (
 	"context"
@@ -58,10 +58,10 @@ type event struct {
 	fingerprint string
 }
 
-// heartbeat is the record a region's relay publishes to every partition when
-// its outbox is drained: "everything I committed before Watermark is in
-// Kafka, ahead of this record". The peer's lag is measured against it
-// (lag.go).
+// heartbeat is the record a region's relay publishes to every partition every
+// heartbeatInterval: "every write of mine that carries a time before
+// Watermark is in Kafka, ahead of this record". The peer's lag is measured
+// against it (lag.go).
 type heartbeat struct {
 	Region    string    `json:"region"`
 	Watermark time.Time `json:"watermark"`
@@ -310,4 +310,70 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	case <-t.C:
 		return true
 	}
+}
+
+// message is one decoded record of the topic: an event or a heartbeat.
+type message struct {
+	region    string // the producing region
+	event     *event
+	heartbeat *heartbeat
+}
+
+// decodeMessage decodes and validates one record.
+func decodeMessage(rec *kgo.Record) (message, error) {
+	m := message{region: header(rec, headerRegion)}
+	if !validRegion(m.region) {
+		return m, fmt.Errorf("missing or unknown %q header %q", headerRegion, m.region)
+	}
+	switch kind := header(rec, headerKind); kind {
+	case kindHeartbeat:
+		var hb heartbeat
+		if err := strictUnmarshal(rec.Value, &hb); err != nil {
+			return m, fmt.Errorf("heartbeat: %w", err)
+		}
+		if hb.Region != m.region || hb.Watermark.IsZero() {
+			return m, errors.New("heartbeat: region or watermark missing")
+		}
+		m.heartbeat = &hb
+	case kindEvent:
+		var e event
+		if err := strictUnmarshal(rec.Value, &e); err != nil {
+			return m, fmt.Errorf("event: %w", err)
+		}
+		e.fingerprint = header(rec, headerFingerprint)
+		if err := e.validate(); err != nil {
+			return m, fmt.Errorf("event: %w", err)
+		}
+		if e.RegionOrigin != m.region {
+			return m, fmt.Errorf("event: region_origin %q differs from header %q", e.RegionOrigin, m.region)
+		}
+		if string(rec.Key) != strconv.FormatInt(e.ID, 10) {
+			return m, fmt.Errorf("event: key %q is not the property id %d", rec.Key, e.ID)
+		}
+		m.event = &e
+	default:
+		return m, fmt.Errorf("missing or unknown %q header %q", headerKind, kind)
+	}
+	return m, nil
+}
+
+// validate checks what the database would otherwise reject in the middle of
+// a batch: an event that cannot be applied is poison, not an outage. The
+// values obey the same rules as a client's (checkValues).
+func (e event) validate() error {
+	switch {
+	case e.ID < 1:
+		return errors.New("id must be positive")
+	case !validRegion(e.RegionOrigin):
+		return errors.New("unknown region_origin")
+	case e.Version < 1:
+		return errors.New("version must be positive")
+	case e.UpdatedAt.IsZero():
+		return errors.New("updated_at missing")
+	case !validRequestID(e.RequestID):
+		return errors.New("invalid request_id")
+	case !validFingerprint(e.fingerprint):
+		return fmt.Errorf("missing or invalid %q header", headerFingerprint)
+	}
+	return checkValues(e.Price, e.Bedrooms, e.Bathrooms)
 }

@@ -1,0 +1,223 @@
+//go:build integration
+
+package main
+
+// Events the broker no longer holds: a region that finds a gap in what it
+// needs stops, loudly, and is re-seeded from the other region (README,
+// "When the broker no longer has what a region needs").
+
+import (
+	"context"
+	"database/sql"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
+)
+
+// TestLostEventsStopReplicationLoudly makes the broker lose events a region
+// needs, as a region away for longer than the retention finds: EU is
+// stopped, US writes, every record of the topic is deleted, and EU comes
+// back. EU must not skip ahead as if nothing happened: it stops applying,
+// and says so in its lag report, its log and its health (still 200: it
+// serves its clients). The clean-up re-seeds EU from US, as the README says.
+func TestLostEventsStopReplicationLoudly(t *testing.T) {
+	s := newStack(t)
+	us, eu := stackDB(t, "us"), stackDB(t, "eu")
+	kafka := kafkaAdmin(t)
+	s.caughtUp(t, 30*time.Second)
+	s.stop(t, "backend-eu", false)
+	t.Cleanup(func() { reseed(t, s, kafka, us, eu, "eu") })
+
+	const id = 211
+	status, written := s.put(t, "us", id, newRequestID("lost"), 211211_11)
+	if status != http.StatusOK {
+		t.Fatalf("PUT /us/properties/%d: status %d", id, status)
+	}
+	waitFor(t, 10*time.Second, "us's outbox to drain", func() bool { return s.lag(t, "us").OutboxBacklog == 0 })
+	deleteAllRecords(t, kafka)
+	s.control(t, "start", "backend-eu")
+
+	var report LagReport
+	waitFor(t, 30*time.Second, "eu to say its replication stopped", func() bool {
+		status, servedBy, _, err := s.do("GET", "/eu/health", "", "")
+		if err != nil || status != http.StatusOK || servedBy != "eu" {
+			return false
+		}
+		report = s.lag(t, "eu")
+		return report.ReplicationStopped != ""
+	})
+	if !strings.Contains(report.ReplicationStopped, "events lost") {
+		t.Errorf("eu's lag report: replication_stopped = %q, want the events lost", report.ReplicationStopped)
+	}
+	status, _, health := s.mustDo(t, "GET", "/eu/health", "", "")
+	if status != http.StatusOK || health.ReplicationStopped == "" {
+		t.Errorf("GET /eu/health after the loss = %d %+v, want 200 saying replication stopped", status, health)
+	}
+	if !strings.Contains(s.control(t, "logs", "backend-eu"), `"level":"ERROR","msg":"consume: replication stopped"`) {
+		t.Error("eu's log has no error line for the stopped replication")
+	}
+	got, err := getProperty(context.Background(), eu, id)
+	if err != nil || got.Version >= written.Version {
+		t.Errorf("property %d in eu after the loss = %+v, %v; want it still before version %d: nothing skipped silently", id, got, err, written.Version)
+	}
+}
+
+// kafkaAdmin returns a client of the stack's broker for admin requests.
+func kafkaAdmin(t *testing.T) *kgo.Client {
+	t.Helper()
+	client, err := kgo.NewClient(kgo.SeedBrokers(strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(client.Close)
+	return client
+}
+
+// deleteAllRecords moves the log start of every partition of the topic to
+// its end, as retention does to a region that was away too long.
+func deleteAllRecords(t *testing.T, kafka *kgo.Client) {
+	t.Helper()
+	req := kmsg.NewPtrDeleteRecordsRequest()
+	rt := kmsg.NewDeleteRecordsRequestTopic()
+	rt.Topic = setting("KAFKA_TOPIC", "property-updates")
+	for p := range int32(topicPartitions) {
+		rp := kmsg.NewDeleteRecordsRequestTopicPartition()
+		rp.Partition, rp.Offset = p, -1
+		rt.Partitions = append(rt.Partitions, rp)
+	}
+	req.Topics = append(req.Topics, rt)
+	req.TimeoutMillis = 10000
+	resp, err := req.RequestWith(context.Background(), kafka)
+	if err != nil {
+		t.Fatalf("delete records: %v", err)
+	}
+	for _, topic := range resp.Topics {
+		for _, p := range topic.Partitions {
+			if err := kerr.ErrorForCode(p.ErrorCode); err != nil {
+				t.Fatalf("delete records of partition %d: %v", p.Partition, err)
+			}
+		}
+	}
+}
+
+// reseed re-seeds region from the other region, with its backend stopped,
+// as the README's procedure does: read the topic's end offsets; merge the
+// peer's listings and request records in by the conflict rule; forget the
+// old watermarks; move the region's consumer group to those offsets; start
+// the backend.
+func reseed(t *testing.T, s *stack, kafka *kgo.Client, from, to *sql.DB, region string) {
+	t.Helper()
+	s.control(t, "stop", "backend-"+region)
+	topic := setting("KAFKA_TOPIC", "property-updates")
+	ends := endOffsets(t, kafka, topic)
+
+	mergeInto(t, from, to)
+	commitOffsets(t, kafka, "property-replicator-"+region, topic, ends)
+	s.start(t, "backend-"+region)
+	s.caughtUp(t, 60*time.Second)
+	waitIdentical(t, from, to, 30*time.Second)
+}
+
+// endOffsets returns the end of each partition of topic.
+func endOffsets(t *testing.T, kafka *kgo.Client, topic string) map[int32]int64 {
+	t.Helper()
+	req := kmsg.NewPtrListOffsetsRequest()
+	rt := kmsg.NewListOffsetsRequestTopic()
+	rt.Topic = topic
+	for p := range int32(topicPartitions) {
+		rp := kmsg.NewListOffsetsRequestTopicPartition()
+		rp.Partition, rp.Timestamp = p, -1 // -1: the end
+		rt.Partitions = append(rt.Partitions, rp)
+	}
+	req.Topics = append(req.Topics, rt)
+	resp, err := req.RequestWith(context.Background(), kafka)
+	if err != nil {
+		t.Fatalf("list offsets: %v", err)
+	}
+	ends := map[int32]int64{}
+	for _, topic := range resp.Topics {
+		for _, p := range topic.Partitions {
+			if err := kerr.ErrorForCode(p.ErrorCode); err != nil {
+				t.Fatalf("list offsets of partition %d: %v", p.Partition, err)
+			}
+			ends[p.Partition] = p.Offset
+		}
+	}
+	return ends
+}
+
+// mergeInto merges from's listings and request records into to by the
+// conflict rule, and forgets to's watermarks, which were about the events
+// before the re-seed.
+func mergeInto(t *testing.T, from, to *sql.DB) {
+	t.Helper()
+	ctx := context.Background()
+	tx, err := to.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	var c propertyColumns
+	for _, p := range allProperties(t, from) {
+		c.add(p)
+	}
+	if _, err := tx.ExecContext(ctx, upsertPropertiesSQL+`
+WHERE (EXCLUDED.version, EXCLUDED.updated_at, EXCLUDED.region_origin COLLATE "C")
+    > (properties.version, properties.updated_at, properties.region_origin COLLATE "C")`, c.args()...); err != nil {
+		t.Fatalf("merge listings: %v", err)
+	}
+	rows, err := from.QueryContext(ctx, `SELECT property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, request_id, fingerprint FROM processed_requests`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var records []event
+	for rows.Next() {
+		var e event
+		if e.Property, err = scanProperty(rows, &e.RequestID, &e.fingerprint); err != nil {
+			t.Fatal(err)
+		}
+		records = append(records, e)
+	}
+	rows.Close()
+	if err := recordReplicatedRequests(ctx, tx, records); err != nil {
+		t.Fatalf("merge request records: %v", err)
+	}
+	if _, err := tx.ExecContext(ctx, `DELETE FROM replication_watermarks`); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// commitOffsets sets group's committed offsets of topic, a group with no
+// member.
+func commitOffsets(t *testing.T, kafka *kgo.Client, group, topic string, offsets map[int32]int64) {
+	t.Helper()
+	commit := kmsg.NewPtrOffsetCommitRequest()
+	commit.Group, commit.Generation = group, -1
+	ct := kmsg.NewOffsetCommitRequestTopic()
+	ct.Topic = topic
+	for p, offset := range offsets {
+		cp := kmsg.NewOffsetCommitRequestTopicPartition()
+		cp.Partition, cp.Offset = p, offset
+		ct.Partitions = append(ct.Partitions, cp)
+	}
+	commit.Topics = append(commit.Topics, ct)
+	resp, err := commit.RequestWith(context.Background(), kafka)
+	if err != nil {
+		t.Fatalf("commit offsets of %s: %v", group, err)
+	}
+	for _, topic := range resp.Topics {
+		for _, p := range topic.Partitions {
+			if err := kerr.ErrorForCode(p.ErrorCode); err != nil {
+				t.Fatalf("commit offset of %s, partition %d: %v", group, p.Partition, err)
+			}
+		}
+	}
+}
