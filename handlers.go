@@ -88,6 +88,12 @@ func handleGetProperty(logger *slog.Logger, db *sql.DB) http.Handler {
 			encodeError(w, r, logger, err)
 			return
 		}
+		w.Header().Set("ETag", etag(p))
+		if cond, ok, _ := parseTagCondition(r.Header, "If-None-Match"); ok && cond.matchesWeak(p) {
+			// The client's copy is the current state: no body.
+			w.WriteHeader(http.StatusNotModified)
+			return
+		}
 		encode(w, http.StatusOK, p)
 	})
 }
@@ -139,6 +145,11 @@ func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 			encodeError(w, r, logger, err)
 			return
 		}
+		ifMatch, hasIfMatch, err := parseTagCondition(r.Header, "If-Match")
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
 		req, err := decode[updateRequest](w, r)
 		if err != nil {
 			encodeError(w, r, logger, err)
@@ -149,6 +160,11 @@ func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 			encodeError(w, r, logger, err)
 			return
 		}
+		if hasIfMatch && !ifMatch.any {
+			// Strong comparison: a weak tag names no state here. Not nil,
+			// so that a list with none left matches nothing.
+			u.IfMatch = append([]string{}, ifMatch.strong...)
+		}
 		fingerprint := requestFingerprint(r.Method, "/properties/"+strconv.FormatInt(id, 10), req)
 		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
 		defer cancel()
@@ -158,6 +174,7 @@ func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 			return
 		}
 		notify()
+		w.Header().Set("ETag", etag(p))
 		encode(w, http.StatusOK, p)
 	})
 }
@@ -294,6 +311,7 @@ func encodeError(w http.ResponseWriter, r *http.Request, logger *slog.Logger, er
 		dup      *duplicateRequestError
 		reused   *requestReusedError
 		mismatch *versionMismatchError
+		failed   *preconditionFailedError
 	)
 	switch {
 	case errors.As(err, &verr):
@@ -315,6 +333,12 @@ func encodeError(w http.ResponseWriter, r *http.Request, logger *slog.Logger, er
 		encode(w, http.StatusNotFound, errorBody{Error: "unknown region: use /us/ or /eu/"})
 	case errors.Is(err, errNotFound):
 		encode(w, http.StatusNotFound, errorBody{Error: "property not found"})
+	case errors.As(err, &failed):
+		w.Header().Set("ETag", etag(failed.current))
+		encode(w, http.StatusPreconditionFailed, struct {
+			Error          string `json:"error"`
+			CurrentVersion int64  `json:"current_version"`
+		}{"version mismatch", failed.current.Version})
 	case errors.As(err, &mismatch):
 		encode(w, http.StatusConflict, struct {
 			Error          string `json:"error"`

@@ -45,7 +45,8 @@ type jsonErrorWriter struct {
 // WriteHeader passes a JSON response through and replaces any other.
 func (w *jsonErrorWriter) WriteHeader(status int) {
 	h := w.Header()
-	if strings.HasPrefix(h.Get("Content-Type"), "application/json") {
+	// 304 Not Modified has no body by definition (etag.go).
+	if strings.HasPrefix(h.Get("Content-Type"), "application/json") || status == http.StatusNotModified {
 		w.ResponseWriter.WriteHeader(status)
 		return
 	}

@@ -8,6 +8,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 )
 
@@ -81,13 +82,16 @@ func checkValues(price Money, bedrooms, bathrooms *int32) error {
 	return nil
 }
 
-// propertyUpdate is a validated PUT body: what a client may change, and the
-// version it read. A nil Bedrooms or Bathrooms leaves the stored value as it is.
+// propertyUpdate is a validated PUT: what a client may change, and the
+// version it read. A nil Bedrooms or Bathrooms leaves the stored value as it
+// is. IfMatch, when not nil, lists the states (tagValue) the update may
+// apply to (the request's If-Match; etag.go).
 type propertyUpdate struct {
 	Price     Money
 	Version   int64
 	Bedrooms  *int32
 	Bathrooms *int32
+	IfMatch   []string
 }
 
 // Sentinel errors of the property store. handlers.go maps each to a status.
@@ -136,16 +140,17 @@ func getProperty(ctx context.Context, db *sql.DB, id int64) (Property, error) {
 // So a request id is consumed only by a successful update, and every committed
 // update has exactly one event. fingerprint names the request
 // (requestFingerprint). The failures, in the contract's order of precedence,
-// are *duplicateRequestError or *requestReusedError, errNotFound and
-// *versionMismatchError; any other error comes from the database.
+// are *duplicateRequestError or *requestReusedError, errNotFound, and
+// *preconditionFailedError or *versionMismatchError; any other error comes
+// from the database.
 func updateProperty(ctx context.Context, db *sql.DB, region, requestID, fingerprint string, id int64, u propertyUpdate) (Property, error) {
 	p, err := scanProperty(db.QueryRowContext(ctx, updatePropertySQL,
-		id, u.Version, u.Price, u.Bedrooms, u.Bathrooms, region, requestID, fingerprint))
+		id, u.Version, u.Price, u.Bedrooms, u.Bathrooms, region, requestID, fingerprint, u.IfMatch))
 	switch {
 	case err == nil:
 		return p, nil
 	case errors.Is(err, sql.ErrNoRows):
-		return Property{}, explainNoUpdate(ctx, db, requestID, fingerprint, id)
+		return Property{}, explainNoUpdate(ctx, db, requestID, fingerprint, id, u.IfMatch)
 	case isRequestIDTaken(err):
 		return Property{}, duplicateRequest(ctx, db, requestID, fingerprint)
 	}
@@ -157,7 +162,8 @@ func updateProperty(ctx context.Context, db *sql.DB, region, requestID, fingerpr
 // and it costs a single round trip to the database.
 //
 // updated is optimistic locking: the WHERE clause is the version check, and
-// the row lock the UPDATE takes makes check and write atomic. A concurrent
+// the row lock the UPDATE takes makes check and write atomic. With an
+// If-Match ($9), the state's tag must be one it names, too (etag.go). A concurrent
 // update of the same row waits for this one, then finds the version moved on
 // and updates nothing. The write's time is the database's clock.
 //
@@ -178,6 +184,7 @@ WITH updated AS (
         version       = version + 1,
         updated_at    = now()
     WHERE id = $1 AND version = $2
+      AND ($9::text[] IS NULL OR version::text || '-' || region_origin = ANY ($9))
     RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at
 ), recorded AS (
     INSERT INTO processed_requests
@@ -191,25 +198,21 @@ WITH updated AS (
 )
 SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at FROM updated`
 
-// currentVersionSQL tells a missing property from a stale version.
-const currentVersionSQL = `SELECT version FROM properties WHERE id = $1`
-
 // explainNoUpdate finds out why updatePropertySQL changed no row, checking the
 // reasons in the contract's order: a used request id first, then a missing
-// property, then a stale version.
-func explainNoUpdate(ctx context.Context, db *sql.DB, requestID, fingerprint string, id int64) error {
+// property, then a state the If-Match does not name, then a stale version.
+func explainNoUpdate(ctx context.Context, db *sql.DB, requestID, fingerprint string, id int64, ifMatch []string) error {
 	if err := duplicateRequest(ctx, db, requestID, fingerprint); !errors.Is(err, errRequestUnused) {
 		return err
 	}
-	var current int64
-	err := db.QueryRowContext(ctx, currentVersionSQL, id).Scan(&current)
-	if errors.Is(err, sql.ErrNoRows) {
-		return errNotFound
-	}
+	current, err := getProperty(ctx, db, id)
 	if err != nil {
-		return fmt.Errorf("update property %d: %w", id, err)
+		return err
 	}
-	return &versionMismatchError{current: current}
+	if ifMatch != nil && !slices.Contains(ifMatch, tagValue(current.Version, current.RegionOrigin)) {
+		return &preconditionFailedError{current: current}
+	}
+	return &versionMismatchError{current: current.Version}
 }
 
 // rowScanner is what *sql.Row and *sql.Rows have in common.

@@ -343,3 +343,48 @@ func TestRequestReplayedInBothRegions(t *testing.T) {
 			conflictsBefore, conflictsAfter, replaysBefore, replaysAfter)
 	}
 }
+
+// TestETagNamesTheWriteNotTheVersion is the case the ETag exists for: both
+// regions write the same version of a listing while they cannot hear of each
+// other, so "version N+1" names two writes. Once the conflict rule has kept
+// one, the losing writer's If-Match is refused in both regions, and the
+// 412 names the state that won.
+func TestETagNamesTheWriteNotTheVersion(t *testing.T) {
+	s := newStack(t)
+	us, eu := stackDB(t, "us"), stackDB(t, "eu")
+	s.caughtUp(t, 30*time.Second)
+	const id = 212
+	version := s.current(t, "us", id).Version
+	s.stop(t, "kafka", false)
+	written := map[string]Property{}
+	tags := map[string]string{}
+	for _, region := range []string{"us", "eu"} {
+		header := http.Header{"X-Request-Id": {newRequestID("etag-" + region)}}
+		status, h, got, err := s.doWith("PUT", fmt.Sprintf("/%s/properties/%d", region, id), header,
+			fmt.Sprintf(`{"price": 212212.12, "version": %d}`, version))
+		if err != nil || status != http.StatusOK {
+			t.Fatalf("PUT in %s at version %d: %d %+v %v", region, version, status, got, err)
+		}
+		written[region], tags[region] = got.Property, h.Get("ETag")
+	}
+	if want := fmt.Sprintf(`"%d-eu"`, version+1); tags["eu"] != want {
+		t.Errorf("EU's write: ETag %q, want %q", tags["eu"], want)
+	}
+	s.start(t, "kafka")
+	s.caughtUp(t, 90*time.Second)
+	waitIdentical(t, us, eu, 30*time.Second)
+
+	winner, loser := "us", "eu"
+	if compareWrites(written["eu"], written["us"]) > 0 {
+		winner, loser = "eu", "us"
+	}
+	for _, region := range []string{"us", "eu"} {
+		header := http.Header{"X-Request-Id": {newRequestID("etag-late")}, "If-Match": {tags[loser]}}
+		status, h, got, err := s.doWith("PUT", fmt.Sprintf("/%s/properties/%d", region, id), header,
+			fmt.Sprintf(`{"price": 1, "version": %d}`, version+1))
+		if err != nil || status != http.StatusPreconditionFailed || h.Get("ETag") != tags[winner] {
+			t.Errorf("PUT in %s with the losing writer's If-Match %s = %d, ETag %q (%+v, %v); want 412 naming %s",
+				region, tags[loser], status, h.Get("ETag"), got, err, tags[winner])
+		}
+	}
+}

@@ -87,26 +87,34 @@ func newStack(t *testing.T) *stack {
 // do sends one request through NGINX. An empty requestID sends no
 // X-Request-ID header. err is a transport error or an undecodable body.
 func (s *stack) do(method, path, requestID, body string) (status int, servedBy string, got response, err error) {
+	header := http.Header{}
+	if requestID != "" {
+		header.Set("X-Request-ID", requestID)
+	}
+	status, h, got, err := s.doWith(method, path, header, body)
+	return status, h.Get("X-Served-By"), got, err
+}
+
+// doWith is do with any request headers, and all the answer's headers.
+func (s *stack) doWith(method, path string, header http.Header, body string) (status int, h http.Header, got response, err error) {
 	req, err := http.NewRequest(method, s.url+path, strings.NewReader(body))
 	if err != nil {
-		return 0, "", response{}, err
+		return 0, nil, response{}, err
 	}
-	if requestID != "" {
-		req.Header.Set("X-Request-ID", requestID)
-	}
+	req.Header = header
 	resp, err := s.client.Do(req)
 	if err != nil {
-		return 0, "", response{}, err
+		return 0, nil, response{}, err
 	}
 	defer resp.Body.Close()
 	raw, err := io.ReadAll(resp.Body)
 	if err != nil {
-		return resp.StatusCode, "", response{}, err
+		return resp.StatusCode, resp.Header, response{}, err
 	}
 	if err := json.Unmarshal(raw, &got); err != nil {
-		return resp.StatusCode, "", response{}, fmt.Errorf("%s %s: decoding %q: %w", method, path, raw, err)
+		return resp.StatusCode, resp.Header, response{}, fmt.Errorf("%s %s: decoding %q: %w", method, path, raw, err)
 	}
-	return resp.StatusCode, resp.Header.Get("X-Served-By"), got, nil
+	return resp.StatusCode, resp.Header, got, nil
 }
 
 // mustDo is do for requests that must get an answer.

@@ -1,0 +1,116 @@
+package main
+
+// ETags: how a client names the exact state of a listing it has seen, and
+// the conditional requests that use the name.
+//
+// The tag is the version and the region that wrote it, "4-us", and never the
+// version alone. Until the regions have exchanged their events, the same
+// version number can name two different writes: US's version 4 and EU's
+// version 4 of one listing, of which the conflict rule will keep one. A
+// client that read EU's version 4 and sends If-Match: "4" would overwrite
+// US's version 4, a state it never saw, once that one wins; If-Match: "4-eu"
+// is refused instead.
+//
+//   - GET answers with ETag, and with 304 and no body when If-None-Match
+//     names the current state (the client's copy is still good).
+//   - PUT answers with the new state's ETag. With If-Match, the update
+//     happens only if the header names the current state, else 412: on top
+//     of the body's version, which stays as the seed has it (409).
+
+import (
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+)
+
+// etag is the strong entity tag of a state of a listing: its version and the
+// region that wrote it, quoted, as in "4-us".
+func etag(p Property) string {
+	return `"` + tagValue(p.Version, p.RegionOrigin) + `"`
+}
+
+// tagValue is the inside of an entity tag, which SQL compares too (see
+// updatePropertySQL).
+func tagValue(version int64, region string) string {
+	return strconv.FormatInt(version, 10) + "-" + region
+}
+
+// preconditionFailedError is an If-Match that names another state than the
+// current one, which it carries (for its ETag and version).
+type preconditionFailedError struct {
+	current Property
+}
+
+// Error says which state is current.
+func (e *preconditionFailedError) Error() string {
+	return fmt.Sprintf("precondition failed: current state is %s", etag(e.current))
+}
+
+// tagCondition is a parsed If-Match or If-None-Match header: "*" (any state
+// at all), or a list of entity tags.
+type tagCondition struct {
+	any    bool
+	strong []string // the tags' values, without quotes
+	weak   []string // W/"…" tags' values, which only If-None-Match may use
+}
+
+// parseTagCondition parses the named header, and reports whether the
+// request has it. A header that is neither "*" nor a list of quoted entity
+// tags is a *validationError.
+func parseTagCondition(h http.Header, name string) (tagCondition, bool, error) {
+	values := h.Values(name)
+	if len(values) == 0 {
+		return tagCondition{}, false, nil
+	}
+	var c tagCondition
+	for _, v := range values {
+		for _, tag := range strings.Split(v, ",") {
+			tag = strings.TrimSpace(tag)
+			weak := strings.HasPrefix(tag, "W/")
+			inner, ok := strings.CutPrefix(strings.TrimPrefix(tag, "W/"), `"`)
+			inner, ok2 := strings.CutSuffix(inner, `"`)
+			switch {
+			case tag == "*":
+				c.any = true
+			case !ok || !ok2 || strings.Contains(inner, `"`):
+				return tagCondition{}, true, &validationError{name + ` must be * or a list of entity tags such as "4-us"`}
+			case weak:
+				c.weak = append(c.weak, inner)
+			default:
+				c.strong = append(c.strong, inner)
+			}
+		}
+	}
+	return c, true, nil
+}
+
+// matchesStrong reports whether the condition names the state p by strong
+// comparison, as If-Match requires.
+func (c tagCondition) matchesStrong(p Property) bool {
+	if c.any {
+		return true
+	}
+	v := tagValue(p.Version, p.RegionOrigin)
+	for _, t := range c.strong {
+		if t == v {
+			return true
+		}
+	}
+	return false
+}
+
+// matchesWeak reports whether the condition names the state p by weak
+// comparison, as If-None-Match allows: a W/ tag counts as well.
+func (c tagCondition) matchesWeak(p Property) bool {
+	if c.matchesStrong(p) {
+		return true
+	}
+	v := tagValue(p.Version, p.RegionOrigin)
+	for _, t := range c.weak {
+		if t == v {
+			return true
+		}
+	}
+	return false
+}
