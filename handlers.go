@@ -48,6 +48,7 @@ func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.D
 	mux.Handle("GET /{region}/health", knownRegion(logger, handleHealth(region, db, stopped)))
 	mux.Handle("GET /{region}/properties/{id}", knownRegion(logger, handleGetProperty(logger, db)))
 	mux.Handle("PUT /{region}/properties/{id}", knownRegion(logger, handleUpdateProperty(logger, region, db, notify)))
+	mux.Handle("POST /{region}/properties", knownRegion(logger, handleCreateProperty(logger, region, db, notify)))
 	mux.Handle("GET /{region}/replication-lag", knownRegion(logger, handleReplicationLag(logger, lag)))
 }
 
@@ -176,6 +177,64 @@ func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 		notify()
 		w.Header().Set("ETag", etag(p))
 		encode(w, http.StatusOK, p)
+	})
+}
+
+// createRequest is the body of POST /{region}/properties.
+type createRequest struct {
+	Price     *Money `json:"price"`
+	Bedrooms  *int32 `json:"bedrooms"`
+	Bathrooms *int32 `json:"bathrooms"`
+}
+
+// validate checks the fields the JSON decoder cannot, by the same rules as
+// every write (checkValues): the price is required, the rooms default to 0.
+func (req createRequest) validate() (newProperty, error) {
+	if req.Price == nil {
+		return newProperty{}, &validationError{"price is required"}
+	}
+	n := newProperty{Price: *req.Price}
+	if req.Bedrooms != nil {
+		n.Bedrooms = *req.Bedrooms
+	}
+	if req.Bathrooms != nil {
+		n.Bathrooms = *req.Bathrooms
+	}
+	return n, checkValues(n.Price, &n.Bedrooms, &n.Bathrooms)
+}
+
+// handleCreateProperty adds a listing, idempotently by X-Request-ID like an
+// update, and answers 201 with it, its Location (under the prefix the client
+// used) and its ETag.
+func handleCreateProperty(logger *slog.Logger, region string, db *sql.DB, notify func()) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requestID, err := parseRequestID(r.Header)
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		req, err := decode[createRequest](w, r)
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		n, err := req.validate()
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		fingerprint := requestFingerprint(r.Method, "/properties", req)
+		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
+		defer cancel()
+		p, err := createProperty(ctx, db, region, requestID, fingerprint, n)
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		notify()
+		w.Header().Set("Location", fmt.Sprintf("/%s/properties/%d", r.PathValue("region"), p.ID))
+		w.Header().Set("ETag", etag(p))
+		encode(w, http.StatusCreated, p)
 	})
 }
 

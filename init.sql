@@ -50,6 +50,13 @@ CREATE TABLE IF NOT EXISTS properties (
 );
 
 CREATE INDEX IF NOT EXISTS properties_region_origin_idx ON properties (region_origin);
+
+-- The ids of new listings. Each region allocates from a sequence of its own,
+-- US the odd ids and EU the even ones from 1001 on (the seeds hold 1-1000),
+-- so the two can never hand out the same id, even while they cannot talk to
+-- each other.
+CREATE SEQUENCE IF NOT EXISTS property_ids_us START 1001 INCREMENT 2;
+CREATE SEQUENCE IF NOT EXISTS property_ids_eu START 1002 INCREMENT 2;
 CREATE INDEX IF NOT EXISTS properties_updated_at_idx ON properties (updated_at);
 
 -- processed_requests remembers every X-Request-ID that produced a successful

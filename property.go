@@ -198,6 +198,51 @@ WITH updated AS (
 )
 SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at FROM updated`
 
+// newProperty is a validated POST body: a new listing's values.
+type newProperty struct {
+	Price               Money
+	Bedrooms, Bathrooms int32
+}
+
+// createProperty adds a listing with an id from region's own sequence (odd
+// ids for US, even for EU, see init.sql), version 1, written by region. Like
+// updateProperty it is one statement that also records the request id and
+// queues the event, so a create replicates like an update; and its failures
+// are *duplicateRequestError or *requestReusedError for a request id already
+// used. fingerprint names the request (requestFingerprint).
+func createProperty(ctx context.Context, db *sql.DB, region, requestID, fingerprint string, n newProperty) (Property, error) {
+	p, err := scanProperty(db.QueryRowContext(ctx, createPropertySQL,
+		n.Price, n.Bedrooms, n.Bathrooms, region, requestID, fingerprint))
+	switch {
+	case err == nil:
+		return p, nil
+	case isRequestIDTaken(err):
+		return Property{}, duplicateRequest(ctx, db, requestID, fingerprint)
+	}
+	return Property{}, fmt.Errorf("create property: %w", err)
+}
+
+// createPropertySQL is updatePropertySQL's twin for a new listing: insert,
+// record the request id, queue the event, in one statement. A request id
+// already taken fails the statement with a unique violation, which rolls the
+// insert back (its id is skipped; the sequence does not go back).
+const createPropertySQL = `
+WITH created AS (
+    INSERT INTO properties (id, price, bedrooms, bathrooms, region_origin, version, updated_at)
+    VALUES (nextval(('property_ids_' || $4::varchar)::regclass), $1, $2, $3, $4::varchar, 1, now())
+    RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at
+), recorded AS (
+    INSERT INTO processed_requests
+        (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at)
+    SELECT $5, $6, id, price, bedrooms, bathrooms, region_origin, version, updated_at FROM created
+    RETURNING request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at
+), queued AS (
+    INSERT INTO outbox
+        (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at)
+    SELECT * FROM recorded
+)
+SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at FROM created`
+
 // explainNoUpdate finds out why updatePropertySQL changed no row, checking the
 // reasons in the contract's order: a used request id first, then a missing
 // property, then a state the If-Match does not name, then a stale version.

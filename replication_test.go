@@ -388,3 +388,55 @@ func TestETagNamesTheWriteNotTheVersion(t *testing.T) {
 		}
 	}
 }
+
+// TestCreateStorm creates listings in both regions at once: no id is handed
+// out twice, and every 201 is readable in both regions once they have
+// exchanged their events.
+func TestCreateStorm(t *testing.T) {
+	s := newStack(t)
+	us, eu := stackDB(t, "us"), stackDB(t, "eu")
+	const each = 25 // per region
+	var (
+		mu      sync.Mutex
+		created []Property
+		wg      sync.WaitGroup
+	)
+	for _, region := range []string{"us", "eu"} {
+		for i := range each {
+			wg.Go(func() {
+				status, servedBy, got, err := s.do("POST", "/"+region+"/properties", newRequestID("storm-"+region),
+					fmt.Sprintf(`{"price": %d.%02d, "bedrooms": %d}`, 300000+i, i, i%6))
+				mu.Lock()
+				defer mu.Unlock()
+				if err != nil || status != http.StatusCreated || servedBy != region {
+					t.Errorf("POST /%s/properties: %d served by %s %+v %v, want 201 from %s", region, status, servedBy, got, err, region)
+					return
+				}
+				created = append(created, got.Property)
+			})
+		}
+	}
+	wg.Wait()
+	ids := map[int64]bool{}
+	for _, p := range created {
+		if ids[p.ID] {
+			t.Errorf("id %d handed out twice", p.ID)
+		}
+		ids[p.ID] = true
+		if want := map[string]int64{"us": 1, "eu": 0}[p.RegionOrigin]; p.ID%2 != want {
+			t.Errorf("id %d created in %s, not of that region's parity", p.ID, p.RegionOrigin)
+		}
+	}
+	s.caughtUp(t, 60*time.Second)
+	final := waitIdentical(t, us, eu, 30*time.Second)
+	byID := map[int64]Property{}
+	for _, p := range final {
+		byID[p.ID] = p
+	}
+	for _, p := range created {
+		if !cmp.Equal(p, byID[p.ID]) {
+			t.Errorf("created %+v, but both regions hold %+v", p, byID[p.ID])
+		}
+	}
+	t.Logf("%d listings created in both regions at once; all %d rows identical in both", len(created), len(final))
+}

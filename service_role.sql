@@ -19,4 +19,4 @@ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'service_user') \gexec
 GRANT SELECT, INSERT, UPDATE, DELETE
     ON properties, processed_requests, outbox, replication_watermarks
     TO :"service_user";
-GRANT USAGE ON SEQUENCE outbox_seq_seq TO :"service_user";
+GRANT USAGE ON SEQUENCE outbox_seq_seq, property_ids_us, property_ids_eu TO :"service_user";
