@@ -127,9 +127,10 @@ func (c *consumer) run(ctx context.Context, partitions int32) {
 			if !c.handle(ctx, records, partitions) {
 				return // stopping: the batch is not committed and will be re-delivered
 			}
-			// Only now, after the database commit, may Kafka forget them.
-			commitCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-			if err := c.client.CommitRecords(commitCtx, records...); err != nil {
+			// Only now, after the database commit, may Kafka forget them. A
+			// commit cut short by a stop leaves the batch to come again.
+			commitCtx, cancel := context.WithTimeout(ctx, applyAttemptTimeout)
+			if err := c.client.CommitRecords(commitCtx, records...); err != nil && ctx.Err() == nil {
 				c.logger.Warn("consume: commit offsets failed; the batch will be re-applied harmlessly", "err", err)
 			}
 			cancel()
@@ -235,7 +236,7 @@ func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions
 	b := c.sortRecords(records)
 	var outcomes []outcome
 	refusals := 0
-	ok := c.retry(ctx, "apply", func(ctx context.Context) error {
+	ok := c.retry(ctx, "apply", true, func(ctx context.Context) error {
 		var err error
 		if refusals < maxRefusals {
 			outcomes, err = c.apply(ctx, b, partitions)
@@ -253,7 +254,7 @@ func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions
 	// Dead letters are written before the offsets can be committed, so that
 	// a poison record is never just dropped.
 	if len(b.dead) > 0 {
-		ok := c.retry(ctx, "dead-letter", func(ctx context.Context) error {
+		ok := c.retry(ctx, "dead-letter", false, func(ctx context.Context) error {
 			return c.producer.ProduceSync(ctx, b.dead...).FirstErr()
 		})
 		if !ok {
@@ -269,12 +270,18 @@ func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions
 }
 
 // retry runs f until it succeeds, with backoff between attempts, and returns
-// false if ctx is cancelled first. Each attempt runs to its end even if ctx
-// is cancelled meanwhile (a transaction is not abandoned halfway), within
-// applyAttemptTimeout.
-func (c *consumer) retry(ctx context.Context, what string, f func(context.Context) error) bool {
+// false if ctx is cancelled first. Each attempt gets applyAttemptTimeout. A
+// detached attempt runs to its end even if ctx is cancelled meanwhile, so
+// that a database transaction is not cut off halfway and its work lost; any
+// other attempt stops with ctx. Either way a stopped batch is safe: its
+// offsets are not committed, and delivered again it changes nothing.
+func (c *consumer) retry(ctx context.Context, what string, detached bool, f func(context.Context) error) bool {
 	for attempt := 0; ; attempt++ {
-		attemptCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), applyAttemptTimeout)
+		parent := ctx
+		if detached {
+			parent = context.WithoutCancel(ctx)
+		}
+		attemptCtx, cancel := context.WithTimeout(parent, applyAttemptTimeout)
 		err := f(attemptCtx)
 		cancel()
 		if err == nil {

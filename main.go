@@ -85,7 +85,9 @@ const (
 	// consumer group.
 	kafkaCloseTimeout = 5 * time.Second
 	// shutdownBudget adds the replication stage: the relay's round and the
-	// consumer's attempt in progress, which run side by side.
+	// consumer's database attempt in progress, which run side by side to
+	// their ends (the consumer's Kafka steps stop at once: its batch, not
+	// committed, comes again and changes nothing).
 	shutdownBudget = httpDrainTimeout + max(relayRoundTimeout, applyAttemptTimeout) + kafkaCloseTimeout
 )
 
