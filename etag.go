@@ -20,6 +20,7 @@ package main
 import (
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -88,29 +89,11 @@ func parseTagCondition(h http.Header, name string) (tagCondition, bool, error) {
 // matchesStrong reports whether the condition names the state p by strong
 // comparison, as If-Match requires.
 func (c tagCondition) matchesStrong(p Property) bool {
-	if c.any {
-		return true
-	}
-	v := tagValue(p.Version, p.RegionOrigin)
-	for _, t := range c.strong {
-		if t == v {
-			return true
-		}
-	}
-	return false
+	return c.any || slices.Contains(c.strong, tagValue(p.Version, p.RegionOrigin))
 }
 
 // matchesWeak reports whether the condition names the state p by weak
 // comparison, as If-None-Match allows: a W/ tag counts as well.
 func (c tagCondition) matchesWeak(p Property) bool {
-	if c.matchesStrong(p) {
-		return true
-	}
-	v := tagValue(p.Version, p.RegionOrigin)
-	for _, t := range c.weak {
-		if t == v {
-			return true
-		}
-	}
-	return false
+	return c.matchesStrong(p) || slices.Contains(c.weak, tagValue(p.Version, p.RegionOrigin))
 }
