@@ -1,5 +1,11 @@
 package main
 
+// The HTTP API: the one list of routes (addRoutes), a handler for each, the
+// request decoding and validation they share, and the one function that
+// turns an error into a status code and a JSON body (encodeError). The
+// rules a listing obeys live in property.go, and what every response goes
+// through on its way out in middleware.go.
+
 import (
 	"bytes"
 	"context"
