@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"reflect"
 	"strconv"
 	"strings"
@@ -55,6 +56,7 @@ func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.D
 	mux.Handle("GET /{region}/properties/{id}", knownRegion(logger, handleGetProperty(logger, db)))
 	mux.Handle("PUT /{region}/properties/{id}", knownRegion(logger, handleUpdateProperty(logger, region, db, notify)))
 	mux.Handle("POST /{region}/properties", knownRegion(logger, handleCreateProperty(logger, region, db, notify)))
+	mux.Handle("GET /{region}/properties", knownRegion(logger, handleListProperties(logger, db)))
 	mux.Handle("GET /{region}/replication-lag", knownRegion(logger, handleReplicationLag(logger, lag)))
 }
 
@@ -183,6 +185,32 @@ func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 		notify()
 		w.Header().Set("ETag", etag(p))
 		encode(w, http.StatusOK, p)
+	})
+}
+
+// handleListProperties answers one page of listings, filtered (list.go).
+func handleListProperties(logger *slog.Logger, db *sql.DB) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// ParseQuery rather than r.URL.Query, which drops what it cannot
+		// parse without a word.
+		q, err := url.ParseQuery(r.URL.RawQuery)
+		if err != nil {
+			encodeError(w, r, logger, &validationError{"the query string is not valid"})
+			return
+		}
+		lq, err := parseListQuery(q)
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
+		defer cancel()
+		page, err := listProperties(ctx, db, lq)
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		encode(w, http.StatusOK, page)
 	})
 }
 

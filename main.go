@@ -12,6 +12,9 @@
 //     update: optimistic locking (UPDATE ... WHERE version = $n), the request
 //     id and the outbox row in one atomic statement.
 //   - money.go: prices as exact decimals, never a float.
+//   - list.go: finding listings, a page at a time (keyset pagination).
+//   - etag.go: the ETag that names a listing's exact state, and the
+//     conditional requests (If-None-Match, If-Match) that use it.
 //   - idempotency.go: X-Request-ID, and how a retried request is recognised in
 //     either region.
 //   - handlers.go: the routes, request decoding and validation, and the one

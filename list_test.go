@@ -1,0 +1,95 @@
+package main
+
+import (
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+// TestListProperties walks every page of a filtered list and compares what
+// it saw with the same filter asked of the database directly.
+func TestListProperties(t *testing.T) {
+	db := testDB(t)
+	srv := testServer(t, "eu", db)
+	get := func(query string) (int, Page) {
+		t.Helper()
+		rec := httptest.NewRecorder()
+		srv.ServeHTTP(rec, httptest.NewRequest("GET", "/eu/properties?"+query, nil))
+		var page Page
+		if err := strictUnmarshal(rec.Body.Bytes(), &page); err != nil && rec.Code == http.StatusOK {
+			t.Fatalf("GET /eu/properties?%s: body %q: %v", query, rec.Body.String(), err)
+		}
+		return rec.Code, page
+	}
+
+	status, first := get("")
+	if status != http.StatusOK || len(first.Items) != defaultPageSize || first.Items[0].ID != 1 || first.NextCursor == nil {
+		t.Fatalf("GET /eu/properties = %d, %d items from id %v, cursor %v; want 200, %d from id 1 and a cursor",
+			status, len(first.Items), first.Items, first.NextCursor, defaultPageSize)
+	}
+
+	filter := url.Values{"min_bedrooms": {"4"}, "region_origin": {"eu"}, "min_price": {"1000000.25"}, "limit": {"7"}}
+	var seen []int64
+	for pages := 0; ; pages++ {
+		status, page := get(filter.Encode())
+		if status != http.StatusOK || pages > 1000 {
+			t.Fatalf("GET /eu/properties?%s = %d after %d pages", filter.Encode(), status, pages)
+		}
+		for _, p := range page.Items {
+			seen = append(seen, p.ID)
+		}
+		if page.NextCursor == nil {
+			break
+		}
+		filter.Set("cursor", *page.NextCursor)
+	}
+	var want []int64
+	rows, err := db.Query(`SELECT id FROM properties WHERE bedrooms >= 4 AND region_origin = 'eu' AND price >= 1000000.25 ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var id int64
+		rows.Scan(&id)
+		want = append(want, id)
+	}
+	rows.Close()
+	if len(want) < 8 {
+		t.Fatalf("the filter matches %d listings; the test needs more than one page of 7", len(want))
+	}
+	if diff := cmp.Diff(want, seen); diff != "" {
+		t.Errorf("the pages of the filtered list (-database +pages):\n%s", diff)
+	}
+}
+
+// TestListPropertiesBadInput: every bad parameter is a 400 that names it,
+// and the database is never asked (it is unreachable here).
+func TestListPropertiesBadInput(t *testing.T) {
+	srv := testServer(t, "us", unreachableDB(t))
+	tests := []struct{ query, want string }{
+		{"limit=0", "limit must be an integer from 1 to 200"},
+		{"limit=201", "limit must be an integer from 1 to 200"},
+		{"limit=ten", "limit must be an integer from 1 to 200"},
+		{"limit=1&limit=2", "limit is given more than once"},
+		{"cursor=not-ours", "cursor is not one this service gave out"},
+		{"cursor=" + encodeCursor(5)[:4], "cursor is not one this service gave out"},
+		{"min_price=1.001", "min_price must be a price: price must have at most two decimal places"},
+		{"max_price=-3", "max_price must be a price: price must be greater than 0"},
+		{"min_bedrooms=-1", "min_bedrooms must be an integer from 0 to 100"},
+		{"min_bathrooms=2.5", "min_bathrooms must be an integer from 0 to 100"},
+		{"region_origin=asia", "region_origin must be us or eu"},
+		{"colour=red", `unknown parameter "colour" (limit, cursor, min_price, max_price, min_bedrooms, min_bathrooms, region_origin)`},
+		{"limit=%zz", "the query string is not valid"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.query, func(t *testing.T) {
+			status, _, got := call(t, srv, "GET", "/us/properties?"+tt.query, "", "")
+			if diff := cmp.Diff(response{Error: tt.want}, got); status != http.StatusBadRequest || diff != "" {
+				t.Errorf("GET /us/properties?%s = %d, want 400 (-want +got):\n%s", tt.query, status, diff)
+			}
+		})
+	}
+}
