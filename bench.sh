@@ -22,6 +22,8 @@ out="$state/bench"
 secs=${BENCH_SECONDS:-8}
 rounds=${BENCH_ROUNDS:-5}
 pg=(-h 127.0.0.1 -p "$(port_of db-us)" -U "$POSTGRES_USER")
+# The list benchmark's filter, as listFilter in bench_test.go.
+list_filter="min_bedrooms=2&max_price=750000&limit=50"
 export PGPASSWORD="$POSTGRES_PASSWORD"
 
 # ------------------------------------------------------------- measuring
@@ -77,10 +79,51 @@ measure() {
 		gobench GetProperty 100000x
 		pgbench_run -N "$r"
 		gobench PutProperty 30000x
+		gobench CreateProperty 15000x
 	done
 	gobench Mixed 60000x
 	gobench GetPaced1000 15000x
 	gobench ReplicationDelay 3000x
+	list_pages
+}
+
+# sql_in REGION SQL: run SQL in that region's database, as the superuser.
+sql_in() {
+	"$pgbin/psql" -h 127.0.0.1 -p "$(port_of "db-$1")" -U "$POSTGRES_USER" -d "$POSTGRES_DB" -qv ON_ERROR_STOP=1 -c "$2"
+}
+
+# listings FROM TO: generate listings FROM to TO (counted from the
+# benchmark's first id, listFirstID in bench_test.go) in both regions
+# alike, straight into the databases, as a bulk import would; their values
+# spread over the list's filters.
+listings() {
+	local region
+	for region in us eu; do
+		sql_in "$region" "
+			INSERT INTO properties (id, price, bedrooms, bathrooms, region_origin, version, updated_at)
+			SELECT 10000000 + g, (50000 + g * 7919 % 950000)::numeric, g % 6, 1 + g % 4,
+			       CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, 1, '2026-01-01T00:00:00Z'
+			FROM generate_series($1, $2) g
+			ON CONFLICT (id) DO NOTHING;
+			ANALYZE properties;"
+	done
+}
+
+# list_pages: the list benchmark at ten thousand and at one million
+# generated listings, then the generated listings removed again (in both
+# regions alike), so that the stack is as it was.
+list_pages() {
+	local started region
+	listings 1 10000
+	gobench ListPage 2000x
+	log "generating 990,000 more listings in each region"
+	started=$(date +%s)
+	listings 10001 1000000
+	echo "$(($(date +%s) - started))" >"$out/generate-seconds"
+	gobench ListPage 2000x
+	for region in us eu; do
+		sql_in "$region" "DELETE FROM properties WHERE id > 10000000; VACUUM ANALYZE properties;"
+	done
 }
 
 # ------------------------------------------------------------- reporting
@@ -114,10 +157,11 @@ target() {
 }
 
 table() {
-	local errors get_ratio put_ratio
+	local errors get_ratio put_ratio create_ratio
 	errors=$(awk '/^Benchmark/ { for (i = 3; i < NF; i += 2) if ($(i+1) == "errors") n += $i } END { print n + 0 }' "$out/go-bench.log")
 	get_ratio=$(median_ratio GetProperty -S)
 	put_ratio=$(median_ratio PutProperty -N)
+	create_ratio=$(median_ratio CreateProperty -N)
 	echo "Medians of $rounds rounds; the ratio column gives the median ratio, then each round's."
 	echo
 	echo "| figure | value | ratio | target |"
@@ -128,6 +172,20 @@ table() {
 	printf '| pgbench simple-update (`-N`), %s clients | %.0f tps | 100%% | - |\n' "$clients" "$(pgbench_tps -N | median)"
 	printf '| PUT through NGINX, %s clients | %.0f req/s; %s; %s conflicts | **%s%%** of pgbench -N (%s) | %s |\n' "$clients" "$(m PutProperty req/s)" \
 		"$(lat PutProperty)" "$(m PutProperty conflicts)" "$put_ratio" "$(ratio_list PutProperty -N)" "$(target "$put_ratio" '>=' 50 '≥ 50%')"
+	printf '| POST through NGINX, %s clients | %.0f req/s; %s | **%s%%** of pgbench -N (%s) | %s |\n' "$clients" "$(m CreateProperty req/s)" \
+		"$(lat CreateProperty)" "$create_ratio" "$(ratio_list CreateProperty -N)" "$(target "$create_ratio" '>=' 50 '≥ 50%')"
+	local n page p99_small p99_large
+	for n in 10000 1000000; do
+		for page in first last; do
+			printf '| a filtered list page (%s) at %s listings, 200 pages/s; the %s page | %s | - | %s |\n' "\`$list_filter\`" "$n" "$page" \
+				"$(lat "ListPage/listings=$n/page=$page")" "$(target "$(m "ListPage/listings=$n/page=$page" p99_ms)" '<' 20 'p99 < 20 ms')"
+		done
+	done
+	p99_small=$(m ListPage/listings=10000/page=last p99_ms)
+	p99_large=$(m ListPage/listings=1000000/page=last p99_ms)
+	printf '| list page p99, 1,000,000 against 10,000 listings (last pages) | %s | %.2f | near 1 |\n' "$p99_large ms / $p99_small ms" \
+		"$(awk -v a="$p99_large" -v b="$p99_small" 'BEGIN { print a / b }')"
+	printf '| generating 990,000 listings in each region (INSERT … SELECT generate_series) | %s s | - | - |\n' "$(cat "$out/generate-seconds")"
 	printf '| 90/10 GET/PUT through NGINX, %s clients | %.0f req/s; %s | - | - |\n' "$clients" "$(m Mixed req/s)" "$(lat Mixed)"
 	printf '| GET at a steady 1,000 req/s | %s | - | %s |\n' "$(lat GetPaced1000)" "$(target "$(m GetPaced1000 p99_ms)" '<' 10 'p99 < 10 ms')"
 	printf '| replication delay US to EU at 200 writes/s, %s writes | %s | - | %s |\n' "$(iterations ReplicationDelay)" "$(lat ReplicationDelay)" \

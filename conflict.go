@@ -116,7 +116,7 @@ func resolve(local *Property, incoming Property) outcome {
 // order (the same order every batch locks in), so that a concurrent local PUT
 // of one of them waits for the batch, or the batch for the PUT.
 const lockForApplySQL = `
-SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at
+SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted
 FROM properties
 WHERE id = ANY($1)
 ORDER BY id
@@ -125,15 +125,16 @@ FOR UPDATE`
 // upsertPropertiesSQL writes the winning rows of a batch, one array per
 // column (propertyColumns).
 const upsertPropertiesSQL = `
-INSERT INTO properties (id, price, bedrooms, bathrooms, region_origin, version, updated_at)
-SELECT * FROM unnest($1::bigint[], $2::numeric[], $3::integer[], $4::integer[], $5::varchar[], $6::bigint[], $7::timestamptz[])
+INSERT INTO properties (id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted)
+SELECT * FROM unnest($1::bigint[], $2::numeric[], $3::integer[], $4::integer[], $5::varchar[], $6::bigint[], $7::timestamptz[], $8::boolean[])
 ON CONFLICT (id) DO UPDATE
 SET price         = EXCLUDED.price,
     bedrooms      = EXCLUDED.bedrooms,
     bathrooms     = EXCLUDED.bathrooms,
     region_origin = EXCLUDED.region_origin,
     version       = EXCLUDED.version,
-    updated_at    = EXCLUDED.updated_at`
+    updated_at    = EXCLUDED.updated_at,
+    deleted       = EXCLUDED.deleted`
 
 // applyEvents applies a batch of remote writes inside tx and returns what
 // the conflict rule did with each. The rule itself runs in Go (resolve), over

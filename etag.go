@@ -16,6 +16,9 @@ package main
 //   - PUT answers with the new state's ETag. With If-Match, the update
 //     happens only if the header names the current state, else 412: on top
 //     of the body's version, which stays as the seed has it (409).
+//   - DELETE requires If-Match (428 without it): a delete has no body to
+//     carry a version, and deleting a state the client never saw is the
+//     lost update at its worst. 412 when it names another state.
 
 import (
 	"fmt"
@@ -84,6 +87,17 @@ func parseTagCondition(h http.Header, name string) (tagCondition, bool, error) {
 		}
 	}
 	return c, true, nil
+}
+
+// states is what a write's If-Match lets it apply to (updatePropertySQL's
+// and deletePropertySQL's list of tag values): nil for "*", any state;
+// otherwise the strong tags, by strong comparison, as a weak tag names no
+// state here. Never nil then, so that a list with none left matches nothing.
+func (c tagCondition) states() []string {
+	if c.any {
+		return nil
+	}
+	return append([]string{}, c.strong...)
 }
 
 // matchesStrong reports whether the condition names the state p by strong

@@ -5,6 +5,8 @@
 -- down. The values are a pure function of the id (no random()) and every row
 -- has the same updated_at, so every load produces exactly the same rows.
 -- ON CONFLICT DO NOTHING makes a second load a no-op that keeps later updates.
+-- Ids from 1001 on are for new listings, from each region's own sequence
+-- (init.sql); the seeds hold no tombstones: every seed listing is live.
 INSERT INTO properties (id, price, bedrooms, bathrooms, region_origin, version, updated_at)
 SELECT id,
        -- 150,000.00 plus a step per id; the cents vary so that the two-decimal

@@ -55,6 +55,7 @@ func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.D
 	mux.Handle("GET /{region}/health", knownRegion(logger, handleHealth(region, db, stopped)))
 	mux.Handle("GET /{region}/properties/{id}", knownRegion(logger, handleGetProperty(logger, db)))
 	mux.Handle("PUT /{region}/properties/{id}", knownRegion(logger, handleUpdateProperty(logger, region, db, notify)))
+	mux.Handle("DELETE /{region}/properties/{id}", knownRegion(logger, handleDeleteProperty(logger, region, db, notify)))
 	mux.Handle("POST /{region}/properties", knownRegion(logger, handleCreateProperty(logger, region, db, notify)))
 	mux.Handle("GET /{region}/properties", knownRegion(logger, handleListProperties(logger, db)))
 	mux.Handle("GET /{region}/replication-lag", knownRegion(logger, handleReplicationLag(logger, lag)))
@@ -169,10 +170,8 @@ func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 			encodeError(w, r, logger, err)
 			return
 		}
-		if hasIfMatch && !ifMatch.any {
-			// Strong comparison: a weak tag names no state here. Not nil,
-			// so that a list with none left matches nothing.
-			u.IfMatch = append([]string{}, ifMatch.strong...)
+		if hasIfMatch {
+			u.IfMatch = ifMatch.states()
 		}
 		fingerprint := requestFingerprint(r.Method, "/properties/"+strconv.FormatInt(id, 10), req)
 		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
@@ -186,6 +185,67 @@ func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 		w.Header().Set("ETag", etag(p))
 		encode(w, http.StatusOK, p)
 	})
+}
+
+// errIfMatchRequired is a DELETE without If-Match.
+var errIfMatchRequired = errors.New("If-Match required")
+
+// handleDeleteProperty deletes a listing, idempotently by X-Request-ID, if
+// If-Match names its current state, and answers with the tombstone (see
+// deleteProperty). A delete takes no body.
+func handleDeleteProperty(logger *slog.Logger, region string, db *sql.DB, notify func()) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id, err := parseID(r.PathValue("id"))
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		requestID, err := parseRequestID(r.Header)
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		ifMatch, hasIfMatch, err := parseTagCondition(r.Header, "If-Match")
+		if err == nil {
+			err = noBody(w, r)
+		}
+		if err == nil && !hasIfMatch {
+			err = errIfMatchRequired
+		}
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		fingerprint := requestFingerprint(r.Method, "/properties/"+strconv.FormatInt(id, 10), nil)
+		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
+		defer cancel()
+		p, err := deleteProperty(ctx, db, region, requestID, fingerprint, id, ifMatch.states())
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		notify()
+		w.Header().Set("ETag", etag(p))
+		encode(w, http.StatusOK, view(p))
+	})
+}
+
+// tombstone is what a client sees of a deleted listing.
+type tombstone struct {
+	ID           int64     `json:"id"`
+	Deleted      bool      `json:"deleted"`
+	Version      int64     `json:"version"`
+	RegionOrigin string    `json:"region_origin"`
+	UpdatedAt    time.Time `json:"updated_at"`
+}
+
+// view is the body that shows a client the state p: the property, or the
+// tombstone when p is one.
+func view(p Property) any {
+	if p.Deleted {
+		return tombstone{p.ID, true, p.Version, p.RegionOrigin, p.UpdatedAt}
+	}
+	return p
 }
 
 // handleListProperties answers one page of listings, filtered (list.go).
@@ -355,6 +415,24 @@ func decode[T any](w http.ResponseWriter, r *http.Request) (T, error) {
 	return v, nil
 }
 
+// noBody reads a request that must have no body, such as a DELETE, and
+// returns a *validationError if it has one (or an *http.MaxBytesError if it
+// is too large to read).
+func noBody(w http.ResponseWriter, r *http.Request) error {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	var tooLarge *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooLarge):
+		io.CopyN(io.Discard, r.Body, maxDrainBytes)
+		return tooLarge
+	case err != nil:
+		return &validationError{"could not read the request body"}
+	case len(body) > 0:
+		return &validationError{r.Method + " takes no body"}
+	}
+	return nil
+}
+
 // decodeError turns an encoding/json error into a message that names the
 // problem in the client's terms, without Go type names.
 func decodeError(err error) error {
@@ -403,6 +481,7 @@ func encodeError(w http.ResponseWriter, r *http.Request, logger *slog.Logger, er
 		tooLarge *http.MaxBytesError
 		dup      *duplicateRequestError
 		reused   *requestReusedError
+		gone     *deletedError
 		mismatch *versionMismatchError
 		failed   *preconditionFailedError
 	)
@@ -413,10 +492,10 @@ func encodeError(w http.ResponseWriter, r *http.Request, logger *slog.Logger, er
 		encode(w, http.StatusRequestEntityTooLarge, errorBody{Error: fmt.Sprintf("request body is larger than %d bytes", tooLarge.Limit)})
 	case errors.As(err, &dup):
 		encode(w, http.StatusUnprocessableEntity, struct {
-			Error            string   `json:"error"`
-			RequestID        string   `json:"request_id"`
-			OriginalResponse Property `json:"original_response"`
-		}{"duplicate request", dup.requestID, dup.original})
+			Error            string `json:"error"`
+			RequestID        string `json:"request_id"`
+			OriginalResponse any    `json:"original_response"`
+		}{"duplicate request", dup.requestID, view(dup.original)})
 	case errors.As(err, &reused):
 		encode(w, http.StatusUnprocessableEntity, struct {
 			Error     string `json:"error"`
@@ -426,6 +505,13 @@ func encodeError(w http.ResponseWriter, r *http.Request, logger *slog.Logger, er
 		encode(w, http.StatusNotFound, errorBody{Error: "unknown region: use /us/ or /eu/"})
 	case errors.Is(err, errNotFound):
 		encode(w, http.StatusNotFound, errorBody{Error: "property not found"})
+	case errors.As(err, &gone):
+		encode(w, http.StatusGone, struct {
+			Error          string `json:"error"`
+			CurrentVersion int64  `json:"current_version"`
+		}{"property deleted", gone.current})
+	case errors.Is(err, errIfMatchRequired):
+		encode(w, http.StatusPreconditionRequired, errorBody{Error: `If-Match is required: send the ETag of the state to delete, such as "4-us"`})
 	case errors.As(err, &failed):
 		w.Header().Set("ETag", etag(failed.current))
 		encode(w, http.StatusPreconditionFailed, struct {

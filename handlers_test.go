@@ -107,9 +107,10 @@ func readRow(t *testing.T, db *sql.DB, id int64) rowState {
 	ctx := context.Background()
 	var s rowState
 	var err error
-	s.Property, err = getProperty(ctx, db, id)
-	if err != nil && err != errNotFound {
-		t.Fatalf("getProperty(%d): %v", id, err)
+	// The row as stored, a tombstone too.
+	s.Property, err = scanProperty(db.QueryRowContext(ctx, getPropertySQL, id))
+	if err != nil && err != sql.ErrNoRows {
+		t.Fatalf("read property %d: %v", id, err)
 	}
 	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM outbox WHERE property_id = $1`, id).Scan(&s.Outbox); err != nil {
 		t.Fatalf("count outbox rows of %d: %v", id, err)
@@ -149,7 +150,7 @@ func TestGetProperty(t *testing.T) {
 		{"region_case_matters", false, "GET", "/US/properties/7", 404, response{Error: "unknown region: use /us/ or /eu/"}},
 		{"unknown_path", false, "GET", "/us/listings/7", 404, response{Error: "not found"}},
 		{"wrong_method", false, "POST", "/us/properties/7", 405, response{Error: "method not allowed"}},
-		{"delete_not_allowed", false, "DELETE", "/us/properties/7", 405, response{Error: "method not allowed"}},
+		{"patch_not_allowed", false, "PATCH", "/us/properties/7", 405, response{Error: "method not allowed"}},
 		{"unclean_path_redirects", false, "GET", "/us/./properties/7", 307, response{Error: "moved to /us/properties/7"}},
 		{"health_bare", true, "GET", "/health", 200, response{Status: "ok", Region: "eu"}},
 		{"health_us_prefix", true, "GET", "/us/health", 200, response{Status: "ok", Region: "eu"}},
@@ -370,6 +371,9 @@ func TestEncodeError(t *testing.T) {
 		{"unknown_region", errUnknownRegion, 404, response{Error: "unknown region: use /us/ or /eu/"}},
 		{"not_found", fmt.Errorf("get property 9: %w", errNotFound), 404, response{Error: "property not found"}},
 		{"version_mismatch", &versionMismatchError{current: 4}, 409, response{Error: "version mismatch", CurrentVersion: 4}},
+		{"deleted", fmt.Errorf("get property 9: %w", &deletedError{current: 3}), 410, response{Error: "property deleted", CurrentVersion: 3}},
+		{"if_match_required", errIfMatchRequired, 428,
+			response{Error: `If-Match is required: send the ETag of the state to delete, such as "4-us"`}},
 		{"database_unreachable", fmt.Errorf("update property 9: %w", context.DeadlineExceeded), 503,
 			response{Error: "service unavailable, try again"}},
 		{"database_shutting_down", &pgconn.PgError{Code: "57P01", Message: "terminating connection"}, 503,

@@ -39,7 +39,7 @@ func TestLagCoversWritesInProgress(t *testing.T) {
 	defer tx.Rollback()
 	requestID := newRequestID("in-progress")
 	written, err := scanProperty(tx.QueryRowContext(ctx, updatePropertySQL,
-		id, p.Version, Money(210210_10), nil, nil, "us", requestID, strings.Repeat("0", 64), nil))
+		requestID, strings.Repeat("0", 64), id, p.Version, Money(210210_10), nil, nil, "us", nil))
 	if err != nil {
 		t.Fatalf("the write held open: %v", err)
 	}

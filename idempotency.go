@@ -131,7 +131,7 @@ func isRequestIDTaken(err error) bool {
 // lookupRequestSQL reads the row a request id's update wrote, and the
 // request's fingerprint.
 const lookupRequestSQL = `
-SELECT property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, fingerprint
+SELECT property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, fingerprint
 FROM processed_requests
 WHERE request_id = $1`
 
@@ -163,8 +163,8 @@ func duplicateRequest(ctx context.Context, db *sql.DB, requestID, fingerprint st
 // bytewise as compareWrites does.
 const recordReplicatedRequestsSQL = `
 INSERT INTO processed_requests
-    (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::numeric[], $5::integer[], $6::integer[], $7::varchar[], $8::bigint[], $9::timestamptz[])
+    (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::numeric[], $5::integer[], $6::integer[], $7::varchar[], $8::bigint[], $9::timestamptz[], $10::boolean[])
 ON CONFLICT (request_id) DO UPDATE
 SET fingerprint   = EXCLUDED.fingerprint,
     property_id   = EXCLUDED.property_id,
@@ -173,7 +173,8 @@ SET fingerprint   = EXCLUDED.fingerprint,
     bathrooms     = EXCLUDED.bathrooms,
     region_origin = EXCLUDED.region_origin,
     version       = EXCLUDED.version,
-    updated_at    = EXCLUDED.updated_at
+    updated_at    = EXCLUDED.updated_at,
+    deleted       = EXCLUDED.deleted
 WHERE (EXCLUDED.version, EXCLUDED.updated_at, EXCLUDED.region_origin COLLATE "C")
     > (processed_requests.version, processed_requests.updated_at, processed_requests.region_origin COLLATE "C")`
 

@@ -46,7 +46,12 @@ CREATE TABLE IF NOT EXISTS properties (
     version       row_version NOT NULL DEFAULT 1,
     -- TIMESTAMPTZ rather than TIMESTAMP: an instant, which no session time zone
     -- can shift. Replication compares it across regions, so it must be exact.
-    updated_at    TIMESTAMPTZ NOT NULL DEFAULT now()
+    updated_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- A deleted listing stays as a tombstone: the delete is a write like any
+    -- other, with the next version, so that the conflict rule orders it
+    -- against a concurrent update and no older event can bring the listing
+    -- back. The other columns keep the last state's values.
+    deleted       BOOLEAN NOT NULL DEFAULT false
 );
 
 CREATE INDEX IF NOT EXISTS properties_region_origin_idx ON properties (region_origin);
@@ -80,6 +85,7 @@ CREATE TABLE IF NOT EXISTS processed_requests (
     region_origin VARCHAR(2) NOT NULL,
     version       BIGINT NOT NULL,
     updated_at    TIMESTAMPTZ NOT NULL,
+    deleted       BOOLEAN NOT NULL DEFAULT false,
     processed_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
@@ -102,6 +108,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     region_origin VARCHAR(2) NOT NULL,
     version       BIGINT NOT NULL,
     updated_at    TIMESTAMPTZ NOT NULL,
+    deleted       BOOLEAN NOT NULL DEFAULT false,
     created_at    TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 

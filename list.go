@@ -120,9 +120,9 @@ func decodeCursor(c string) (int64, error) {
 // listPropertiesSQL reads one page, one row more than asked for, to know
 // whether another page follows. A filter that is NULL is off.
 const listPropertiesSQL = `
-SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at
+SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted
 FROM properties
-WHERE id > $1
+WHERE id > $1 AND NOT deleted
   AND ($2::numeric IS NULL OR price >= $2)
   AND ($3::numeric IS NULL OR price <= $3)
   AND ($4::integer IS NULL OR bedrooms >= $4)

@@ -171,7 +171,7 @@ WHERE (EXCLUDED.version, EXCLUDED.updated_at, EXCLUDED.region_origin COLLATE "C"
     > (properties.version, properties.updated_at, properties.region_origin COLLATE "C")`, c.args()...); err != nil {
 		t.Fatalf("merge listings: %v", err)
 	}
-	rows, err := from.QueryContext(ctx, `SELECT property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, request_id, fingerprint FROM processed_requests`)
+	rows, err := from.QueryContext(ctx, `SELECT property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, request_id, fingerprint FROM processed_requests`)
 	if err != nil {
 		t.Fatal(err)
 	}

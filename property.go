@@ -27,6 +27,10 @@ type Property struct {
 	Version int64 `json:"version"`
 	// UpdatedAt is the database's clock at the write, in UTC, to the microsecond.
 	UpdatedAt time.Time `json:"updated_at"`
+	// Deleted marks a tombstone: the write that deleted the listing. The
+	// other fields keep the last live state's values. Clients never see a
+	// tombstone in this shape (see tombstoneView); events carry it so.
+	Deleted bool `json:"deleted,omitempty"`
 }
 
 // The two regions. Every write names the region that made it, and each
@@ -100,6 +104,17 @@ var (
 	errNotFound = errors.New("property not found")
 )
 
+// deletedError is a property that was deleted: its tombstone's version is
+// the current one.
+type deletedError struct {
+	current int64
+}
+
+// Error names the tombstone's version.
+func (e *deletedError) Error() string {
+	return fmt.Sprintf("property deleted at version %d", e.current)
+}
+
 // versionMismatchError is the optimistic-locking failure: the client updated
 // from a version that is no longer the current one.
 type versionMismatchError struct {
@@ -113,90 +128,108 @@ func (e *versionMismatchError) Error() string {
 
 // getPropertySQL reads one property, in the columns scanProperty reads.
 const getPropertySQL = `
-SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at
+SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted
 FROM properties
 WHERE id = $1`
 
-// getProperty returns the property with the given id, or errNotFound.
+// getProperty returns the property with the given id, errNotFound if there
+// is none, or a *deletedError if it was deleted.
 func getProperty(ctx context.Context, db *sql.DB, id int64) (Property, error) {
 	p, err := scanProperty(db.QueryRowContext(ctx, getPropertySQL, id))
-	if errors.Is(err, sql.ErrNoRows) {
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
 		return Property{}, errNotFound
-	}
-	if err != nil {
+	case err != nil:
 		return Property{}, fmt.Errorf("get property %d: %w", id, err)
+	case p.Deleted:
+		return Property{}, &deletedError{current: p.Version}
 	}
 	return p, nil
 }
 
-// updateProperty applies one client update. It does three things, or
-// nothing:
+// Every write of a client, an update, a create or a delete, is ONE
+// statement of three parts. A statement is a transaction of its own, so the
+// parts commit together or not at all, and the write costs a single round
+// trip to the database:
 //
-//  1. the optimistic update: the row changes only if its version is still the
-//     one the client read (UPDATE ... WHERE id = $1 AND version = $2);
-//  2. the request id is recorded with the row it wrote (idempotency.go);
-//  3. the write is queued in the outbox for replication (replicate.go).
+//  1. written: the change itself, which returns the row as written. Its
+//     time is the database's clock.
+//  2. recorded claims the request id ($1), with the request's fingerprint
+//     ($2) and the row the write made: the original response of a retry
+//     (idempotency.go). The primary key makes a concurrent claim of the same
+//     id wait for this statement; if this one commits, the other fails with
+//     a unique violation, which rolls back its whole statement (its change
+//     included) and becomes its 422.
+//  3. queued puts the write's event in the outbox for replication
+//     (relay.go): the row as written, with the request id and fingerprint.
 //
-// So a request id is consumed only by a successful update, and every committed
-// update has exactly one event. fingerprint names the request
-// (requestFingerprint). The failures, in the contract's order of precedence,
-// are *duplicateRequestError or *requestReusedError, errNotFound, and
+// So a request id is consumed only by a successful write, and every
+// committed write has exactly one event. recordAndQueueSQL is parts 2 and 3,
+// the same for every write; each write statement is its written part
+// followed by it.
+const recordAndQueueSQL = `
+, recorded AS (
+    INSERT INTO processed_requests
+        (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted)
+    SELECT $1, $2, id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted FROM written
+    RETURNING request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted
+), queued AS (
+    INSERT INTO outbox
+        (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted)
+    SELECT * FROM recorded
+)
+SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted FROM written`
+
+// execWrite runs one of the write statements, whose first two arguments are the
+// request id and the fingerprint, and returns the row it wrote. No row
+// (sql.ErrNoRows) means the write's condition did not hold; a request id
+// already used is a *duplicateRequestError or *requestReusedError.
+func execWrite(ctx context.Context, db *sql.DB, query, requestID, fingerprint string, args ...any) (Property, error) {
+	p, err := scanProperty(db.QueryRowContext(ctx, query, append([]any{requestID, fingerprint}, args...)...))
+	if isRequestIDTaken(err) {
+		return Property{}, duplicateRequest(ctx, db, requestID, fingerprint)
+	}
+	return p, err
+}
+
+// updateProperty applies one client update: the row changes only if it is
+// live and its version is still the one the client read (optimistic
+// locking), and with an If-Match only if its state is one the header names.
+// fingerprint names the request (requestFingerprint). The failures, in the
+// contract's order of precedence, are *duplicateRequestError or
+// *requestReusedError, errNotFound, *deletedError, and
 // *preconditionFailedError or *versionMismatchError; any other error comes
 // from the database.
 func updateProperty(ctx context.Context, db *sql.DB, region, requestID, fingerprint string, id int64, u propertyUpdate) (Property, error) {
-	p, err := scanProperty(db.QueryRowContext(ctx, updatePropertySQL,
-		id, u.Version, u.Price, u.Bedrooms, u.Bathrooms, region, requestID, fingerprint, u.IfMatch))
-	switch {
-	case err == nil:
-		return p, nil
-	case errors.Is(err, sql.ErrNoRows):
-		return Property{}, explainNoUpdate(ctx, db, requestID, fingerprint, id, u.IfMatch)
-	case isRequestIDTaken(err):
-		return Property{}, duplicateRequest(ctx, db, requestID, fingerprint)
+	p, err := execWrite(ctx, db, updatePropertySQL, requestID, fingerprint,
+		id, u.Version, u.Price, u.Bedrooms, u.Bathrooms, region, u.IfMatch)
+	if errors.Is(err, sql.ErrNoRows) {
+		return Property{}, explainNoWrite(ctx, db, requestID, fingerprint, id, u.IfMatch, &u.Version)
 	}
-	return Property{}, fmt.Errorf("update property %d: %w", id, err)
+	if err != nil {
+		return Property{}, fmt.Errorf("update property %d: %w", id, err)
+	}
+	return p, nil
 }
 
-// updatePropertySQL is the whole update in ONE statement. A statement is a
-// transaction of its own, so its three parts commit together or not at all,
-// and it costs a single round trip to the database.
-//
-// updated is optimistic locking: the WHERE clause is the version check, and
-// the row lock the UPDATE takes makes check and write atomic. With an
-// If-Match ($9), the state's tag must be one it names, too (etag.go). A concurrent
-// update of the same row waits for this one, then finds the version moved on
-// and updates nothing. The write's time is the database's clock.
-//
-// recorded claims the request id. Its primary key makes a concurrent claim of
-// the same id wait for this statement; if this one commits, the other fails
-// with a unique violation, which rolls back its whole statement (update
-// included) and becomes its 422.
-//
-// queued puts the write's event in the outbox for replication: the row as
-// written, with the request id and fingerprint.
+// updatePropertySQL is the update (see recordAndQueueSQL for the rest).
+// The WHERE clause is the version check, and the row lock the UPDATE takes
+// makes check and write atomic: a concurrent update of the same row waits for
+// this one, then finds the version moved on and updates nothing. With an
+// If-Match ($9), the state's tag must be one it names, too (etag.go).
 const updatePropertySQL = `
-WITH updated AS (
+WITH written AS (
     UPDATE properties
-    SET price         = $3,
-        bedrooms      = COALESCE($4, bedrooms),
-        bathrooms     = COALESCE($5, bathrooms),
-        region_origin = $6,
+    SET price         = $5,
+        bedrooms      = COALESCE($6, bedrooms),
+        bathrooms     = COALESCE($7, bathrooms),
+        region_origin = $8,
         version       = version + 1,
         updated_at    = now()
-    WHERE id = $1 AND version = $2
+    WHERE id = $3 AND version = $4 AND NOT deleted
       AND ($9::text[] IS NULL OR version::text || '-' || region_origin = ANY ($9))
-    RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at
-), recorded AS (
-    INSERT INTO processed_requests
-        (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at)
-    SELECT $7, $8, id, price, bedrooms, bathrooms, region_origin, version, updated_at FROM updated
-    RETURNING request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at
-), queued AS (
-    INSERT INTO outbox
-        (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at)
-    SELECT * FROM recorded
-)
-SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at FROM updated`
+    RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted
+)` + recordAndQueueSQL
 
 // newProperty is a validated POST body: a new listing's values.
 type newProperty struct {
@@ -205,48 +238,66 @@ type newProperty struct {
 }
 
 // createProperty adds a listing with an id from region's own sequence (odd
-// ids for US, even for EU, see init.sql), version 1, written by region. Like
-// updateProperty it is one statement that also records the request id and
-// queues the event, so a create replicates like an update; and its failures
-// are *duplicateRequestError or *requestReusedError for a request id already
-// used. fingerprint names the request (requestFingerprint).
+// ids for US, even for EU, see init.sql), version 1, written by region. It
+// replicates like an update; its failures are *duplicateRequestError or
+// *requestReusedError for a request id already used. fingerprint names the
+// request (requestFingerprint).
 func createProperty(ctx context.Context, db *sql.DB, region, requestID, fingerprint string, n newProperty) (Property, error) {
-	p, err := scanProperty(db.QueryRowContext(ctx, createPropertySQL,
-		n.Price, n.Bedrooms, n.Bathrooms, region, requestID, fingerprint))
-	switch {
-	case err == nil:
-		return p, nil
-	case isRequestIDTaken(err):
-		return Property{}, duplicateRequest(ctx, db, requestID, fingerprint)
+	p, err := execWrite(ctx, db, createPropertySQL, requestID, fingerprint, n.Price, n.Bedrooms, n.Bathrooms, region)
+	if err != nil {
+		return Property{}, fmt.Errorf("create property: %w", err)
 	}
-	return Property{}, fmt.Errorf("create property: %w", err)
+	return p, nil
 }
 
-// createPropertySQL is updatePropertySQL's twin for a new listing: insert,
-// record the request id, queue the event, in one statement. A request id
-// already taken fails the statement with a unique violation, which rolls the
-// insert back (its id is skipped; the sequence does not go back).
+// createPropertySQL inserts a new listing (see recordAndQueueSQL for the
+// rest). A request id already taken fails the statement, which rolls the
+// insert back: its id is skipped, as the sequence does not go back.
 const createPropertySQL = `
-WITH created AS (
+WITH written AS (
     INSERT INTO properties (id, price, bedrooms, bathrooms, region_origin, version, updated_at)
-    VALUES (nextval(('property_ids_' || $4::varchar)::regclass), $1, $2, $3, $4::varchar, 1, now())
-    RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at
-), recorded AS (
-    INSERT INTO processed_requests
-        (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at)
-    SELECT $5, $6, id, price, bedrooms, bathrooms, region_origin, version, updated_at FROM created
-    RETURNING request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at
-), queued AS (
-    INSERT INTO outbox
-        (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at)
-    SELECT * FROM recorded
-)
-SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at FROM created`
+    VALUES (nextval(('property_ids_' || $6::varchar)::regclass), $3, $4, $5, $6::varchar, 1, now())
+    RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted
+)` + recordAndQueueSQL
 
-// explainNoUpdate finds out why updatePropertySQL changed no row, checking the
-// reasons in the contract's order: a used request id first, then a missing
-// property, then a state the If-Match does not name, then a stale version.
-func explainNoUpdate(ctx context.Context, db *sql.DB, requestID, fingerprint string, id int64, ifMatch []string) error {
+// deleteProperty deletes a listing whose state is one that ifMatch names
+// (nil: any state, If-Match: *), leaving a tombstone: the next version,
+// written by region, marked deleted. It returns the tombstone. The failures,
+// in the contract's order, are *duplicateRequestError or
+// *requestReusedError, errNotFound, *deletedError and
+// *preconditionFailedError.
+func deleteProperty(ctx context.Context, db *sql.DB, region, requestID, fingerprint string, id int64, ifMatch []string) (Property, error) {
+	p, err := execWrite(ctx, db, deletePropertySQL, requestID, fingerprint, id, region, ifMatch)
+	if errors.Is(err, sql.ErrNoRows) {
+		return Property{}, explainNoWrite(ctx, db, requestID, fingerprint, id, ifMatch, nil)
+	}
+	if err != nil {
+		return Property{}, fmt.Errorf("delete property %d: %w", id, err)
+	}
+	return p, nil
+}
+
+// deletePropertySQL turns a live listing into its tombstone (see
+// recordAndQueueSQL for the rest). It is an update in all but name, so it
+// takes the same row lock, and a concurrent update or delete of the same
+// state waits for it and then finds the state gone.
+const deletePropertySQL = `
+WITH written AS (
+    UPDATE properties
+    SET deleted       = true,
+        region_origin = $4,
+        version       = version + 1,
+        updated_at    = now()
+    WHERE id = $3 AND NOT deleted
+      AND ($5::text[] IS NULL OR version::text || '-' || region_origin = ANY ($5))
+    RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted
+)` + recordAndQueueSQL
+
+// explainNoWrite finds out why a write statement changed no row, checking
+// the reasons in the contract's order: a used request id first, then a
+// missing or deleted property, then a state the If-Match does not name,
+// then, for an update (version not nil), a stale version.
+func explainNoWrite(ctx context.Context, db *sql.DB, requestID, fingerprint string, id int64, ifMatch []string, version *int64) error {
 	if err := duplicateRequest(ctx, db, requestID, fingerprint); !errors.Is(err, errRequestUnused) {
 		return err
 	}
@@ -255,6 +306,11 @@ func explainNoUpdate(ctx context.Context, db *sql.DB, requestID, fingerprint str
 		return err
 	}
 	if ifMatch != nil && !slices.Contains(ifMatch, tagValue(current.Version, current.RegionOrigin)) {
+		return &preconditionFailedError{current: current}
+	}
+	if version == nil {
+		// A delete whose state moved on between the write and this read:
+		// the state it named was not the current one.
 		return &preconditionFailedError{current: current}
 	}
 	return &versionMismatchError{current: current.Version}
@@ -266,13 +322,13 @@ type rowScanner interface {
 }
 
 // scanProperty reads a property from the columns id, price, bedrooms,
-// bathrooms, region_origin, version and updated_at, in that order (every
+// bathrooms, region_origin, version, updated_at and deleted, in that order (every
 // query that returns properties selects them so), then any further columns
 // into extra. It normalizes updated_at to UTC.
 func scanProperty(row rowScanner, extra ...any) (Property, error) {
 	var p Property
 	var bedrooms, bathrooms sql.NullInt32
-	dest := append([]any{&p.ID, &p.Price, &bedrooms, &bathrooms, &p.RegionOrigin, &p.Version, &p.UpdatedAt}, extra...)
+	dest := append([]any{&p.ID, &p.Price, &bedrooms, &bathrooms, &p.RegionOrigin, &p.Version, &p.UpdatedAt, &p.Deleted}, extra...)
 	if err := row.Scan(dest...); err != nil {
 		return Property{}, err
 	}
@@ -296,6 +352,7 @@ type propertyColumns struct {
 	prices, regions     []string
 	bedrooms, bathrooms []*int32
 	updatedAt           []time.Time
+	deleted             []bool
 }
 
 // add appends p as one more row.
@@ -307,9 +364,10 @@ func (c *propertyColumns) add(p Property) {
 	c.regions = append(c.regions, p.RegionOrigin)
 	c.versions = append(c.versions, p.Version)
 	c.updatedAt = append(c.updatedAt, p.UpdatedAt)
+	c.deleted = append(c.deleted, p.Deleted)
 }
 
 // args are the columns in the order of the properties table.
 func (c *propertyColumns) args() []any {
-	return []any{c.ids, c.prices, c.bedrooms, c.bathrooms, c.regions, c.versions, c.updatedAt}
+	return []any{c.ids, c.prices, c.bedrooms, c.bathrooms, c.regions, c.versions, c.updatedAt, c.deleted}
 }

@@ -17,7 +17,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"strconv"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -235,13 +234,12 @@ func (r *relay) lock(ctx context.Context, tx *sql.Tx, withWatermark bool) (locke
 }
 
 // readOutboxSQL reads the oldest events of the outbox. Rows with a lower seq
-// may still commit
-// after this read (a sequence value is taken before commit), but they are not
+// may still commit after this read (a sequence value is taken before commit), but they are not
 // lost: nothing remembers a position, the next round reads whatever is in the
 // table. And one property's rows are always in order, because its writes are
 // serialized by the row lock.
 const readOutboxSQL = `
-SELECT property_id, price, bedrooms, bathrooms, region_origin, version, updated_at,
+SELECT property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted,
        seq, request_id, fingerprint
 FROM outbox
 ORDER BY seq
@@ -263,17 +261,12 @@ func (r *relay) readOutbox(ctx context.Context, tx *sql.Tx) ([]int64, []*kgo.Rec
 		if e.Property, err = scanProperty(rows, &seq, &e.RequestID, &e.fingerprint); err != nil {
 			return nil, nil, err
 		}
-		payload, err := json.Marshal(e)
+		rec, err := eventRecord(r.topic, e)
 		if err != nil {
-			return nil, nil, fmt.Errorf("encode event: %w", err)
+			return nil, nil, err
 		}
 		seqs = append(seqs, seq)
-		records = append(records, &kgo.Record{
-			Topic:   r.topic,
-			Key:     []byte(strconv.FormatInt(e.ID, 10)),
-			Value:   payload,
-			Headers: append(recordHeaders(kindEvent, r.region), kgo.RecordHeader{Key: headerFingerprint, Value: []byte(e.fingerprint)}),
-		})
+		records = append(records, rec)
 	}
 	return seqs, records, rows.Err()
 }

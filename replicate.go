@@ -5,8 +5,8 @@ package main
 //
 // A write travels like this (US to EU; EU to US is the mirror image):
 //
-//  1. PUT in US commits the row, its request id and an outbox row in ONE
-//     statement, so one transaction (updateProperty). Publishing to Kafka
+//  1. A PUT, POST or DELETE in US commits the row, its request id and an
+//     outbox row in ONE statement, so one transaction (property.go). Publishing to Kafka
 //     from the request instead would either lose the event (crash after
 //     commit, before publish) or publish a change that then rolls back. The
 //     outbox makes the event as durable as the write.
@@ -24,6 +24,8 @@ package main
 // only by a write that is greater under (version, updated_at, region_origin),
 // a total order that both regions evaluate the same way. Whatever order the
 // events arrive in, every database ends with the greatest write of each row.
+// A delete is a write too: a tombstone with the next version, which the
+// rule orders like any other, so no older event can bring the listing back.
 //
 // This file holds what the parts share: the records on the topic and how
 // they are decoded, the topics themselves, and the replicator that starts
@@ -32,6 +34,7 @@ package main
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -49,7 +52,8 @@ import (
 // the change makes applying it idempotent and order-independent. The
 // embedded Property's fields appear at the top level of the JSON:
 // {"id", "price", "bedrooms", "bathrooms", "region_origin", "version",
-// "updated_at", "request_id"}.
+// "updated_at", "request_id"}, and "deleted": true when the write was a
+// delete (its tombstone, which carries the last live values).
 type event struct {
 	Property
 	RequestID string `json:"request_id"`
@@ -86,6 +90,21 @@ const (
 // region.
 func recordHeaders(kind, region string) []kgo.RecordHeader {
 	return []kgo.RecordHeader{{Key: headerKind, Value: []byte(kind)}, {Key: headerRegion, Value: []byte(region)}}
+}
+
+// eventRecord is the record of e on topic: keyed by the property id, from
+// the region that wrote it, with the request's fingerprint.
+func eventRecord(topic string, e event) (*kgo.Record, error) {
+	payload, err := json.Marshal(e)
+	if err != nil {
+		return nil, fmt.Errorf("encode event: %w", err)
+	}
+	return &kgo.Record{
+		Topic:   topic,
+		Key:     []byte(strconv.FormatInt(e.ID, 10)),
+		Value:   payload,
+		Headers: append(recordHeaders(kindEvent, e.RegionOrigin), kgo.RecordHeader{Key: headerFingerprint, Value: []byte(e.fingerprint)}),
+	}, nil
 }
 
 // header returns the value of a record's header, or "" if it has none.

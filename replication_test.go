@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -55,34 +56,58 @@ func TestReplicationBothWays(t *testing.T) {
 	}
 }
 
+// TestConvergenceUnderConcurrentWrites creates listings in both regions,
+// then races clients in both regions over them with updates and, now and
+// then, deletes, each from the state it has just read. Once replication has
+// caught up, both regions hold identical rows, and no acknowledged write was
+// lost except to a greater one under the conflict rule.
 func TestConvergenceUnderConcurrentWrites(t *testing.T) {
 	s := newStack(t)
 	us, eu := stackDB(t, "us"), stackDB(t, "eu")
 	s.caughtUp(t, 30*time.Second)
 	before := [2]int64{s.lag(t, "us").Conflicts, s.lag(t, "eu").Conflicts}
 
-	const workers, putsEach = 6, 40 // per region
-	acked, counts, err := s.writeConcurrently(601, 50, workers, putsEach)
+	var ids []int64
+	for i := range 40 {
+		region := []string{"us", "eu"}[i%2]
+		status, _, got := s.mustDo(t, "POST", "/"+region+"/properties", newRequestID("converge-create"), `{"price": 100000}`)
+		if status != http.StatusCreated {
+			t.Fatalf("POST in %s: %d %+v", region, status, got)
+		}
+		ids = append(ids, got.ID)
+	}
+	s.caughtUp(t, 30*time.Second)
+	const workers, writesEach = 6, 40 // per region
+	acked, counts, err := s.writeConcurrently(ids, workers, writesEach)
 	if err != nil {
 		t.Fatalf("a client failed: %v", err)
 	}
-	t.Logf("%d PUTs: statuses %v", 2*workers*putsEach, counts)
-	if counts[http.StatusOK]+counts[http.StatusConflict] != 2*workers*putsEach {
-		t.Errorf("statuses %v: want only 200 and 409", counts)
+	t.Logf("%d writes: statuses %v", 2*workers*writesEach, counts)
+	if counts[http.StatusOK]+counts[http.StatusConflict]+counts[http.StatusPreconditionFailed]+counts[http.StatusGone] != 2*workers*writesEach {
+		t.Errorf("statuses %v: want only 200, 409, 412 and 410", counts)
 	}
 
 	s.caughtUp(t, 60*time.Second)
 	final := waitIdentical(t, us, eu, 30*time.Second)
 	assertNoneLost(t, final, acked)
 	conflicts := s.lag(t, "us").Conflicts - before[0] + s.lag(t, "eu").Conflicts - before[1]
-	t.Logf("%d writes acknowledged; %d cross-region conflicts resolved; %d rows identical in both regions", len(acked), conflicts, len(final))
+	deleted := 0
+	for _, p := range final {
+		if p.Deleted && slices.Contains(ids, p.ID) {
+			deleted++
+		}
+	}
+	t.Logf("%d writes acknowledged; %d cross-region conflicts resolved; %d rows identical in both regions, %d of the %d new listings deleted",
+		len(acked), conflicts, len(final), deleted, len(ids))
 }
 
 // writeConcurrently runs workers clients in each region, each sending
-// putsEach PUTs to random properties among ids from firstID, from the version
-// it has just read. It returns the acknowledged writes and the count of each
-// status, or the first transport error.
-func (s *stack) writeConcurrently(firstID int64, ids, workers, putsEach int) (acked []Property, counts map[int]int, err error) {
+// writesEach writes to random listings among ids, from the state it has just
+// read: a PUT of its version, or one time in twenty a DELETE of its ETag. It
+// returns the acknowledged writes (a delete as its tombstone, which keeps the
+// values it deleted) and the count of each status, or the first transport
+// error.
+func (s *stack) writeConcurrently(ids []int64, workers, writesEach int) (acked []Property, counts map[int]int, err error) {
 	var (
 		mu sync.Mutex
 		wg sync.WaitGroup
@@ -92,13 +117,17 @@ func (s *stack) writeConcurrently(firstID int64, ids, workers, putsEach int) (ac
 		for w := range workers {
 			wg.Go(func() {
 				rng := rand.New(rand.NewPCG(uint64(w), uint64(r)))
-				for i := range putsEach {
-					path := fmt.Sprintf("/%s/properties/%d", region, firstID+int64(rng.IntN(ids)))
-					_, _, cur, gerr := s.do("GET", path, "", "")
-					var status int
-					var got response
-					if gerr == nil {
-						status, _, got, gerr = s.do("PUT", path, newRequestID(fmt.Sprintf("converge-%s-%d-%d", region, w, i)),
+				for i := range writesEach {
+					path := fmt.Sprintf("/%s/properties/%d", region, ids[rng.IntN(len(ids))])
+					requestID := newRequestID(fmt.Sprintf("converge-%s-%d-%d", region, w, i))
+					status, h, cur, gerr := s.doWith("GET", path, http.Header{}, "")
+					got := cur
+					if gerr == nil && status == http.StatusOK && rng.IntN(20) == 0 {
+						status, _, got, gerr = s.doWith("DELETE", path, http.Header{"X-Request-Id": {requestID}, "If-Match": {h.Get("ETag")}}, "")
+						// The tombstone keeps the values of the state it deleted.
+						got.Price, got.Bedrooms, got.Bathrooms = cur.Price, cur.Bedrooms, cur.Bathrooms
+					} else if gerr == nil && status == http.StatusOK {
+						status, _, got, gerr = s.do("PUT", path, requestID,
 							fmt.Sprintf(`{"price": %d.%02d, "version": %d}`, 100000+rng.IntN(900000), rng.IntN(100), cur.Version))
 					}
 					mu.Lock()

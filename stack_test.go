@@ -308,7 +308,7 @@ func (s *stack) caughtUp(t *testing.T, timeout time.Duration) {
 func allProperties(t *testing.T, db *sql.DB) []Property {
 	t.Helper()
 	rows, err := db.QueryContext(context.Background(),
-		`SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at FROM properties ORDER BY id`)
+		`SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted FROM properties ORDER BY id`)
 	if err != nil {
 		t.Fatalf("read properties: %v", err)
 	}
