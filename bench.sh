@@ -101,7 +101,7 @@ listings() {
 	for region in us eu; do
 		sql_in "$region" "
 			INSERT INTO properties (id, price, bedrooms, bathrooms, region_origin, version, updated_at)
-			SELECT 10000000 + g, (50000 + g * 7919 % 950000)::numeric, g % 6, 1 + g % 4,
+			SELECT 10000000 + g, (50000 + g::bigint * 7919 % 950000)::numeric, g % 6, 1 + g % 4,
 			       CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, 1, '2026-01-01T00:00:00Z'
 			FROM generate_series($1, $2) g
 			ON CONFLICT (id) DO NOTHING;
@@ -122,7 +122,8 @@ list_pages() {
 	echo "$(($(date +%s) - started))" >"$out/generate-seconds"
 	gobench ListPage 2000x
 	for region in us eu; do
-		sql_in "$region" "DELETE FROM properties WHERE id > 10000000; VACUUM ANALYZE properties;"
+		sql_in "$region" "DELETE FROM properties WHERE id > 10000000"
+		sql_in "$region" "VACUUM ANALYZE properties"
 	done
 }
 
@@ -225,4 +226,8 @@ bench_main() {
 	update_readme
 }
 
-bench_main "$@"
+# Run only when executed, so that a reader (or a rerun of one step) can
+# source the functions.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+	bench_main "$@"
+fi
