@@ -90,7 +90,7 @@ func TestPutBehindLockGivesUpInTheDatabase(t *testing.T) {
 	db := testDB(t)
 	ctx := context.Background()
 	var log bytes.Buffer
-	srv := newServer(slog.New(slog.NewJSONHandler(&log, nil)), "us", db, func() {}, nil, func() string { return "" })
+	srv := newServer(slog.New(slog.NewJSONHandler(&log, nil)), "us", db, idle(db, "us"), nil)
 	const id = 60
 	before := readRow(t, db, id)
 	tx, err := db.BeginTx(ctx, nil)

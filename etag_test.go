@@ -77,3 +77,28 @@ func TestConditionalRequests(t *testing.T) {
 		})
 	}
 }
+
+// FuzzParseTagCondition: any If-Match or If-None-Match header is either
+// refused with a *validationError or parsed into tags without quotes.
+func FuzzParseTagCondition(f *testing.F) {
+	for _, s := range []string{`"1-us"`, `W/"1-us"`, `*`, `"7-eu", "1-us"`, `1-us`, `"`, `""`, `W/`, `"a"b"`, `, ,`, ``} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		c, ok, err := parseTagCondition(http.Header{"If-Match": {s}}, "If-Match")
+		if !ok {
+			t.Fatalf("%q: the header was not seen", s)
+		}
+		if err != nil {
+			if _, isValidation := err.(*validationError); !isValidation {
+				t.Fatalf("%q: %T %v, want a *validationError", s, err, err)
+			}
+			return
+		}
+		for _, tag := range append(c.strong, c.weak...) {
+			if strings.Contains(tag, `"`) {
+				t.Fatalf("%q: tag %q keeps a quote", s, tag)
+			}
+		}
+	})
+}

@@ -35,22 +35,37 @@ const maxBodyBytes = 64 << 10
 // turns into a quick 503 (and an NGINX failover) instead of a hung client.
 const dbTimeout = 3 * time.Second
 
+// replication is what the handlers need of the replicator (replicate.go).
+type replication interface {
+	// notify wakes the outbox relay after a write commits.
+	notify()
+	// lagReport builds the replication lag report (lag.go).
+	lagReport(context.Context) (LagReport, error)
+	// stoppedReason says why replication stopped for good, or "" while it
+	// runs.
+	stoppedReason() string
+	// produceErrors counts the relay's publish rounds that failed.
+	produceErrors() int64
+}
+
 // newServer returns the HTTP handler of one regional backend: the routes of
-// addRoutes, wrapped so that every response is JSON, carries X-Served-By and
-// is logged. Besides the database, the handlers need three things of the
-// replication: notify, which wakes the outbox relay after a write commits;
-// lag, which builds the replication lag report; and stopped, which says why
-// replication stopped for good, or "" while it runs.
-func newServer(logger *slog.Logger, region string, db *sql.DB, notify func(), lag lagFunc, stopped func() string) http.Handler {
+// addRoutes, wrapped so that every response is JSON, carries X-Served-By, is
+// logged and counted. db is the pool of requests; pools are all the
+// backend's pools by name, whose use /metrics shows.
+func newServer(logger *slog.Logger, region string, db *sql.DB, rep replication, pools map[string]*sql.DB) http.Handler {
 	mux := http.NewServeMux()
-	addRoutes(mux, logger, region, db, notify, lag, stopped)
-	return middleware(logger, region, mux)
+	requests := newRequestMetrics()
+	addRoutes(mux, logger, region, db, rep, handleMetrics(requests, rep, pools))
+	return middleware(logger, region, requests, mux)
 }
 
 // addRoutes is the one list of the service's routes. Every route but the bare
-// /health exists under both region prefixes: either backend serves either
-// region's traffic, which is what NGINX failover needs.
-func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.DB, notify func(), lag lagFunc, stopped func() string) {
+// /health and /metrics exists under both region prefixes: either backend
+// serves either region's traffic, which is what NGINX failover needs. NGINX
+// passes on only the prefixed ones.
+func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.DB, rep replication, metrics http.Handler) {
+	notify, lag, stopped := rep.notify, rep.lagReport, rep.stoppedReason
+	mux.Handle("GET /metrics", metrics)
 	mux.Handle("GET /health", handleHealth(region, db, stopped))
 	mux.Handle("GET /{region}/health", knownRegion(logger, handleHealth(region, db, stopped)))
 	mux.Handle("GET /{region}/properties/{id}", knownRegion(logger, handleGetProperty(logger, db)))
@@ -378,6 +393,11 @@ func parseID(s string) (int64, error) {
 // set before WriteHeader, so the content type goes first.
 func encode[T any](w http.ResponseWriter, status int, v T) {
 	w.Header().Set("Content-Type", "application/json")
+	if status >= 400 {
+		// An error tells of a moment, not of the resource: no cache may
+		// keep it and answer it again.
+		w.Header().Set("Cache-Control", "no-store")
+	}
 	w.WriteHeader(status)
 	// An error here means the client went away; there is nobody to tell.
 	_ = json.NewEncoder(w).Encode(v)

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -28,17 +29,31 @@ import (
 // same server is never touched.
 
 // testServer returns the service's handler for region over db. Its request
-// log is discarded: the tests assert on responses. No relay runs (a write's
-// wake-up goes nowhere); the lag report comes from db and counters that
-// stay at zero.
+// log is discarded: the tests assert on responses.
 func testServer(t *testing.T, region string, db *sql.DB) http.Handler {
 	t.Helper()
 	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
-	started := time.Now()
-	lag := func(ctx context.Context) (LagReport, error) {
-		return readLag(ctx, db, region, started, &replicationStats{})
-	}
-	return newServer(logger, region, db, func() {}, lag, func() string { return "" })
+	return newServer(logger, region, db, idle(db, region), map[string]*sql.DB{"request": db})
+}
+
+// idleReplication is the replication of a test server: no relay or consumer
+// runs, so a write's wake-up goes nowhere, and the lag report comes from
+// the database and counters that stay at zero.
+type idleReplication struct {
+	db      *sql.DB
+	region  string
+	started time.Time
+}
+
+func idle(db *sql.DB, region string) idleReplication {
+	return idleReplication{db, region, time.Now()}
+}
+
+func (r idleReplication) notify()               {}
+func (r idleReplication) stoppedReason() string { return "" }
+func (r idleReplication) produceErrors() int64  { return 0 }
+func (r idleReplication) lagReport(ctx context.Context) (LagReport, error) {
+	return readLag(ctx, r.db, r.region, r.started, &replicationStats{})
 }
 
 // unreachableDB returns a pool on a port where nothing listens: a stopped
@@ -443,4 +458,35 @@ func TestBodyOverLimitIsReadable(t *testing.T) {
 	if diff := cmp.Diff(response{Error: "request body is larger than 65536 bytes"}, got); diff != "" {
 		t.Errorf("a %d-byte body: body mismatch (-want +got):\n%s", size, diff)
 	}
+}
+
+// FuzzParseID: an id is accepted only in its one canonical form, and
+// positive.
+func FuzzParseID(f *testing.F) {
+	for _, s := range []string{"1", "7", "007", "+7", "-1", "0", "9223372036854775807", "9223372036854775808", "1e3", " 1", ""} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		id, err := parseID(s)
+		if err == nil && (id < 1 || strconv.FormatInt(id, 10) != s) {
+			t.Fatalf("parseID(%q) = %d: not the canonical form of a positive id", s, id)
+		}
+	})
+}
+
+// FuzzParseRequestID: a request id is accepted only if it is 1–128 visible
+// ASCII characters.
+func FuzzParseRequestID(f *testing.F) {
+	for _, s := range []string{"7f1c0c2e-0001", "a", "", " ", "a b", "é", strings.Repeat("x", 128), strings.Repeat("x", 129), "\x7f"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		id, err := parseRequestID(http.Header{"X-Request-Id": {s}})
+		if err != nil {
+			return
+		}
+		if id != s || len(id) < 1 || len(id) > maxRequestIDLen || strings.IndexFunc(id, func(r rune) bool { return r < '!' || r > '~' }) >= 0 {
+			t.Fatalf("parseRequestID accepted %q", s)
+		}
+	})
 }

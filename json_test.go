@@ -51,3 +51,34 @@ var (
 	errAny   = errors.New("any error")
 	errField = errors.New("a *fieldError")
 )
+
+// FuzzDecodeBody feeds any bytes to the PUT and POST decoders: they never
+// panic, and every body they accept validates to a write that obeys the
+// rules, or is refused with a *validationError for the client.
+func FuzzDecodeBody(f *testing.F) {
+	for _, s := range []string{`{"price": 1, "version": 1}`, `{"price": 450000.5, "version": 3, "bedrooms": 2, "bathrooms": null}`,
+		`{"price": 1}`, `{"Price": 1}`, `{"price": 1, "price": 2}`, `{"price": 1}}`, `[]`, `{"price": "1"}`, `{"price": 1e400}`,
+		`{"price": 1, "version": 9223372036854775808}`, `{"price": 1, "bedrooms": -1}`, "{\"price\": 1, \"\\u0070rice\": 2}", ``} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		var u updateRequest
+		if err := strictUnmarshal(body, &u); err == nil {
+			if w, err := u.validate(); err == nil {
+				if checkValues(w.Price, w.Bedrooms, w.Bathrooms) != nil || w.Version < 1 {
+					t.Fatalf("%q: accepted an update that breaks the rules: %+v", body, w)
+				}
+			} else if _, ok := err.(*validationError); !ok {
+				t.Fatalf("%q: validate returned %T %v, want a *validationError", body, err, err)
+			}
+		} else if _, ok := decodeError(err).(*validationError); !ok {
+			t.Fatalf("%q: decodeError gives %T", body, decodeError(err))
+		}
+		var c createRequest
+		if err := strictUnmarshal(body, &c); err == nil {
+			if n, err := c.validate(); err == nil && checkValues(n.Price, &n.Bedrooms, &n.Bathrooms) != nil {
+				t.Fatalf("%q: accepted a create that breaks the rules: %+v", body, n)
+			}
+		}
+	})
+}

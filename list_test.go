@@ -93,3 +93,34 @@ func TestListPropertiesBadInput(t *testing.T) {
 		})
 	}
 }
+
+// FuzzListQuery: any query string is either refused with a 400 naming a
+// parameter or parsed into a query within the contract's bounds; a cursor
+// the service gave out reads back as its id.
+func FuzzListQuery(f *testing.F) {
+	for _, s := range []string{"", "limit=10", "limit=0", "limit=201", "cursor=aWQ6NTA0", "cursor=%%%", "min_price=1.001",
+		"region_origin=mars", "limit=1&limit=2", "max_price=5&min_price=6", "color=red", "min_bedrooms=-1"} {
+		f.Add(s, int64(504))
+	}
+	f.Fuzz(func(t *testing.T, raw string, id int64) {
+		if id > 0 {
+			if got, err := decodeCursor(encodeCursor(id)); err != nil || got != id {
+				t.Fatalf("cursor of %d reads back as %d, %v", id, got, err)
+			}
+		}
+		q, err := url.ParseQuery(raw)
+		if err != nil {
+			return
+		}
+		lq, err := parseListQuery(q)
+		if err != nil {
+			if _, ok := err.(*validationError); !ok {
+				t.Fatalf("%q: %T %v, want a *validationError", raw, err, err)
+			}
+			return
+		}
+		if lq.limit < 1 || lq.limit > 200 || lq.afterID < 0 {
+			t.Fatalf("%q: parsed out of bounds: %+v", raw, lq)
+		}
+	})
+}

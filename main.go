@@ -48,6 +48,7 @@ package main
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"io"
@@ -257,7 +258,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if err != nil {
 		return err
 	}
-	srv := newHTTPServer(cfg.port, logger, newServer(logger, cfg.region, db, rep.notify, rep.lagReport, rep.stoppedReason))
+	srv := newHTTPServer(cfg.port, logger, newServer(logger, cfg.region, db, rep,
+		map[string]*sql.DB{"request": db, "replication": replicationDB}))
 	listener, err := net.Listen("tcp", srv.Addr)
 	if err != nil {
 		closeCtx, cancel := context.WithTimeout(context.Background(), kafkaCloseTimeout)

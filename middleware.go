@@ -16,12 +16,13 @@ import (
 
 // middleware wraps h in what every response of the service goes through,
 // from the inside out: the mux's own answers made JSON, a panic made a JSON
-// 500, X-Served-By, and the request log (which so sees the final status).
-func middleware(logger *slog.Logger, region string, h http.Handler) http.Handler {
+// 500, X-Served-By and nosniff, and the request log and metrics (which so see the final
+// status).
+func middleware(logger *slog.Logger, region string, requests *requestMetrics, h http.Handler) http.Handler {
 	h = jsonErrors(h)
 	h = recoverPanics(logger, h)
 	h = servedBy(region, h)
-	return logRequests(logger, h)
+	return observeRequests(logger, requests, h)
 }
 
 // jsonErrors makes the responses the mux writes itself JSON like every other
@@ -29,7 +30,7 @@ func middleware(logger *slog.Logger, region string, h http.Handler) http.Handler
 // the route has no such method, and 307 (with its Location header) to the
 // cleaned form of a path like /us/./health. The mux writes those as plain
 // text or HTML; everything the handlers write is JSON already and passes
-// through untouched.
+// through untouched, as does a success in another format (/metrics).
 func jsonErrors(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h.ServeHTTP(&jsonErrorWriter{ResponseWriter: w}, r)
@@ -42,11 +43,12 @@ type jsonErrorWriter struct {
 	replaced bool
 }
 
-// WriteHeader passes a JSON response through and replaces any other.
+// WriteHeader passes a JSON response or a success through and replaces any
+// other.
 func (w *jsonErrorWriter) WriteHeader(status int) {
 	h := w.Header()
 	// 304 Not Modified has no body by definition (etag.go).
-	if strings.HasPrefix(h.Get("Content-Type"), "application/json") || status == http.StatusNotModified {
+	if strings.HasPrefix(h.Get("Content-Type"), "application/json") || status < 300 || status == http.StatusNotModified {
 		w.ResponseWriter.WriteHeader(status)
 		return
 	}
@@ -56,7 +58,6 @@ func (w *jsonErrorWriter) WriteHeader(status int) {
 		msg = "moved to " + loc
 	}
 	h.Del("Content-Length")
-	h.Del("X-Content-Type-Options")
 	encode(w.ResponseWriter, status, errorBody{Error: msg})
 }
 
@@ -97,25 +98,30 @@ func recoverPanics(logger *slog.Logger, h http.Handler) http.Handler {
 }
 
 // servedBy adds the X-Served-By header, which tells a client (and a failover
-// test) which region actually answered.
+// test) which region actually answered, and X-Content-Type-Options.
 func servedBy(region string, h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Served-By", region)
+		// Every answer is JSON and says so; no browser may guess otherwise.
+		w.Header().Set("X-Content-Type-Options", "nosniff")
 		h.ServeHTTP(w, r)
 	})
 }
 
-// logRequests writes one JSON log line per request.
-func logRequests(logger *slog.Logger, h http.Handler) http.Handler {
+// observeRequests writes one JSON log line per request, and counts it in
+// requests (metrics.go) by the route the mux matched.
+func observeRequests(logger *slog.Logger, requests *requestMetrics, h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		rec := &statusRecorder{ResponseWriter: w}
 		h.ServeHTTP(rec, r)
+		took := time.Since(start)
+		requests.observe(routeOf(r), r.Method, rec.status, took)
 		logger.LogAttrs(r.Context(), slog.LevelInfo, "request",
 			slog.String("method", r.Method),
 			slog.String("path", r.URL.Path),
 			slog.Int("status", rec.status),
-			slog.Duration("duration", time.Since(start)),
+			slog.Duration("duration", took),
 			slog.String("request_id", r.Header.Get("X-Request-ID")),
 		)
 	})

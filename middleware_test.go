@@ -16,7 +16,7 @@ import (
 func TestRecoverPanic(t *testing.T) {
 	var log bytes.Buffer
 	logger := slog.New(slog.NewJSONHandler(&log, nil))
-	h := middleware(logger, "us", http.HandlerFunc(func(http.ResponseWriter, *http.Request) {
+	h := middleware(logger, "us", newRequestMetrics(), http.HandlerFunc(func(http.ResponseWriter, *http.Request) {
 		panic("boom")
 	}))
 	rec := httptest.NewRecorder()

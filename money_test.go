@@ -65,3 +65,27 @@ func TestMoneyJSON(t *testing.T) {
 		}
 	}
 }
+
+// FuzzParseMoney: whatever the text, parseMoney either refuses it or gives a
+// Money that prints as text which parses back to the same Money, and JSON
+// agrees with it.
+func FuzzParseMoney(f *testing.F) {
+	for _, s := range []string{"0", "1", "450000.5", "450000.50", "0.01", "0.001", "1e3", "1.001e3", "-1", "9999999999.99",
+		"10000000000", "1e400", "00.10", ".5", "5.", "1e-2", "1E+2", "NaN", "", " 1", "1_000", "0x10"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		m, err := parseMoney(s)
+		if err != nil {
+			return
+		}
+		again, err := parseMoney(m.String())
+		if err != nil || again != m {
+			t.Fatalf("parseMoney(%q) = %v, but its String %q parses to %v, %v", s, m, m.String(), again, err)
+		}
+		var fromJSON Money
+		if err := fromJSON.UnmarshalJSON([]byte(m.String())); err != nil || fromJSON != m {
+			t.Fatalf("Money %v from %q: JSON %q reads back as %v, %v", m, s, m.String(), fromJSON, err)
+		}
+	})
+}

@@ -17,6 +17,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -66,6 +67,8 @@ type relay struct {
 	// lastHeartbeat is when the relay last published heartbeats; only the
 	// relay's own goroutine uses it.
 	lastHeartbeat time.Time
+	// failedRounds counts the rounds that failed, for the metrics.
+	failedRounds atomic.Int64
 }
 
 // newRelay returns the relay of region's outbox, publishing with producer.
@@ -102,6 +105,7 @@ func (r *relay) run(ctx context.Context, partitions int32) {
 		full, err := r.publishRound(ctx, partitions)
 		switch {
 		case err != nil:
+			r.failedRounds.Add(1)
 			if failures%10 == 0 {
 				r.logger.Warn("relay: publish failed; events wait in the outbox", "err", err)
 			}

@@ -212,6 +212,9 @@ func (r *replicator) lagReport(ctx context.Context) (LagReport, error) {
 // stoppedReason is why replication stopped for good, or "" while it runs.
 func (r *replicator) stoppedReason() string { return r.consumer.stoppedReason() }
 
+// produceErrors counts the relay's rounds that failed to publish.
+func (r *replicator) produceErrors() int64 { return r.relay.failedRounds.Load() }
+
 // run creates the topics (retrying until Kafka answers), then relays and
 // consumes until ctx is cancelled. Each loop finishes its current batch
 // before it returns; run returns when both have.

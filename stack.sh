@@ -6,7 +6,8 @@
 #   kafka          one KRaft Kafka broker    127.0.0.1:9092 (controller 9093)
 #   backend-us     the service, REGION=us    127.0.0.1:8001 (pprof 127.0.0.1:6061)
 #   backend-eu     the service, REGION=eu    127.0.0.1:8002 (pprof 127.0.0.1:6062)
-#   nginx          the project's nginx.conf  127.0.0.1:8080
+#   nginx          the project's nginx.conf  127.0.0.1:8080 (HTTPS 127.0.0.1:8443)
+#   prometheus     prometheus/*.yml          127.0.0.1:9090
 #
 # Usage: ./stack.sh up | down | ps | logs SERVICE | stop SERVICE | start SERVICE
 #                  | kill SERVICE | test | bench
@@ -19,7 +20,7 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 state="$root/.stack"
-services=(db-us db-eu kafka backend-us backend-eu nginx)
+services=(db-us db-eu kafka backend-us backend-eu nginx prometheus)
 
 # The Kafka version of the apache/kafka image in docker-compose.yml.
 kafka_version=4.1.1
@@ -44,7 +45,7 @@ die() { log "error: $*"; exit 1; }
 port_of() {
 	case "$1" in
 	db-us) echo 5433 ;; db-eu) echo 5434 ;; kafka) echo 9092 ;;
-	backend-us) echo 8001 ;; backend-eu) echo 8002 ;; nginx) echo 8080 ;;
+	backend-us) echo 8001 ;; backend-eu) echo 8002 ;; nginx) echo 8080 ;; prometheus) echo 9090 ;;
 	*) die "unknown service $1 (one of: ${services[*]})" ;;
 	esac
 }
@@ -73,6 +74,7 @@ install_missing() {
 	[ -n "$pgbin" ] || need+=(postgresql)
 	command -v java >/dev/null || need+=(openjdk-17-jre-headless)
 	command -v mvn >/dev/null || need+=(maven)
+	command -v prometheus >/dev/null || need+=(prometheus)
 	if [ ${#need[@]} -gt 0 ]; then
 		[ "$(id -u)" = 0 ] || die "missing ${need[*]}: install them, or run as root"
 		log "installing ${need[*]} with apt"
@@ -234,23 +236,42 @@ start_backend() {
 		"$state/bin/property-listing"
 }
 
+# tls_cert makes the stack's own certificate for NGINX's HTTPS port, once:
+# self-signed, for localhost and 127.0.0.1, valid for a year.
+tls_cert() {
+	local dir="$state/tls"
+	[ -s "$dir/cert.pem" ] && return
+	mkdir -p "$dir"
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 365 \
+		-subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+		-keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null || die "openssl could not make a certificate"
+}
+
 # nginx_conf writes the project's nginx.conf with local addresses: the only
 # changes are the backend addresses, the file paths, and the directives an
-# NGINX older than 1.27.3 does not have (resolver-based "resolve").
+# older NGINX spells otherwise or lacks (before 1.25.1, "http2 on" is a
+# parameter of listen; before 1.27.3, upstream servers cannot "resolve").
 nginx_conf() {
 	local dir="$state/nginx" version
 	mkdir -p "$dir" "$state/logs" "$state/run"
+	tls_cert
 	version=$(nginx -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p')
-	local strip_resolve=""
-	if [ "$(printf '%s\n1.27.3\n' "$version" | sort -V | head -n 1)" != 1.27.3 ]; then
+	older() { [ "$(printf '%s\n%s\n' "$version" "$1" | sort -V | head -n 1)" != "$1" ]; }
+	local strip_resolve="" old_http2=""
+	if older 1.27.3; then
 		strip_resolve='/^[[:space:]]*resolver /d; s/ resolve;/;/'
+	fi
+	if older 1.25.1; then
+		old_http2='/^[[:space:]]*http2 on;/d; s/listen 8443 ssl;/listen 8443 ssl http2;/'
 	fi
 	sed -e "s|backend-us:8000|127.0.0.1:$(port_of backend-us)|g" \
 		-e "s|backend-eu:8000|127.0.0.1:$(port_of backend-eu)|g" \
 		-e "s|/var/log/nginx/access.log|$state/logs/nginx.log|" \
 		-e "s|/var/log/nginx/error.log|$state/logs/nginx.log|" \
 		-e "s|/var/run/nginx.pid|$state/run/nginx.master.pid|" \
+		-e "s|/etc/nginx/tls/|$state/tls/|g" \
 		-e "$strip_resolve" \
+		-e "$old_http2" \
 		"$root/nginx.conf" >"$dir/nginx.conf"
 	nginx -t -q -c "$dir/nginx.conf" -p "$dir" 2>>"$state/logs/nginx.log" || die "nginx rejected the config: see $state/logs/nginx.log"
 }
@@ -261,12 +282,27 @@ start_nginx() {
 	spawn nginx nginx -c "$state/nginx/nginx.conf" -p "$state/nginx" -g 'daemon off;'
 }
 
+# start_prometheus runs Prometheus on the project's prometheus.yml and
+# alerts.yml, with the backends' local addresses.
+start_prometheus() {
+	running prometheus && return
+	local dir="$state/prometheus"
+	mkdir -p "$dir/data" "$state/logs"
+	sed -e "s|backend-us:8000|127.0.0.1:$(port_of backend-us)|" \
+		-e "s|backend-eu:8000|127.0.0.1:$(port_of backend-eu)|" \
+		"$root/prometheus/prometheus.yml" >"$dir/prometheus.yml"
+	cp "$root/prometheus/alerts.yml" "$dir/alerts.yml"
+	spawn prometheus prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/data" \
+		--storage.tsdb.retention.time=1d --web.listen-address="127.0.0.1:$(port_of prometheus)"
+}
+
 start_service() {
 	case "$1" in
 	db-*) start_db "$1" ;;
 	kafka) start_kafka ;;
 	backend-*) start_backend "$1" ;;
 	nginx) start_nginx ;;
+	prometheus) start_prometheus ;;
 	*) port_of "$1" >/dev/null ;;
 	esac
 }
@@ -310,6 +346,7 @@ healthy() {
 	kafka) grep -q "Kafka Server started" "$state/logs/kafka.log" 2>/dev/null && (: </dev/tcp/127.0.0.1/9092) 2>/dev/null ;;
 	backend-*) curl -fsS -o /dev/null -m 2 "http://127.0.0.1:$(port_of "$svc")/health" ;;
 	nginx) curl -fsS -o /dev/null -m 2 "http://127.0.0.1:8080/nginx-health" ;;
+	prometheus) curl -fsS -o /dev/null -m 2 "http://127.0.0.1:$(port_of prometheus)/-/ready" ;;
 	esac
 }
 
@@ -334,8 +371,8 @@ cmd_up() {
 	done
 	start_kafka
 	for svc in db-us db-eu kafka; do wait_healthy "$svc"; done
-	for svc in backend-us backend-eu nginx; do start_service "$svc"; done
-	for svc in backend-us backend-eu nginx; do wait_healthy "$svc"; done
+	for svc in backend-us backend-eu nginx prometheus; do start_service "$svc"; done
+	for svc in backend-us backend-eu nginx prometheus; do wait_healthy "$svc"; done
 	write_test_env
 	cmd_ps
 }
@@ -379,6 +416,10 @@ write_test_env() {
 		STACK_DB_US=$(db_url db-us)
 		STACK_DB_EU=$(db_url db-eu)
 		STACK_KAFKA=127.0.0.1:9092
+		STACK_PROMETHEUS=http://127.0.0.1:$(port_of prometheus)
+		# NGINX's HTTPS port, and the certificate that signs it (self-signed).
+		STACK_TLS_URL=https://127.0.0.1:8443
+		STACK_TLS_CERT=$state/tls/cert.pem
 		# The unit tests make (and drop) a scratch database on db-us's server.
 		TEST_DATABASE_URL=$(db_url db-us postgres)
 		# The backends' own role, for the tests of what it may do.

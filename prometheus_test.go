@@ -1,0 +1,117 @@
+//go:build integration
+
+package main
+
+// The metrics as an operator sees them: through the stack's real Prometheus
+// (STACK_PROMETHEUS), which scrapes both backends and evaluates
+// prometheus/alerts.yml.
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// promQuery runs an instant query and returns each series' value by its
+// region label.
+func promQuery(t *testing.T, query string) map[string]float64 {
+	t.Helper()
+	base := setting("STACK_PROMETHEUS", "http://localhost:9090")
+	resp, err := http.Get(base + "/api/v1/query?query=" + url.QueryEscape(query))
+	if err != nil {
+		t.Fatalf("Prometheus at %s: %v (is the stack up with Prometheus?)", base, err)
+	}
+	defer resp.Body.Close()
+	var body struct {
+		Status string `json:"status"`
+		Data   struct {
+			Result []struct {
+				Metric map[string]string `json:"metric"`
+				Value  [2]any            `json:"value"`
+			} `json:"result"`
+		} `json:"data"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&body); err != nil || body.Status != "success" {
+		t.Fatalf("query %q: status %q, %v", query, body.Status, err)
+	}
+	values := map[string]float64{}
+	for _, r := range body.Data.Result {
+		s, _ := r.Value[1].(string)
+		v, err := strconv.ParseFloat(s, 64)
+		if err != nil {
+			t.Fatalf("query %q: value %v", query, r.Value)
+		}
+		values[r.Metric["region"]] = v
+	}
+	return values
+}
+
+// promAlerts returns the state of each alert of that name, by region.
+func promAlerts(t *testing.T, name string) map[string]string {
+	t.Helper()
+	resp, err := http.Get(setting("STACK_PROMETHEUS", "http://localhost:9090") + "/api/v1/alerts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var body struct {
+		Data struct {
+			Alerts []struct {
+				Labels map[string]string `json:"labels"`
+				State  string            `json:"state"`
+			} `json:"alerts"`
+		} `json:"data"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&body); err != nil {
+		t.Fatal(err)
+	}
+	states := map[string]string{}
+	for _, a := range body.Data.Alerts {
+		if a.Labels["alertname"] == name {
+			states[a.Labels["region"]] = a.State
+		}
+	}
+	return states
+}
+
+// TestPrometheusSeesAWriteReplicate writes in US and watches EU's applied
+// counter move in Prometheus, scraped from EU's backend.
+func TestPrometheusSeesAWriteReplicate(t *testing.T) {
+	s := newStack(t)
+	s.caughtUp(t, 30*time.Second)
+	const query = `listing_replication_applied_total{region="eu"}`
+	var before float64
+	waitFor(t, 30*time.Second, "Prometheus to have scraped eu's applied counter", func() bool {
+		v, ok := promQuery(t, query)["eu"]
+		before = v
+		return ok
+	})
+	if status, got := s.put(t, "us", 215, newRequestID("prometheus"), 215215_15); status != http.StatusOK {
+		t.Fatalf("PUT in us: %d %+v", status, got)
+	}
+	waitFor(t, 30*time.Second, fmt.Sprintf("%s to rise above %v", query, before), func() bool {
+		return promQuery(t, query)["eu"] > before
+	})
+}
+
+// TestPrometheusLagAlertWhenKafkaStops stops Kafka: both regions' lag
+// grows, and Prometheus finds the ReplicationLagHigh rule's expression true
+// (the alert pending, or firing once it has held for its minute).
+func TestPrometheusLagAlertWhenKafkaStops(t *testing.T) {
+	s := newStack(t)
+	s.caughtUp(t, 30*time.Second)
+	if states := promAlerts(t, "ReplicationLagHigh"); len(states) > 0 {
+		t.Fatalf("ReplicationLagHigh is %v before Kafka stopped", states)
+	}
+	s.stop(t, "kafka", false)
+	waitFor(t, 90*time.Second, "ReplicationLagHigh to be pending or firing in both regions", func() bool {
+		states := promAlerts(t, "ReplicationLagHigh")
+		return states["us"] != "" && states["eu"] != ""
+	})
+	s.start(t, "kafka")
+	s.caughtUp(t, 90*time.Second)
+}
