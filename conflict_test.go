@@ -168,7 +168,7 @@ func TestApplyEvent(t *testing.T) {
 		return event{
 			Property:    Property{ID: id, Price: price, Bedrooms: ptr(int32(3)), Bathrooms: ptr(int32(2)), RegionOrigin: region, Version: version, UpdatedAt: t},
 			RequestID:   requestID,
-			fingerprint: requestFingerprint("PUT", fmt.Sprintf("/properties/%d", id), updateRequest{Price: &price, Version: ptr(version - 1)}),
+			fingerprint: requestFingerprint("PUT", fmt.Sprintf("/properties/%d", id), updateRequest{Price: &price, Version: ptr(wholeInt64(version - 1))}),
 		}
 	}
 	steps := []struct {

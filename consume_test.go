@@ -9,7 +9,7 @@ import (
 
 func TestDecodeMessage(t *testing.T) {
 	good := `{"id":7,"price":100.5,"bedrooms":2,"bathrooms":1,"region_origin":"us","version":2,"updated_at":"2026-03-01T12:00:00.123456Z","request_id":"r-1"}`
-	fingerprint := requestFingerprint("PUT", "/properties/7", updateRequest{Price: ptr(Money(100_50)), Version: ptr(int64(1))})
+	fingerprint := requestFingerprint("PUT", "/properties/7", updateRequest{Price: ptr(Money(100_50)), Version: ptr(wholeInt64(1))})
 	headers := func(kind, region string) []kgo.RecordHeader {
 		return append(recordHeaders(kind, region), kgo.RecordHeader{Key: headerFingerprint, Value: []byte(fingerprint)})
 	}

@@ -60,33 +60,52 @@ type tagCondition struct {
 }
 
 // parseTagCondition parses the named header, and reports whether the
-// request has it. A header that is neither "*" nor a list of quoted entity
-// tags is a *validationError.
+// request has it. A header that is neither "*" nor a list of entity tags
+// (RFC 9110: W/ for a weak one, then any visible characters but a quote,
+// quoted; a comma inside the quotes is part of the tag) is a
+// *validationError.
 func parseTagCondition(h http.Header, name string) (tagCondition, bool, error) {
 	values := h.Values(name)
 	if len(values) == 0 {
 		return tagCondition{}, false, nil
 	}
+	bad := &validationError{name + ` must be * or a list of entity tags such as "4-us"`}
 	var c tagCondition
 	for _, v := range values {
-		for _, tag := range strings.Split(v, ",") {
-			tag = strings.TrimSpace(tag)
-			weak := strings.HasPrefix(tag, "W/")
-			inner, ok := strings.CutPrefix(strings.TrimPrefix(tag, "W/"), `"`)
-			inner, ok2 := strings.CutSuffix(inner, `"`)
-			switch {
-			case tag == "*":
-				c.any = true
-			case !ok || !ok2 || strings.Contains(inner, `"`):
-				return tagCondition{}, true, &validationError{name + ` must be * or a list of entity tags such as "4-us"`}
-			case weak:
-				c.weak = append(c.weak, inner)
-			default:
-				c.strong = append(c.strong, inner)
+		if strings.TrimSpace(v) == "*" {
+			c.any = true
+			continue
+		}
+		for rest := v; ; {
+			// Empty list elements (", ,") are allowed, as in every HTTP list.
+			rest = strings.TrimLeft(rest, " \t,")
+			if rest == "" {
+				break
+			}
+			weak := strings.HasPrefix(rest, "W/")
+			inner, ok := strings.CutPrefix(strings.TrimPrefix(rest, "W/"), `"`)
+			end := strings.IndexByte(inner, '"')
+			if !ok || end < 0 || strings.IndexFunc(inner[:end], notTagChar) >= 0 {
+				return tagCondition{}, true, bad
+			}
+			if weak {
+				c.weak = append(c.weak, inner[:end])
+			} else {
+				c.strong = append(c.strong, inner[:end])
+			}
+			rest = strings.TrimLeft(inner[end+1:], " \t")
+			if rest != "" && rest[0] != ',' {
+				return tagCondition{}, true, bad
 			}
 		}
 	}
 	return c, true, nil
+}
+
+// notTagChar reports whether r may not appear inside an entity tag's quotes:
+// only visible ASCII other than the quote, and bytes beyond ASCII, may.
+func notTagChar(r rune) bool {
+	return r != 0x21 && (r < 0x23 || r > 0x7e) && r < 0x80
 }
 
 // states is what a write's If-Match lets it apply to (updatePropertySQL's

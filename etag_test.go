@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 )
 
 // TestConditionalRequests runs GET with If-None-Match and PUT with If-Match
@@ -101,4 +102,32 @@ func FuzzParseTagCondition(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestParseTagCondition: entity-tag lists as RFC 9110 writes them.
+func TestParseTagCondition(t *testing.T) {
+	bad := &validationError{`If-Match must be * or a list of entity tags such as "4-us"`}
+	for _, tt := range []struct {
+		header  string
+		want    tagCondition
+		wantErr error
+	}{
+		{`"4-us"`, tagCondition{strong: []string{"4-us"}}, nil},
+		{`*`, tagCondition{any: true}, nil},
+		{` "a" ,W/"b",, "c"`, tagCondition{strong: []string{"a", "c"}, weak: []string{"b"}}, nil},
+		{`"D,02Wo"`, tagCondition{strong: []string{"D,02Wo"}}, nil}, // a comma inside the quotes
+		{`""`, tagCondition{strong: []string{""}}, nil},
+		{`4-us`, tagCondition{}, bad},
+		{`"a b"`, tagCondition{}, bad},
+		{`"a" "b"`, tagCondition{}, bad},
+		{`"a", *`, tagCondition{}, bad},
+		{`"a`, tagCondition{}, bad},
+		{`w/"a"`, tagCondition{}, bad},
+	} {
+		got, ok, err := parseTagCondition(http.Header{"If-Match": {tt.header}}, "If-Match")
+		if !ok || !cmp.Equal(tt.wantErr, err, cmp.AllowUnexported(validationError{})) ||
+			!cmp.Equal(tt.want, got, cmp.AllowUnexported(tagCondition{}), cmpopts.EquateEmpty()) {
+			t.Errorf("If-Match: %s = %+v, %v; want %+v, %v", tt.header, got, err, tt.want, tt.wantErr)
+		}
+	}
 }

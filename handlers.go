@@ -126,10 +126,10 @@ func handleGetProperty(logger *slog.Logger, db *sql.DB) http.Handler {
 // updateRequest is the body of PUT /{region}/properties/{id}. Pointers tell a
 // missing field from a zero one.
 type updateRequest struct {
-	Price     *Money `json:"price"`
-	Version   *int64 `json:"version"`
-	Bedrooms  *int32 `json:"bedrooms"`
-	Bathrooms *int32 `json:"bathrooms"`
+	Price     *Money      `json:"price"`
+	Version   *wholeInt64 `json:"version"`
+	Bedrooms  *wholeInt32 `json:"bedrooms"`
+	Bathrooms *wholeInt32 `json:"bathrooms"`
 }
 
 // validate checks the fields the JSON decoder cannot, by the same rules as
@@ -143,15 +143,13 @@ func (req updateRequest) validate() (propertyUpdate, error) {
 	case *req.Version < 1:
 		return propertyUpdate{}, &validationError{"version must be at least 1"}
 	}
-	if err := checkValues(*req.Price, req.Bedrooms, req.Bathrooms); err != nil {
-		return propertyUpdate{}, err
-	}
-	return propertyUpdate{
+	u := propertyUpdate{
 		Price:     *req.Price,
-		Version:   *req.Version,
-		Bedrooms:  req.Bedrooms,
-		Bathrooms: req.Bathrooms,
-	}, nil
+		Version:   int64(*req.Version),
+		Bedrooms:  (*int32)(req.Bedrooms),
+		Bathrooms: (*int32)(req.Bathrooms),
+	}
+	return u, checkValues(u.Price, u.Bedrooms, u.Bathrooms)
 }
 
 // handleUpdateProperty applies an optimistic, idempotent update; see
@@ -291,9 +289,9 @@ func handleListProperties(logger *slog.Logger, db *sql.DB) http.Handler {
 
 // createRequest is the body of POST /{region}/properties.
 type createRequest struct {
-	Price     *Money `json:"price"`
-	Bedrooms  *int32 `json:"bedrooms"`
-	Bathrooms *int32 `json:"bathrooms"`
+	Price     *Money      `json:"price"`
+	Bedrooms  *wholeInt32 `json:"bedrooms"`
+	Bathrooms *wholeInt32 `json:"bathrooms"`
 }
 
 // validate checks the fields the JSON decoder cannot, by the same rules as
@@ -304,10 +302,10 @@ func (req createRequest) validate() (newProperty, error) {
 	}
 	n := newProperty{Price: *req.Price}
 	if req.Bedrooms != nil {
-		n.Bedrooms = *req.Bedrooms
+		n.Bedrooms = int32(*req.Bedrooms)
 	}
 	if req.Bathrooms != nil {
-		n.Bathrooms = *req.Bathrooms
+		n.Bathrooms = int32(*req.Bathrooms)
 	}
 	return n, checkValues(n.Price, &n.Bedrooms, &n.Bathrooms)
 }

@@ -22,7 +22,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"reflect"
+	"strconv"
 	"strings"
 	"sync"
 )
@@ -143,4 +145,52 @@ func fieldNames(t reflect.Type) map[string]bool {
 	}
 	fieldNamesCache.Store(t, names)
 	return names
+}
+
+// wholeInt32 and wholeInt64 are the integer fields of request bodies. They
+// read any JSON number whose value is a whole number in range: 3, 3.0 and
+// 3e0 alike, as JSON Schema's "integer" (and so the API document) reads
+// them. encoding/json alone refuses 3.0 for an integer.
+type (
+	wholeInt32 int32
+	wholeInt64 int64
+)
+
+// UnmarshalJSON reads a whole number that fits 32 bits.
+func (n *wholeInt32) UnmarshalJSON(b []byte) error {
+	v, err := parseWhole(b, reflect.TypeFor[int32](), math.MinInt32, math.MaxInt32)
+	*n = wholeInt32(v)
+	return err
+}
+
+// UnmarshalJSON reads a whole number that fits 64 bits.
+func (n *wholeInt64) UnmarshalJSON(b []byte) error {
+	v, err := parseWhole(b, reflect.TypeFor[int64](), math.MinInt64, math.MaxInt64)
+	*n = wholeInt64(v)
+	return err
+}
+
+// maxExactFloat is the magnitude below which every whole number has
+// an exact float64: a number written with a fraction or an exponent is
+// accepted only up to it.
+const maxExactFloat = 1 << 53
+
+// parseWhole reads the JSON value b as a whole number in [lo, hi]. Anything
+// else (a string, a fraction, out of range) is the *json.UnmarshalTypeError
+// that encoding/json gives for an integer field, which names the field.
+func parseWhole(b []byte, t reflect.Type, lo, hi int64) (int64, error) {
+	s := string(b)
+	if v, err := strconv.ParseInt(s, 10, 64); err == nil && v >= lo && v <= hi {
+		return v, nil
+	}
+	wrong := &json.UnmarshalTypeError{Value: "number " + s, Type: t}
+	if s == "" || s[0] != '-' && (s[0] < '0' || s[0] > '9') {
+		wrong.Value = "non-number"
+		return 0, wrong
+	}
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil || f != math.Trunc(f) || math.Abs(f) >= maxExactFloat || int64(f) < lo || int64(f) > hi {
+		return 0, wrong
+	}
+	return int64(f), nil
 }

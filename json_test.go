@@ -82,3 +82,38 @@ func FuzzDecodeBody(f *testing.F) {
 		}
 	})
 }
+
+// TestWholeNumbers: an integer field reads a whole number however JSON
+// writes it, and refuses anything else with the decoder's own error, which
+// names the field.
+func TestWholeNumbers(t *testing.T) {
+	for _, tt := range []struct {
+		body    string
+		want    int64
+		wantErr string
+	}{
+		{`{"version": 3}`, 3, ""},
+		{`{"version": 3.0}`, 3, ""},
+		{`{"version": 3e0}`, 3, ""},
+		{`{"version": 0.3e1}`, 3, ""},
+		{`{"version": 9223372036854775807}`, 9223372036854775807, ""},
+		{`{"version": 9007199254740991.0}`, 9007199254740991, ""},
+		{`{"version": 9007199254740993.0}`, 0, "version must be an integer in range"},
+		{`{"version": 3.5}`, 0, "version must be an integer in range"},
+		{`{"version": 1e400}`, 0, "version must be an integer in range"},
+		{`{"version": "3"}`, 0, "version must be an integer in range"},
+		{`{"version": true}`, 0, "version must be an integer in range"},
+		{`{"bedrooms": 2147483648}`, 0, "bedrooms must be an integer in range"},
+		{`{"bedrooms": 2.0}`, 0, ""},
+	} {
+		var req updateRequest
+		err := strictUnmarshal([]byte(tt.body), &req)
+		gotErr := ""
+		if err != nil {
+			gotErr = decodeError(err).Error()
+		}
+		if gotErr != tt.wantErr || err == nil && req.Version != nil && int64(*req.Version) != tt.want {
+			t.Errorf("%s: version %v, error %q; want %d, %q", tt.body, req.Version, gotErr, tt.want, tt.wantErr)
+		}
+	}
+}
