@@ -447,6 +447,52 @@ check_compose() {
 	(cd "$root" && /usr/bin/python3 .ci/check_compose.py)
 }
 
+# schemathesis_version is the Schemathesis that ./stack.sh test installs
+# (from PyPI, into .stack/venv) and runs against openapi.yaml.
+schemathesis_version=4.32.5
+
+# check_prometheus checks the Prometheus files and both backends' metrics
+# with promtool, and unit-tests every alert rule.
+check_prometheus() {
+	log "promtool: the config, the rules and their tests, both backends' /metrics"
+	(cd "$root/prometheus" && promtool check config prometheus.yml >/dev/null && promtool test rules alerts_test.yml >/dev/null) || return 1
+	local svc
+	for svc in backend-us backend-eu; do
+		curl -fsS "http://127.0.0.1:$(port_of "$svc")/metrics" | promtool check metrics || { log "$svc: /metrics fails promtool"; return 1; }
+	done
+	echo "promtool: prometheus.yml, alerts.yml, alerts_test.yml and both backends' /metrics pass"
+}
+
+# run_schemathesis runs Schemathesis with every check against the stack
+# through NGINX (schemathesis.toml says which statuses are the contract's).
+# SCHEMATHESIS_EXAMPLES sets the cases per operation and phase.
+run_schemathesis() {
+	local venv="$state/venv"
+	if [ ! -x "$venv/bin/st" ] || ! "$venv/bin/st" --version | grep -q "$schemathesis_version"; then
+		log "installing Schemathesis $schemathesis_version from PyPI"
+		/usr/bin/python3 -m venv "$venv" && "$venv/bin/pip" install -q "schemathesis==$schemathesis_version" || return 1
+	fi
+	log "Schemathesis: openapi.yaml against NGINX, every check"
+	(cd "$root" && STACK_URL=http://127.0.0.1:8080 "$venv/bin/st" run openapi.yaml --checks all \
+		--max-examples "${SCHEMATHESIS_EXAMPLES:-300}" --seed "${SCHEMATHESIS_SEED:-1}" --no-color) >"$state/logs/schemathesis.log" 2>&1
+	local status=$?
+	grep -E '^\s+[0-9]+ generated|failures? in|passed in|warning in|^Seed' "$state/logs/schemathesis.log" || true
+	return $status
+}
+
+# fuzz_briefly runs every fuzz target for FUZZ_TIME (10s) each: enough to
+# catch a parser that panics on its seed corpus' neighbours; a long run is
+# the README's command.
+fuzz_briefly() {
+	local target
+	for target in $(cd "$root" && grep -ho '^func Fuzz[A-Za-z]*' ./*_test.go | sed 's/^func //'); do
+		log "fuzzing $target for ${FUZZ_TIME:-10s}"
+		(cd "$root" && go test -run '^$' -fuzz "^$target\$" -fuzztime "${FUZZ_TIME:-10s}" .) >>"$state/logs/fuzz.log" 2>&1 ||
+			{ tail -n 20 "$state/logs/fuzz.log"; return 1; }
+	done
+	echo "fuzz: every target ran ${FUZZ_TIME:-10s} without a failure"
+}
+
 cmd_test() {
 	cmd_up
 	test_env
@@ -470,6 +516,10 @@ cmd_test() {
 	failed=$(grep -c -- '--- FAIL' "$out" || true)
 	echo "full log: $out"
 	echo "$passed passed, $failed failed (tests and subtests)"
+	check_prometheus || { status=1; echo "promtool: FAILED"; }
+	run_schemathesis || { status=1; echo "Schemathesis: FAILED, see $state/logs/schemathesis.log"; }
+	: >"$state/logs/fuzz.log"
+	fuzz_briefly || { status=1; echo "fuzz: FAILED, see $state/logs/fuzz.log"; }
 	return "$status"
 }
 

@@ -29,7 +29,8 @@ import yaml
 # The data directory of each stateful service. Kafka's is whatever
 # KAFKA_LOG_DIRS says: unset, the apache/kafka image writes to
 # /tmp/kraft-combined-logs, inside the container.
-DATA_DIRS = {"db-us": "/var/lib/postgresql/data", "db-eu": "/var/lib/postgresql/data", "kafka": None}
+DATA_DIRS = {"db-us": "/var/lib/postgresql/data", "db-eu": "/var/lib/postgresql/data", "kafka": None,
+             "prometheus": "/prometheus"}
 
 # What the service cannot start without (main.go, loadConfig): a region, a
 # broker, and a database as DATABASE_URL or as its parts.
@@ -92,7 +93,8 @@ def problems(config):
 
 def main():
     out = subprocess.run(
-        ["docker-compose", "--env-file", ".env.example", "config"],
+        # Every profile's services, Prometheus's (monitoring) included.
+        ["docker-compose", "--env-file", ".env.example", "--profile", "monitoring", "config"],
         check=True, capture_output=True, text=True,
     ).stdout
     found = list(problems(yaml.safe_load(out)))
