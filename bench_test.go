@@ -15,6 +15,8 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
+	"io"
+	"log/slog"
 	"maps"
 	"math/rand/v2"
 	"net"
@@ -327,6 +329,57 @@ func BenchmarkCreateProperty(b *testing.B) {
 			fmt.Sprintf(`{"price": %d.%02d, "bedrooms": %d, "bathrooms": %d}`, 100000+i%900000, i%100, i%6, 1+i%4))
 		return classify(status, err, "POST")
 	})
+}
+
+// BenchmarkPutDuringPurge runs PUTs in US twice, first alone and then
+// while a purge (retention.go) deletes half a million expired request ids
+// from US's database, batch after batch, as a region's purge does after a
+// long pause: the second run's p99 should be the first's, within noise.
+func BenchmarkPutDuringPurge(b *testing.B) {
+	s := benchStack(b)
+	us := stackDB(b, "us")
+	for _, purge := range []bool{false, true} {
+		b.Run(fmt.Sprintf("purge=%v", purge), func(b *testing.B) {
+			ctx, cancel := context.WithCancel(context.Background())
+			var wg sync.WaitGroup
+			p := newPurger(slog.New(slog.NewTextHandler(io.Discard, nil)), us, defaultRetention)
+			// What an earlier, interrupted run left is purged first.
+			if err := p.round(ctx); err != nil {
+				b.Fatal(err)
+			}
+			if purge {
+				if _, err := us.Exec(`
+INSERT INTO processed_requests (request_id, fingerprint, property_id, price, region_origin, version, updated_at, processed_at)
+SELECT 'bench-expired-' || $1 || '-' || g, 'f', 1, 1, 'us', 2, now(), now() - interval '30 days'
+FROM generate_series(1, 500000) g`, strconv.FormatInt(time.Now().UnixNano(), 10)); err != nil {
+					b.Fatal(err)
+				}
+				// Purge rounds back to back, as a region's purge does with a
+				// backlog (the backend's own purge may take turns with this
+				// one: they share the region's purge lock).
+				wg.Go(func() {
+					for ctx.Err() == nil {
+						if err := p.round(ctx); err != nil && ctx.Err() == nil {
+							b.Error(err)
+							return
+						}
+						sleep(ctx, purgePause)
+					}
+				})
+			}
+			writers := newWriters(b, s)
+			closedLoop(b, "req", func(worker, i int) (result, string) { return writers[worker].put(i) })
+			cancel()
+			wg.Wait()
+			var left int
+			if err := us.QueryRow(`SELECT count(*) FROM processed_requests WHERE request_id LIKE 'bench-expired-%'`).Scan(&left); err != nil {
+				b.Fatal(err)
+			}
+			if purge {
+				b.ReportMetric(float64(500000-left), "purged")
+			}
+		})
+	}
 }
 
 // BenchmarkMixed is nine reads of random listings for every write.

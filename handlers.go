@@ -46,6 +46,9 @@ type replication interface {
 	stoppedReason() string
 	// produceErrors counts the relay's publish rounds that failed.
 	produceErrors() int64
+	// purgeStats is what the purge of expired request ids and tombstones
+	// has done (retention.go).
+	purgeStats() purgeStats
 }
 
 // newServer returns the HTTP handler of one regional backend: the routes of

@@ -95,6 +95,11 @@ CREATE TABLE IF NOT EXISTS processed_requests (
 -- deletes it once Kafka has it. An event is never changed: it is the write as
 -- it was made, even after the request's record here has given way to the
 -- other region's twin (idempotency.go).
+-- The purge (retention.go) finds expired request ids and tombstones by these,
+-- oldest first. The tombstones' index is partial: only deletes enter it.
+CREATE INDEX IF NOT EXISTS processed_requests_processed_at_idx ON processed_requests (processed_at);
+CREATE INDEX IF NOT EXISTS properties_tombstones_idx ON properties (updated_at) WHERE deleted;
+
 CREATE TABLE IF NOT EXISTS outbox (
     -- seq orders the events of one property: two updates of the same row are
     -- serialized by its row lock, so the later one also takes the later seq.

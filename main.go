@@ -35,6 +35,9 @@
 //   - conflict.go: the conflict rule that makes both databases converge, and
 //     the batch apply that carries it out.
 //   - lag.go: what the replication lag means and how it is measured.
+//   - retention.go: how long request ids and tombstones are kept, and the
+//     purge that deletes them after.
+//   - metrics.go: what GET /metrics tells Prometheus.
 //
 // Around the program: init.sql and the seeds define the database and
 // service_role.sql the role the service connects as, nginx.conf the
@@ -114,6 +117,8 @@ type config struct {
 
 	kafkaBrokers []string // seed brokers, host:port
 	kafkaTopic   string   // the replication topic; its DLQ is kafkaTopic + ".dlq"
+
+	retention time.Duration // how long request ids and tombstones are kept
 }
 
 // loadConfig reads the configuration through getenv. A missing or invalid
@@ -124,6 +129,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		port:       8000,
 		dbMaxConns: 16,
 		kafkaTopic: "property-updates",
+		retention:  defaultRetention,
 	}
 	if !validRegion(cfg.region) {
 		return config{}, fmt.Errorf("REGION must be us or eu, got %q", cfg.region)
@@ -146,6 +152,11 @@ func loadConfig(getenv func(string) string) (config, error) {
 			return config{}, fmt.Errorf("KAFKA_TOPIC must be 1 to 200 of a-z A-Z 0-9 . _ -, got %q", t)
 		}
 		cfg.kafkaTopic = t
+	}
+	if s := getenv("RETENTION"); s != "" {
+		if cfg.retention, err = parseRetention(s); err != nil {
+			return config{}, err
+		}
 	}
 	if cfg.debugAddr = getenv("DEBUG_ADDR"); cfg.debugAddr != "" {
 		if _, _, err := net.SplitHostPort(cfg.debugAddr); err != nil {
@@ -254,7 +265,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	// Closed last, after everything that uses them has stopped.
 	defer db.Close()
 	defer replicationDB.Close()
-	rep, err := newReplicator(logger, replicationDB, cfg.region, cfg.kafkaBrokers, cfg.kafkaTopic)
+	rep, err := newReplicator(logger, replicationDB, cfg.region, cfg.kafkaBrokers, cfg.kafkaTopic, cfg.retention)
 	if err != nil {
 		return err
 	}
@@ -284,6 +295,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	select {
 	case <-ctx.Done():
 	case err = <-serveErr:
+	case err = <-rep.fatal:
 	}
 	logger.Info("shutting down")
 	err = errors.Join(err, shutdown(srv, debugSrv, stopReplication, rep))

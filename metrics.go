@@ -143,6 +143,14 @@ func (m *requestMetrics) write(e *exposition) {
 
 // writeReplication adds the lag report's figures.
 func writeReplication(ctx context.Context, e *exposition, r replication) {
+	ps := r.purgeStats()
+	e.family("listing_retention_purged_total", "counter", "Expired request ids and tombstones deleted, by what they were.")
+	e.sample("listing_retention_purged_total", float64(ps.RequestIDs), "what", "request_ids")
+	e.sample("listing_retention_purged_total", float64(ps.Tombstones), "what", "tombstones")
+	if !ps.OldestRequestID.IsZero() {
+		e.family("listing_retention_oldest_request_id_seconds", "gauge", "Age of the oldest request id kept, as of the last purge: at most the retention plus the purge interval.")
+		e.sample("listing_retention_oldest_request_id_seconds", time.Since(ps.OldestRequestID).Seconds())
+	}
 	e.family("listing_replication_produce_errors_total", "counter", "Relay rounds that failed to publish their events (Kafka unreachable, or the outbox unreadable); the events wait in the outbox.")
 	e.sample("listing_replication_produce_errors_total", float64(r.produceErrors()))
 	rep, err := r.lagReport(ctx)

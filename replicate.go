@@ -145,12 +145,18 @@ type replicator struct {
 	producer *kgo.Client
 	relay    *relay
 	consumer *consumer
+	// purger expires request ids and tombstones (retention.go); it starts
+	// once the topic's retention is known to be shorter than its own.
+	purger *purger
+	// fatal receives the reason the region must not run, if it finds one:
+	// a retention not longer than the topic's.
+	fatal chan error
 }
 
 // newReplicator creates the Kafka clients for region, replicating through
 // topic on brokers. It does not connect: Kafka may be down at start, and
 // writes then wait in the outbox until it is back.
-func newReplicator(logger *slog.Logger, db *sql.DB, region string, brokers []string, topic string) (*replicator, error) {
+func newReplicator(logger *slog.Logger, db *sql.DB, region string, brokers []string, topic string, retention time.Duration) (*replicator, error) {
 	logger = logger.With("component", "replication")
 	producer, err := kgo.NewClient(
 		kgo.SeedBrokers(brokers...),
@@ -177,6 +183,8 @@ func newReplicator(logger *slog.Logger, db *sql.DB, region string, brokers []str
 		dlqTopic: topic + ".dlq",
 		producer: producer,
 		relay:    newRelay(logger, db, producer, region, topic),
+		purger:   newPurger(logger, db, retention),
+		fatal:    make(chan error, 1),
 	}
 	r.consumer, err = newConsumer(logger, db, producer, region, brokers, topic, r.dlqTopic)
 	if err != nil {
@@ -215,18 +223,80 @@ func (r *replicator) stoppedReason() string { return r.consumer.stoppedReason() 
 // produceErrors counts the relay's rounds that failed to publish.
 func (r *replicator) produceErrors() int64 { return r.relay.failedRounds.Load() }
 
-// run creates the topics (retrying until Kafka answers), then relays and
-// consumes until ctx is cancelled. Each loop finishes its current batch
-// before it returns; run returns when both have.
+// purgeStats is what the purge has done (retention.go).
+func (r *replicator) purgeStats() purgeStats { return r.purger.stats() }
+
+// run creates the topics (retrying until Kafka answers) and checks their
+// retention against the purge's, then relays, consumes and purges until ctx
+// is cancelled. Each loop finishes its current batch before it returns; run
+// returns when all have. A retention not longer than the topic's goes to
+// fatal instead, and nothing runs.
 func (r *replicator) run(ctx context.Context) {
 	partitions, ok := r.ensureTopics(ctx)
 	if !ok {
 		return
 	}
+	topic, ok := r.topicRetention(ctx)
+	if !ok {
+		return
+	}
+	if err := checkRetention(r.purger.retention, topic); err != nil {
+		r.fatal <- err
+		return
+	}
 	var wg sync.WaitGroup
 	wg.Go(func() { r.relay.run(ctx, partitions) })    // exits when ctx is cancelled
 	wg.Go(func() { r.consumer.run(ctx, partitions) }) // exits when ctx is cancelled
+	wg.Go(func() { r.purger.run(ctx) })               // exits when ctx is cancelled
 	wg.Wait()
+}
+
+// topicRetention reads the topic's retention.ms from the broker (negative:
+// forever), retrying until Kafka answers; false if ctx is cancelled first.
+func (r *replicator) topicRetention(ctx context.Context) (time.Duration, bool) {
+	for attempt := 0; ; attempt++ {
+		d, err := r.describeRetention(ctx)
+		if err == nil {
+			return d, true
+		}
+		if attempt%10 == 0 {
+			r.logger.Warn("cannot read the topic's retention yet", "err", err)
+		}
+		if !sleep(ctx, backoff(attempt)) {
+			return 0, false
+		}
+	}
+}
+
+// describeRetention asks the broker for the topic's retention.ms.
+func (r *replicator) describeRetention(ctx context.Context) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	req := kmsg.NewPtrDescribeConfigsRequest()
+	res := kmsg.NewDescribeConfigsRequestResource()
+	res.ResourceType = kmsg.ConfigResourceTypeTopic
+	res.ResourceName = r.topic
+	res.ConfigNames = []string{"retention.ms"}
+	req.Resources = append(req.Resources, res)
+	resp, err := req.RequestWith(ctx, r.producer)
+	if err != nil {
+		return 0, fmt.Errorf("describe topic %s: %w", r.topic, err)
+	}
+	for _, rr := range resp.Resources {
+		if err := kerr.ErrorForCode(rr.ErrorCode); err != nil {
+			return 0, fmt.Errorf("describe topic %s: %w", r.topic, err)
+		}
+		for _, c := range rr.Configs {
+			if c.Name == "retention.ms" && c.Value != nil {
+				ms, err := strconv.ParseInt(*c.Value, 10, 64)
+				if err != nil {
+					return 0, fmt.Errorf("topic %s: retention.ms %q", r.topic, *c.Value)
+				}
+				return time.Duration(ms) * time.Millisecond, nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("topic %s: no retention.ms", r.topic)
 }
 
 // close flushes what the producer still holds, leaves the consumer group and

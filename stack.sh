@@ -231,7 +231,7 @@ start_backend() {
 	[ "$region" = eu ] && debug=6062
 	spawn "$svc" env REGION="$region" PORT="$(port_of "$svc")" \
 		DATABASE_URL="$(service_db_url "db-$region")" \
-		KAFKA_BROKER=127.0.0.1:9092 KAFKA_TOPIC=property-updates \
+		KAFKA_BROKER=127.0.0.1:9092 KAFKA_TOPIC=property-updates RETENTION="${RETENTION:-8d}" \
 		DEBUG_ADDR="127.0.0.1:$debug" \
 		"$state/bin/property-listing"
 }

@@ -1,0 +1,203 @@
+package main
+
+// Retention: request ids and tombstones are kept for RETENTION, then purged.
+//
+// Both exist for replication's sake. A request id lets a retry, in either
+// region, be recognised (idempotency.go); a tombstone keeps a deleted
+// listing from coming back by an older event (conflict.go). Neither is
+// needed once no event that could meet it can still arrive: Kafka deletes
+// events after the topic's retention, so RETENTION must be longer than that,
+// and the service refuses to run otherwise (checkRetention). Kept forever,
+// at a thousand writes a second, they would add 86 million rows a day.
+//
+// The bound this puts on idempotency: a retry that comes more than
+// RETENTION after its request was applied is a new write.
+//
+// The purge runs in each region, in small batches, each its own short
+// transaction: no long transaction, no table rewrite, a few milliseconds of
+// row locks at a time, taken with SKIP LOCKED so that a write is never
+// made to wait. An advisory lock lets one instance per region purge at a
+// time, however many run. A request id whose event is still in the outbox
+// (Kafka has been down that long) stays until the event has gone.
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+)
+
+const (
+	// defaultRetention is RETENTION's default: a day longer than the
+	// topic's retention (topicRetention), so that an event published just
+	// before a record's expiry has a day to be delivered.
+	defaultRetention = topicRetention + 24*time.Hour
+	// purgeInterval is how often the purge looks for expired rows.
+	purgeInterval = time.Minute
+	// purgeBatch is how many rows one purge transaction deletes at most.
+	purgeBatch = 1000
+	// purgePause is the rest between two batches, so that a large backlog
+	// of expired rows is purged as a trickle, not a burst.
+	purgePause = 10 * time.Millisecond
+	// purgeLockKey names the advisory lock that makes one instance per
+	// region purge at a time.
+	purgeLockKey = 0x7075726765 // "purge"
+)
+
+// parseRetention reads RETENTION: a Go duration ("36h", "90s") or a
+// number of days ("8d").
+func parseRetention(s string) (time.Duration, error) {
+	if days, ok := strings.CutSuffix(s, "d"); ok {
+		n, err := strconv.Atoi(days)
+		if err != nil || n < 1 {
+			return 0, fmt.Errorf("RETENTION must be a duration such as 8d or 192h, got %q", s)
+		}
+		return time.Duration(n) * 24 * time.Hour, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		return 0, fmt.Errorf("RETENTION must be a duration such as 8d or 192h, got %q", s)
+	}
+	return d, nil
+}
+
+// checkRetention refuses a retention that is not longer than the topic's
+// (topic < 0: the topic keeps events forever).
+func checkRetention(retention, topic time.Duration) error {
+	if topic < 0 || retention <= topic {
+		kept := "forever"
+		if topic >= 0 {
+			kept = topic.String()
+		}
+		return fmt.Errorf("RETENTION %v must be longer than the topic's retention.ms (%s): an event Kafka still holds could find its request id or tombstone gone", retention, kept)
+	}
+	return nil
+}
+
+// purgeStats is what the purge has done, for the metrics.
+type purgeStats struct {
+	RequestIDs, Tombstones int64     // rows purged since the process started
+	OldestRequestID        time.Time // processed_at of the oldest request id kept; zero if none
+}
+
+// purger deletes expired request ids and tombstones of one region.
+type purger struct {
+	logger    *slog.Logger
+	db        *sql.DB
+	retention time.Duration
+	batchSize int // rows per transaction, purgeBatch
+
+	requestIDs, tombstones atomic.Int64
+	oldest                 atomic.Pointer[time.Time]
+}
+
+func newPurger(logger *slog.Logger, db *sql.DB, retention time.Duration) *purger {
+	return &purger{logger: logger, db: db, retention: retention, batchSize: purgeBatch}
+}
+
+// stats returns what the purge has done so far.
+func (p *purger) stats() purgeStats {
+	s := purgeStats{RequestIDs: p.requestIDs.Load(), Tombstones: p.tombstones.Load()}
+	if t := p.oldest.Load(); t != nil {
+		s.OldestRequestID = *t
+	}
+	return s
+}
+
+// run purges every purgeInterval until ctx is cancelled.
+func (p *purger) run(ctx context.Context) {
+	for {
+		if err := p.round(ctx); err != nil && ctx.Err() == nil {
+			p.logger.Warn("purge failed; it tries again", "err", err)
+		}
+		if !sleep(ctx, purgeInterval) {
+			return
+		}
+	}
+}
+
+// purgeRequestIDsSQL deletes a batch of expired request ids ($1 the
+// retention in seconds, $2 the batch size), oldest first, skipping those
+// whose event still waits in the outbox and rows a write holds.
+const purgeRequestIDsSQL = `
+WITH expired AS (
+    SELECT request_id FROM processed_requests r
+    WHERE processed_at < now() - make_interval(secs => $1)
+      AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.request_id = r.request_id)
+    ORDER BY processed_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM processed_requests r USING expired e WHERE r.request_id = e.request_id`
+
+// purgeTombstonesSQL deletes a batch of expired tombstones, oldest first.
+const purgeTombstonesSQL = `
+WITH expired AS (
+    SELECT id FROM properties
+    WHERE deleted AND updated_at < now() - make_interval(secs => $1)
+    ORDER BY updated_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM properties p USING expired e WHERE p.id = e.id`
+
+// oldestRequestIDSQL reads the oldest request id kept (an index's first
+// entry).
+const oldestRequestIDSQL = `SELECT min(processed_at) FROM processed_requests`
+
+// round purges everything expired, batch after batch, unless another
+// instance of the region holds the purge lock.
+func (p *purger) round(ctx context.Context) error {
+	for _, job := range []struct {
+		query   string
+		counter *atomic.Int64
+	}{{purgeRequestIDsSQL, &p.requestIDs}, {purgeTombstonesSQL, &p.tombstones}} {
+		for {
+			n, locked, err := p.batch(ctx, job.query)
+			if err != nil || !locked {
+				return err
+			}
+			job.counter.Add(n)
+			if n < int64(p.batchSize) || !sleep(ctx, purgePause) {
+				break
+			}
+		}
+	}
+	var oldest sql.NullTime
+	if err := p.db.QueryRowContext(ctx, oldestRequestIDSQL).Scan(&oldest); err != nil {
+		return fmt.Errorf("oldest request id: %w", err)
+	}
+	if oldest.Valid {
+		t := oldest.Time.UTC()
+		p.oldest.Store(&t)
+	}
+	return nil
+}
+
+// batch runs one purge statement in a transaction of its own under the
+// purge lock, and returns how many rows it deleted, and false if another
+// instance held the lock.
+func (p *purger) batch(ctx context.Context, query string) (int64, bool, error) {
+	tx, err := p.db.BeginTx(ctx, nil)
+	if err != nil {
+		return 0, false, fmt.Errorf("purge: %w", err)
+	}
+	defer tx.Rollback()
+	var locked bool
+	if err := tx.QueryRowContext(ctx, `SELECT pg_try_advisory_xact_lock($1)`, purgeLockKey).Scan(&locked); err != nil || !locked {
+		return 0, false, err
+	}
+	res, err := tx.ExecContext(ctx, query, p.retention.Seconds(), p.batchSize)
+	if err != nil {
+		return 0, true, fmt.Errorf("purge: %w", err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return 0, true, fmt.Errorf("purge: %w", err)
+	}
+	return n, true, tx.Commit()
+}

@@ -1,0 +1,138 @@
+package main
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+// TestPurge ages some request ids and tombstones past the retention and
+// purges, in batches of two: the expired go, the young stay, and so do an
+// expired request id whose event is still in the outbox and a live listing
+// however old. While another instance holds the purge lock, nothing is
+// purged.
+func TestPurge(t *testing.T) {
+	db := testDB(t)
+	ctx := context.Background()
+	exec := func(query string, args ...any) {
+		t.Helper()
+		if _, err := db.ExecContext(ctx, query, args...); err != nil {
+			t.Fatalf("%s: %v", query, err)
+		}
+	}
+	record := func(id string, age time.Duration) {
+		t.Helper()
+		exec(`INSERT INTO processed_requests (request_id, fingerprint, property_id, price, region_origin, version, updated_at, processed_at)
+		      VALUES ($1, 'f', 1, 1, 'us', 2, now(), now() - make_interval(secs => $2))`, id, age.Seconds())
+	}
+	for _, id := range []string{"purge-old-1", "purge-old-2", "purge-old-3", "purge-old-4", "purge-old-5"} {
+		record(id, 2*time.Hour)
+	}
+	record("purge-young", time.Minute)
+	record("purge-old-in-outbox", 2*time.Hour)
+	exec(`INSERT INTO outbox (request_id, fingerprint, property_id, price, region_origin, version, updated_at)
+	      VALUES ('purge-old-in-outbox', 'f', 1, 1, 'us', 2, now())`)
+	exec(`UPDATE properties SET deleted = true, updated_at = now() - interval '2 hours' WHERE id = 90`) // an old tombstone
+	exec(`UPDATE properties SET deleted = true, updated_at = now() WHERE id = 91`)                      // a young one
+	exec(`UPDATE properties SET updated_at = now() - interval '2 hours' WHERE id = 92`)                  // old, but live
+
+	p := newPurger(slog.New(slog.NewTextHandler(io.Discard, nil)), db, time.Hour)
+	p.batchSize = 2
+
+	// Another instance purging: this one leaves everything.
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock($1)`, purgeLockKey); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.round(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := p.stats(); got.RequestIDs != 0 || got.Tombstones != 0 {
+		t.Errorf("purged %+v while another instance held the lock, want nothing", got)
+	}
+	tx.Rollback()
+
+	if err := p.round(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got := p.stats()
+	if age := time.Since(got.OldestRequestID); got.RequestIDs != 5 || got.Tombstones != 1 || age < 2*time.Hour || age > 2*time.Hour+time.Minute {
+		t.Errorf("purge stats %+v, want 5 request ids, 1 tombstone, and the oldest kept the one in the outbox", got)
+	}
+	var left []string
+	rows, err := db.QueryContext(ctx, `SELECT request_id FROM processed_requests WHERE request_id LIKE 'purge-%' ORDER BY request_id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var id string
+		rows.Scan(&id)
+		left = append(left, id)
+	}
+	rows.Close()
+	if diff := cmp.Diff([]string{"purge-old-in-outbox", "purge-young"}, left); diff != "" {
+		t.Errorf("request ids left (-want +got):\n%s", diff)
+	}
+	for id, want := range map[int64]bool{90: false, 91: true, 92: true} {
+		var n int
+		db.QueryRowContext(ctx, `SELECT count(*) FROM properties WHERE id = $1`, id).Scan(&n)
+		if (n == 1) != want {
+			t.Errorf("listing %d: %d rows after the purge, want kept = %v", id, n, want)
+		}
+	}
+}
+
+// TestRetryAfterExpiry is the bound of idempotency: a retry that comes after
+// its request id expired is not recognised; it is judged as a new write (a
+// 409 here, as the version it names has moved on).
+func TestRetryAfterExpiry(t *testing.T) {
+	db := testDB(t)
+	srv := testServer(t, "us", db)
+	const requestID, path, body = "expiring-1", "/us/properties/93", `{"price": 93000, "version": 1}`
+	if status, _, got := call(t, srv, "PUT", path, requestID, body); status != http.StatusOK {
+		t.Fatalf("PUT: %d %+v", status, got)
+	}
+	if status, _, _ := call(t, srv, "PUT", path, requestID, body); status != http.StatusUnprocessableEntity {
+		t.Fatalf("retry before expiry: %d, want 422", status)
+	}
+	// The relay has published the event, and the retention has passed.
+	if _, err := db.Exec(`DELETE FROM outbox WHERE request_id = $1`, requestID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec(`UPDATE processed_requests SET processed_at = now() - interval '2 hours' WHERE request_id = $1`, requestID); err != nil {
+		t.Fatal(err)
+	}
+	if err := newPurger(slog.New(slog.NewTextHandler(io.Discard, nil)), db, time.Hour).round(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	status, _, got := call(t, srv, "PUT", path, requestID, body)
+	if diff := cmp.Diff(response{Error: "version mismatch", CurrentVersion: 2}, got); status != http.StatusConflict || diff != "" {
+		t.Errorf("retry after expiry: %d, want 409 as a new write (-want +got):\n%s", status, diff)
+	}
+}
+
+// TestCheckRetention: the retention must outlast the topic's.
+func TestCheckRetention(t *testing.T) {
+	day := 24 * time.Hour
+	for _, tt := range []struct {
+		retention, topic time.Duration
+		ok               bool
+	}{
+		{8 * day, 7 * day, true},
+		{7 * day, 7 * day, false},
+		{time.Hour, 7 * day, false},
+		{100 * day, -time.Millisecond, false}, // the topic keeps events forever
+	} {
+		if err := checkRetention(tt.retention, tt.topic); (err == nil) != tt.ok {
+			t.Errorf("checkRetention(%v, %v) = %v, want ok = %v", tt.retention, tt.topic, err, tt.ok)
+		}
+	}
+}
