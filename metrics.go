@@ -23,6 +23,7 @@ import (
 	"io"
 	"maps"
 	"net/http"
+	"runtime/metrics"
 	"slices"
 	"strconv"
 	"strings"
@@ -104,6 +105,7 @@ func handleMetrics(requests *requestMetrics, rep replication, pools map[string]*
 		requests.write(&e)
 		writeReplication(ctx, &e, rep)
 		writePools(&e, pools)
+		writeRuntime(&e)
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 		w.WriteHeader(http.StatusOK)
 		_, _ = io.WriteString(w, e.String())
@@ -205,6 +207,31 @@ func writePools(e *exposition, pools map[string]*sql.DB) {
 		for _, name := range names {
 			e.sample(f.name, f.value(stats[name]), "pool", name)
 		}
+	}
+}
+
+// runtimeSamples are the Go runtime's figures /metrics shows, read with
+// runtime/metrics, which does not stop the world as ReadMemStats does.
+var runtimeSamples = []struct {
+	name, kind, help, key string
+}{
+	{"go_goroutines", "gauge", "Goroutines that exist now.", "/sched/goroutines:goroutines"},
+	{"go_memstats_heap_alloc_bytes", "gauge", "Bytes of heap objects, reachable or not yet collected.", "/memory/classes/heap/objects:bytes"},
+	{"go_memstats_sys_bytes", "gauge", "Bytes of memory the Go runtime holds from the system.", "/memory/classes/total:bytes"},
+	{"go_gc_cycles_total", "counter", "Garbage collections completed.", "/gc/cycles/total:gc-cycles"},
+}
+
+// writeRuntime adds the Go runtime's figures: a leak shows as goroutines or
+// heap that grow without end (./stack.sh soak watches them).
+func writeRuntime(e *exposition) {
+	samples := make([]metrics.Sample, len(runtimeSamples))
+	for i, r := range runtimeSamples {
+		samples[i].Name = r.key
+	}
+	metrics.Read(samples)
+	for i, r := range runtimeSamples {
+		e.family(r.name, r.kind, r.help)
+		e.sample(r.name, float64(samples[i].Value.Uint64()))
 	}
 }
 

@@ -41,6 +41,7 @@ func TestMetrics(t *testing.T) {
 		"# TYPE listing_db_pool_connections_in_use gauge",
 		"# TYPE listing_http_request_duration_seconds histogram",
 		"# TYPE listing_replication_dead_letters_total counter",
+		"# TYPE go_goroutines gauge",
 	} {
 		if !slices.Contains(strings.Split(string(body), "\n"), want) {
 			t.Errorf("/metrics lacks %q:\n%s", want, body)

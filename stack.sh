@@ -10,7 +10,7 @@
 #   prometheus     prometheus/*.yml          127.0.0.1:9090
 #
 # Usage: ./stack.sh up | down | ps | logs SERVICE | stop SERVICE | start SERVICE
-#                  | kill SERVICE | test | bench
+#                  | kill SERVICE | test | bench | soak [DURATION [RATE]]
 #
 # The subcommands mirror docker compose's, over the same service names, so the
 # integration tests drive either stack through one command. All state (database
@@ -416,6 +416,8 @@ write_test_env() {
 		STACK_DB_US=$(db_url db-us)
 		STACK_DB_EU=$(db_url db-eu)
 		STACK_KAFKA=127.0.0.1:9092
+		# Where the local stack keeps its pid files and data (./stack.sh soak reads them).
+		STACK_STATE=$state
 		STACK_PROMETHEUS=http://127.0.0.1:$(port_of prometheus)
 		# NGINX's HTTPS port, and the certificate that signs it (self-signed).
 		STACK_TLS_URL=https://127.0.0.1:8443
@@ -504,6 +506,7 @@ cmd_test() {
 	[ -z "$unformatted" ] || die "gofmt would change: $unformatted"
 	go vet ./...
 	go vet -tags=integration ./...
+	go vet -tags=integration,soak ./...
 	check_compose
 	local out="$state/logs/test.log" status=0
 	# One run: the integration tag adds the stack's tests to the unit tests,
@@ -522,7 +525,27 @@ cmd_test() {
 	run_schemathesis || { status=1; echo "Schemathesis: FAILED, see $state/logs/schemathesis.log"; }
 	: >"$state/logs/fuzz.log"
 	fuzz_briefly || { status=1; echo "fuzz: FAILED, see $state/logs/fuzz.log"; }
+	# Last: it restarts the backends (with a short retention, then back).
+	(cmd_soak 2m 100) | grep -E '^\||^(--- |ok|FAIL|PASS)|slope|Statuses' || status=1
 	return "$status"
+}
+
+# cmd_soak DURATION RATE runs the soak (soak_test.go) against the local
+# stack: RATE requests a second through NGINX for DURATION, with the
+# retention shortened so that purges happen, sampling memory, files,
+# threads, goroutines, heap, table and log sizes and latency; it writes
+# .stack/soak/report.md and .stack/soak/soak.svg and fails a figure that
+# keeps growing.
+cmd_soak() {
+	local duration=${1:-2m} rate=${2:-200}
+	cmd_up
+	test_env
+	cd "$root"
+	log "soak: $rate requests/s for $duration"
+	SOAK_DURATION=$duration SOAK_RATE=$rate SOAK_OUT="$state/soak" \
+		go test -tags=integration,soak -count=1 -run '^TestSoak$' -timeout 24h -v . 2>&1 | tee "$state/logs/soak.log" |
+		grep -vE '^=== RUN'
+	return "${PIPESTATUS[0]}"
 }
 
 main() {
@@ -537,8 +560,9 @@ main() {
 	stop) stop_service "${1:?usage: stack.sh stop SERVICE}" TERM ;;
 	kill) stop_service "${1:?usage: stack.sh kill SERVICE}" KILL ;;
 	test) cmd_test ;;
+	soak) cmd_soak "$@" ;;
 	bench) exec "$root/bench.sh" ;;
-	*) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+	*) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 	esac
 }
 

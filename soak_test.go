@@ -1,0 +1,607 @@
+//go:build integration && soak
+
+package main
+
+// The soak: a steady mixed load through NGINX for a long while, with the
+// retention shortened so that purges happen during the run, and a sample of
+// everything that could grow every few seconds. A service that runs for
+// months must leave memory, latency and disk flat. `./stack.sh soak
+// DURATION RATE` runs it against the local stack:
+//
+//	SOAK_DURATION  how long the load runs (default 2m)
+//	SOAK_RATE      requests a second (default 200)
+//	SOAK_OUT       where the report and the picture go (default .stack/soak)
+//
+// The load, per second: 70% GETs of seed listings, 20% PUTs of a few hot
+// seed listings in both regions (so conflicts), 5% POSTs of new listings and
+// 5% DELETEs of listings the soak created. The retention is set to two
+// minutes (the topic's to one), so the purge deletes request ids and
+// tombstones from the second minute on. Everything is restored at the end.
+//
+// The report gives, for each figure, the first and the last value and the
+// slope per hour over the second half of the run (after the retention has
+// filled and the caches have warmed), and fails a figure whose slope is
+// above its bound.
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"io"
+	"maps"
+	"math"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
+)
+
+const (
+	// soakRetention is the service's retention during the soak, and
+	// soakTopicRetention the topic's, which must be shorter.
+	soakRetention      = 2 * time.Minute
+	soakTopicRetention = time.Minute
+	// soakSampleEvery is how often everything is sampled.
+	soakSampleEvery = 5 * time.Second
+	// soakJudgeAfter is the shortest run whose slopes are judged: the
+	// slope of a few minutes, extrapolated to an hour, is warm-up and
+	// noise. A shorter run (CI's two minutes) checks the rest: no failed
+	// request, replication running, both regions identical at the end.
+	soakJudgeAfter = 10 * time.Minute
+)
+
+// soakFigure is one thing the soak watches, and how fast it may grow: a
+// slope per hour over the second half of the run above bound is a failure
+// (bound < 0: reported, never failed).
+type soakFigure struct {
+	name  string
+	unit  string
+	bound float64
+	read  func() (float64, error)
+}
+
+func TestSoak(t *testing.T) {
+	s := newStack(t)
+	duration, err := time.ParseDuration(setting("SOAK_DURATION", "2m"))
+	if err != nil {
+		t.Fatalf("SOAK_DURATION: %v", err)
+	}
+	rate, err := strconv.Atoi(setting("SOAK_RATE", "200"))
+	if err != nil || rate < 1 {
+		t.Fatalf("SOAK_RATE must be a positive integer, got %q", setting("SOAK_RATE", "200"))
+	}
+	out := setting("SOAK_OUT", ".stack/soak")
+	if err := os.MkdirAll(out, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	s.caughtUp(t, 60*time.Second)
+	shortenRetention(t, s)
+	// The load's own client: enough idle connections that an open loop at
+	// the rate reuses them instead of opening one per request.
+	s.client = &http.Client{Timeout: 15 * time.Second, Transport: &http.Transport{MaxIdleConns: 512, MaxIdleConnsPerHost: 512}}
+
+	figures := soakFigures(t)
+	var (
+		samples [][]float64 // per figure
+		times   []float64   // seconds since start
+	)
+	load := newSoakLoad(s, rate)
+	ctx, cancel := context.WithTimeout(context.Background(), duration)
+	defer cancel()
+	start := time.Now()
+	var wg sync.WaitGroup
+	wg.Go(func() { load.run(ctx) })
+	samples = make([][]float64, len(figures))
+	sample := func() {
+		times = append(times, time.Since(start).Seconds())
+		for i, f := range figures {
+			v, err := f.read()
+			if err != nil {
+				t.Logf("sample %s: %v", f.name, err)
+				v = math.NaN()
+			}
+			samples[i] = append(samples[i], v)
+		}
+	}
+	sample()
+	tick := time.NewTicker(soakSampleEvery)
+	for done := false; !done; {
+		select {
+		case <-tick.C:
+			sample()
+		case <-ctx.Done():
+			done = true
+		}
+	}
+	tick.Stop()
+	wg.Wait()
+	sample()
+
+	// The load's latencies per minute are figures too.
+	report, failed := soakReport(figures, times, samples, load, duration, rate)
+	if duration < soakJudgeAfter {
+		report += fmt.Sprintf("\nA run shorter than %v: the slopes are reported, not judged.\n", soakJudgeAfter)
+		failed = nil
+	}
+	if err := os.WriteFile(filepath.Join(out, "report.md"), []byte(report), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(out, "soak.svg"), []byte(soakSVG(figures, times, samples, load)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("report: %s, picture: %s\n%s", filepath.Join(out, "report.md"), filepath.Join(out, "soak.svg"), report)
+	for _, f := range failed {
+		t.Errorf("%s grows faster than its bound", f)
+	}
+	if load.errors.Load() > 0 {
+		t.Errorf("%d requests failed (transport errors or 5xx); first: %s", load.errors.Load(), load.firstErr())
+	}
+	// Replication kept up all along: nothing stopped, and the regions agree.
+	for _, region := range []string{"us", "eu"} {
+		if r := s.lag(t, region); r.ReplicationStopped != "" {
+			t.Errorf("%s stopped replicating during the soak: %s", region, r.ReplicationStopped)
+		}
+	}
+	s.caughtUp(t, 60*time.Second)
+	waitIdentical(t, stackDB(t, "us"), stackDB(t, "eu"), 30*time.Second)
+}
+
+// shortenRetention sets the topic's retention to soakTopicRetention and
+// restarts both backends with RETENTION=soakRetention; t.Cleanup puts both
+// back.
+func shortenRetention(t *testing.T, s *stack) {
+	t.Helper()
+	kafka := kafkaAdmin(t)
+	setTopicRetention(t, kafka, soakTopicRetention)
+	restart := func(retention string) {
+		for _, svc := range []string{"backend-us", "backend-eu"} {
+			s.control(t, "stop", svc)
+			cmd := exec.Command(s.cmd[0], append(s.cmd[1:], "start", svc)...)
+			cmd.Env = append(os.Environ(), "RETENTION="+retention)
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Fatalf("start %s with RETENTION=%s: %v\n%s", svc, retention, err, out)
+			}
+		}
+	}
+	restart(soakRetention.String())
+	t.Cleanup(func() {
+		setTopicRetention(t, kafka, topicRetention)
+		restart(defaultRetention.String())
+	})
+}
+
+// setTopicRetention sets the replication topic's retention.ms.
+func setTopicRetention(t *testing.T, kafka *kgo.Client, d time.Duration) {
+	t.Helper()
+	req := kmsg.NewPtrIncrementalAlterConfigsRequest()
+	res := kmsg.NewIncrementalAlterConfigsRequestResource()
+	res.ResourceType = kmsg.ConfigResourceTypeTopic
+	res.ResourceName = setting("KAFKA_TOPIC", "property-updates")
+	c := kmsg.NewIncrementalAlterConfigsRequestResourceConfig()
+	c.Name, c.Value = "retention.ms", kmsg.StringPtr(strconv.FormatInt(d.Milliseconds(), 10))
+	res.Configs = append(res.Configs, c)
+	req.Resources = append(req.Resources, res)
+	resp, err := kafka.Request(context.Background(), req)
+	if err != nil {
+		t.Fatalf("set the topic's retention to %v: %v", d, err)
+	}
+	for _, r := range resp.(*kmsg.IncrementalAlterConfigsResponse).Resources {
+		if err := kerr.ErrorForCode(r.ErrorCode); err != nil {
+			t.Fatalf("set the topic's retention to %v: %v", d, err)
+		}
+	}
+}
+
+// soakFigures lists what the soak samples: each process's memory, open
+// files and threads; each backend's goroutines and heap; each database's
+// size and its three tables'; Kafka's log.
+func soakFigures(t *testing.T) []soakFigure {
+	t.Helper()
+	// The local stack's pid files and data (STACK_STATE, from stack.env):
+	// the soak runs against ./stack.sh's processes, not compose's.
+	state := setting("STACK_STATE", ".stack")
+	var figures []soakFigure
+	pidOf := func(svc string) func() (int, error) {
+		return func() (int, error) {
+			file := filepath.Join(state, "run", svc+".pid")
+			if strings.HasPrefix(svc, "db-") {
+				file = filepath.Join(state, "pg", svc, "postmaster.pid")
+			}
+			b, err := os.ReadFile(file)
+			if err != nil {
+				return 0, err
+			}
+			return strconv.Atoi(strings.TrimSpace(strings.SplitN(string(b), "\n", 2)[0]))
+		}
+	}
+	for _, svc := range []string{"backend-us", "backend-eu", "kafka", "nginx", "db-us", "db-eu"} {
+		pid := pidOf(svc)
+		// Memory may grow to a working set in the first half; after it, a
+		// leak of a megabyte an hour per process is the bound.
+		figures = append(figures,
+			soakFigure{svc + " RSS", "MiB", 1, func() (float64, error) { return procTree(pid, rssMiB) }},
+			soakFigure{svc + " open files", "", 5, func() (float64, error) { return procTree(pid, openFiles) }},
+			soakFigure{svc + " threads", "", 5, func() (float64, error) { return procTree(pid, threads) }},
+		)
+	}
+	for _, b := range []struct{ name, port string }{{"backend-us", "8001"}, {"backend-eu", "8002"}} {
+		for _, m := range []struct {
+			metric, label, unit string
+			scale, bound        float64
+		}{
+			{"go_goroutines", "goroutines", "", 1, 10},
+			{"go_memstats_heap_alloc_bytes", "heap", "MiB", 1 << 20, 1},
+		} {
+			figures = append(figures, soakFigure{b.name + " " + m.label, m.unit, m.bound, func() (float64, error) {
+				v, err := scrape("http://127.0.0.1:"+b.port+"/metrics", m.metric)
+				return v / m.scale, err
+			}})
+		}
+	}
+	for _, region := range []string{"us", "eu"} {
+		db := stackDB(t, region)
+		for _, q := range []struct{ name, query string }{
+			{"database", `SELECT pg_database_size(current_database())`},
+			{"processed_requests", `SELECT pg_total_relation_size('processed_requests')`},
+			{"outbox", `SELECT pg_total_relation_size('outbox')`},
+			{"properties", `SELECT pg_total_relation_size('properties')`},
+		} {
+			// The listings grow with the creates (5% of the load), which is
+			// the business, not a leak: reported, not bounded. The rest is
+			// bounded by the retention and must level off.
+			bound := 1.0
+			if q.name == "properties" || q.name == "database" {
+				bound = -1
+			}
+			figures = append(figures, soakFigure{"db-" + region + " " + q.name, "MiB", bound, func() (float64, error) {
+				return querySize(db, q.query)
+			}})
+		}
+	}
+	figures = append(figures, soakFigure{"kafka log", "MiB", 1, func() (float64, error) {
+		return dirMiB(filepath.Join(state, "kafka", "data"))
+	}})
+	return figures
+}
+
+// procTree adds read over a process and its children (PostgreSQL's and
+// NGINX's workers, the JVM's threads are the process's own).
+func procTree(pid func() (int, error), read func(int) (float64, error)) (float64, error) {
+	root, err := pid()
+	if err != nil {
+		return 0, err
+	}
+	total, err := read(root)
+	if err != nil {
+		return 0, err
+	}
+	children, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", root, root))
+	for _, c := range strings.Fields(string(children)) {
+		if n, err := strconv.Atoi(c); err == nil {
+			if v, err := read(n); err == nil {
+				total += v
+			}
+		}
+	}
+	return total, nil
+}
+
+// statusField reads a field of /proc/PID/status.
+func statusField(pid int, field string) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, field+":"); ok {
+			return strconv.ParseFloat(strings.Fields(rest)[0], 64)
+		}
+	}
+	return 0, fmt.Errorf("no %s in /proc/%d/status", field, pid)
+}
+
+func rssMiB(pid int) (float64, error) {
+	kb, err := statusField(pid, "VmRSS")
+	return kb / 1024, err
+}
+
+func threads(pid int) (float64, error) { return statusField(pid, "Threads") }
+
+func openFiles(pid int) (float64, error) {
+	entries, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	return float64(len(entries)), err
+}
+
+// scrape reads one unlabelled sample from a /metrics page.
+func scrape(url, metric string) (float64, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if rest, ok := strings.CutPrefix(line, metric+" "); ok {
+			return strconv.ParseFloat(rest, 64)
+		}
+	}
+	return 0, fmt.Errorf("%s: no %s", url, metric)
+}
+
+func querySize(db *sql.DB, query string) (float64, error) {
+	var bytes int64
+	err := db.QueryRow(query).Scan(&bytes)
+	return float64(bytes) / (1 << 20), err
+}
+
+func dirMiB(dir string) (float64, error) {
+	var total int64
+	err := filepath.WalkDir(dir, func(_ string, d os.DirEntry, err error) error {
+		if err != nil {
+			return nil // a segment deleted while walking
+		}
+		if info, err := d.Info(); err == nil && !d.IsDir() {
+			total += info.Size()
+		}
+		return nil
+	})
+	return float64(total) / (1 << 20), err
+}
+
+// soakLoad is the soak's open-loop load: rate requests a second, each in
+// its own goroutine, whatever the answers take.
+type soakLoad struct {
+	s       *stack
+	rate    int
+	errors  atomic.Int64
+	mu      sync.Mutex
+	first   string
+	created []string // ETag-addressed listings to delete: "id etag"
+	// latencies per minute of the run, in milliseconds.
+	perMinute map[int][]float64
+	statuses  map[int]int
+}
+
+func newSoakLoad(s *stack, rate int) *soakLoad {
+	return &soakLoad{s: s, rate: rate, perMinute: map[int][]float64{}, statuses: map[int]int{}}
+}
+
+func (l *soakLoad) firstErr() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.first
+}
+
+// run sends requests until ctx ends, and waits for the last answers.
+func (l *soakLoad) run(ctx context.Context) {
+	interval := time.Second / time.Duration(l.rate)
+	start := time.Now()
+	var wg sync.WaitGroup
+	for i := 0; ctx.Err() == nil; i++ {
+		if d := time.Until(start.Add(time.Duration(i) * interval)); d > 0 {
+			time.Sleep(d)
+		}
+		wg.Go(func() { l.one(i, time.Since(start)) })
+	}
+	wg.Wait()
+}
+
+// one sends the i-th request of the mix.
+func (l *soakLoad) one(i int, at time.Duration) {
+	region := []string{"us", "eu"}[i%2]
+	rng := rand.New(rand.NewPCG(uint64(i), 7))
+	requestID := fmt.Sprintf("soak-%d-%d", time.Now().UnixNano(), i)
+	t0 := time.Now()
+	var (
+		status int
+		h      http.Header
+		got    response
+		err    error
+	)
+	switch p := rng.IntN(100); {
+	case p < 70:
+		status, h, got, err = l.s.doWith("GET", fmt.Sprintf("/%s/properties/%d", region, 1+rng.IntN(1000)), http.Header{}, "")
+	case p < 90:
+		// A few hot listings, written in both regions: conflicts.
+		path := fmt.Sprintf("/%s/properties/%d", region, 301+rng.IntN(5))
+		if status, _, got, err = l.s.doWith("GET", path, http.Header{}, ""); err == nil && status == http.StatusOK {
+			status, _, got, err = l.s.doWith("PUT", path, http.Header{"X-Request-Id": {requestID}},
+				fmt.Sprintf(`{"price": %d, "version": %d}`, 100000+rng.IntN(900000), got.Version))
+		}
+	case p < 95:
+		status, h, got, err = l.s.doWith("POST", "/"+region+"/properties", http.Header{"X-Request-Id": {requestID}}, `{"price": 250000}`)
+		if err == nil && status == http.StatusCreated {
+			l.mu.Lock()
+			l.created = append(l.created, fmt.Sprintf("%d %s", got.ID, h.Get("ETag")))
+			l.mu.Unlock()
+		}
+	default:
+		l.mu.Lock()
+		var target string
+		if len(l.created) > 0 {
+			target, l.created = l.created[0], l.created[1:]
+		}
+		l.mu.Unlock()
+		if target == "" {
+			status, _, got, err = l.s.doWith("GET", "/"+region+"/properties?limit=20", http.Header{}, "")
+			break
+		}
+		id, tag, _ := strings.Cut(target, " ")
+		status, _, got, err = l.s.doWith("DELETE", "/"+region+"/properties/"+id,
+			http.Header{"X-Request-Id": {requestID}, "If-Match": {tag}}, "")
+	}
+	took := float64(time.Since(t0).Microseconds()) / 1000
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.statuses[status]++
+	l.perMinute[int(at.Minutes())] = append(l.perMinute[int(at.Minutes())], took)
+	if err != nil || status >= 500 {
+		if l.errors.Add(1) == 1 {
+			l.first = fmt.Sprintf("%d %v %+v", status, err, got)
+		}
+	}
+}
+
+// percentile of sorted values.
+func percentile(sorted []float64, p float64) float64 {
+	if len(sorted) == 0 {
+		return math.NaN()
+	}
+	return sorted[min(int(p*float64(len(sorted))), len(sorted)-1)]
+}
+
+// slopePerHour fits a line to the second half of (x seconds, y) by least
+// squares and returns its slope per hour.
+func slopePerHour(xs, ys []float64) float64 {
+	var n, sx, sy, sxx, sxy float64
+	for i := len(xs) / 2; i < len(xs); i++ {
+		if math.IsNaN(ys[i]) {
+			continue
+		}
+		n++
+		sx += xs[i]
+		sy += ys[i]
+		sxx += xs[i] * xs[i]
+		sxy += xs[i] * ys[i]
+	}
+	if n < 2 || n*sxx == sx*sx {
+		return 0
+	}
+	return (n*sxy - sx*sy) / (n*sxx - sx*sx) * 3600
+}
+
+// soakReport writes the report, and names the figures over their bounds.
+func soakReport(figures []soakFigure, times []float64, samples [][]float64, load *soakLoad, duration time.Duration, rate int) (string, []string) {
+	var b strings.Builder
+	var failed []string
+	fmt.Fprintf(&b, "Soak of %v at %d requests/s through NGINX (%s), retention %v (topic %v), a sample every %v.\n\n",
+		duration, rate, time.Now().UTC().Format("2006-01-02 15:04 UTC"), soakRetention, soakTopicRetention, soakSampleEvery)
+	fmt.Fprintf(&b, "| figure | first | last | slope per hour (second half) | bound | |\n|---|---|---|---|---|---|\n")
+	for i, f := range figures {
+		slope := slopePerHour(times, samples[i])
+		verdict, bound := "", "-"
+		if f.bound >= 0 {
+			bound = fmt.Sprintf("%g %s/h", f.bound, f.unit)
+			verdict = "PASS"
+			if slope > f.bound {
+				verdict = "**FAIL**"
+				failed = append(failed, f.name)
+			}
+		}
+		fmt.Fprintf(&b, "| %s | %.1f %s | %.1f %s | %+.2f %s/h | %s | %s |\n", f.name, samples[i][0], f.unit,
+			samples[i][len(samples[i])-1], f.unit, slope, f.unit, bound, verdict)
+	}
+	load.mu.Lock()
+	defer load.mu.Unlock()
+	fmt.Fprintf(&b, "\nLatency per minute, every request (ms):\n\n| minute | requests | p50 | p99 | max |\n|---|---|---|---|---|\n")
+	minutes := slices.Sorted(maps.Keys(load.perMinute))
+	var p99s []float64
+	for _, m := range minutes {
+		v := slices.Clone(load.perMinute[m])
+		slices.Sort(v)
+		p99s = append(p99s, percentile(v, 0.99))
+		fmt.Fprintf(&b, "| %d | %d | %.2f | %.2f | %.2f |\n", m+1, len(v), percentile(v, 0.5), percentile(v, 0.99), v[len(v)-1])
+	}
+	if len(p99s) >= 4 {
+		xs := make([]float64, len(p99s))
+		for i := range xs {
+			xs[i] = float64(i) * 60
+		}
+		slope := slopePerHour(xs, p99s)
+		verdict := "PASS"
+		if slope > 5 {
+			verdict = "**FAIL**"
+			failed = append(failed, "p99 latency")
+		}
+		fmt.Fprintf(&b, "\np99 slope over the second half: %+.2f ms/h (bound 5 ms/h): %s\n", slope, verdict)
+	}
+	fmt.Fprintf(&b, "\nStatuses: %v; failed requests (transport errors, 5xx): %d\n", load.statuses, load.errors.Load())
+	return b.String(), failed
+}
+
+// soakSVG draws each figure as a small line chart over the run's time, and
+// the latency per minute, in a grid a person can scan for a line that
+// climbs.
+func soakSVG(figures []soakFigure, times []float64, samples [][]float64, load *soakLoad) string {
+	const cols, w, h, pad = 4, 300, 140, 28
+	type chart struct {
+		title string
+		xs    []float64
+		ys    []float64
+	}
+	var charts []chart
+	for i, f := range figures {
+		charts = append(charts, chart{f.name + " (" + strings.TrimSpace(f.unit) + ")", times, samples[i]})
+	}
+	load.mu.Lock()
+	var xs, p50, p99 []float64
+	for _, m := range slices.Sorted(maps.Keys(load.perMinute)) {
+		v := slices.Clone(load.perMinute[m])
+		slices.Sort(v)
+		xs = append(xs, float64(m)*60)
+		p50 = append(p50, percentile(v, 0.5))
+		p99 = append(p99, percentile(v, 0.99))
+	}
+	load.mu.Unlock()
+	charts = append(charts, chart{"latency p50 per minute (ms)", xs, p50}, chart{"latency p99 per minute (ms)", xs, p99})
+
+	rows := (len(charts) + cols - 1) / cols
+	var b strings.Builder
+	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="11">`+"\n", cols*w, rows*h)
+	fmt.Fprintf(&b, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
+	for i, c := range charts {
+		x0, y0 := float64(i%cols*w), float64(i/cols*h)
+		lo, hi := math.Inf(1), math.Inf(-1)
+		for _, y := range c.ys {
+			if !math.IsNaN(y) {
+				lo, hi = min(lo, y), max(hi, y)
+			}
+		}
+		if math.IsInf(lo, 0) {
+			continue
+		}
+		// From zero, so that a small wobble is drawn small.
+		lo = min(lo, 0)
+		if hi == lo {
+			hi = lo + 1
+		}
+		tmax := 1.0
+		if len(c.xs) > 0 {
+			tmax = max(c.xs[len(c.xs)-1], 1)
+		}
+		fmt.Fprintf(&b, `<text x="%.0f" y="%.0f">%s</text>`+"\n", x0+8, y0+14, svgEscape(c.title))
+		fmt.Fprintf(&b, `<text x="%.0f" y="%.0f" fill="#666">%.3g … %.3g</text>`+"\n", x0+8, y0+h-6, lo, hi)
+		fmt.Fprintf(&b, `<rect x="%.0f" y="%.0f" width="%d" height="%d" fill="none" stroke="#ccc"/>`+"\n", x0+8, y0+pad-8, w-16, h-pad-14)
+		var pts []string
+		for j, y := range c.ys {
+			if math.IsNaN(y) {
+				continue
+			}
+			px := x0 + 8 + (c.xs[j]/tmax)*float64(w-16)
+			py := y0 + float64(h-22) - (y-lo)/(hi-lo)*float64(h-pad-14)
+			pts = append(pts, fmt.Sprintf("%.1f,%.1f", px, py))
+		}
+		fmt.Fprintf(&b, `<polyline fill="none" stroke="#1f5fbf" stroke-width="1.5" points="%s"/>`+"\n", strings.Join(pts, " "))
+	}
+	b.WriteString("</svg>\n")
+	return b.String()
+}
+
+func svgEscape(s string) string {
+	return strings.NewReplacer("&", "&amp;", "<", "&lt;", ">", "&gt;").Replace(s)
+}
