@@ -39,7 +39,7 @@ func TestPurge(t *testing.T) {
 	      VALUES ('purge-old-in-outbox', 'f', 1, 1, 'us', 2, now())`)
 	exec(`UPDATE properties SET deleted = true, updated_at = now() - interval '2 hours' WHERE id = 90`) // an old tombstone
 	exec(`UPDATE properties SET deleted = true, updated_at = now() WHERE id = 91`)                      // a young one
-	exec(`UPDATE properties SET updated_at = now() - interval '2 hours' WHERE id = 92`)                  // old, but live
+	exec(`UPDATE properties SET updated_at = now() - interval '2 hours' WHERE id = 92`)                 // old, but live
 
 	p := newPurger(slog.New(slog.NewTextHandler(io.Discard, nil)), db, time.Hour)
 	p.batchSize = 2
