@@ -161,17 +161,7 @@ func (req updateRequest) validate() (propertyUpdate, error) {
 // to the other region within milliseconds.
 func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify func()) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		id, err := parseID(r.PathValue("id"))
-		if err != nil {
-			encodeError(w, r, logger, err)
-			return
-		}
-		requestID, err := parseRequestID(r.Header)
-		if err != nil {
-			encodeError(w, r, logger, err)
-			return
-		}
-		ifMatch, hasIfMatch, err := parseTagCondition(r.Header, "If-Match")
+		id, requestID, ifMatch, hasIfMatch, err := parseWriteHeaders(r)
 		if err != nil {
 			encodeError(w, r, logger, err)
 			return
@@ -203,6 +193,20 @@ func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 	})
 }
 
+// parseWriteHeaders reads what a PUT or DELETE of one listing names before
+// its body, in the contract's order: the id, the X-Request-ID, and the
+// If-Match (hasIfMatch false if there is none).
+func parseWriteHeaders(r *http.Request) (id int64, requestID string, ifMatch tagCondition, hasIfMatch bool, err error) {
+	if id, err = parseID(r.PathValue("id")); err != nil {
+		return 0, "", tagCondition{}, false, err
+	}
+	if requestID, err = parseRequestID(r.Header); err != nil {
+		return 0, "", tagCondition{}, false, err
+	}
+	ifMatch, hasIfMatch, err = parseTagCondition(r.Header, "If-Match")
+	return id, requestID, ifMatch, hasIfMatch, err
+}
+
 // errIfMatchRequired is a DELETE without If-Match.
 var errIfMatchRequired = errors.New("If-Match required")
 
@@ -211,17 +215,7 @@ var errIfMatchRequired = errors.New("If-Match required")
 // deleteProperty). A delete takes no body.
 func handleDeleteProperty(logger *slog.Logger, region string, db *sql.DB, notify func()) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		id, err := parseID(r.PathValue("id"))
-		if err != nil {
-			encodeError(w, r, logger, err)
-			return
-		}
-		requestID, err := parseRequestID(r.Header)
-		if err != nil {
-			encodeError(w, r, logger, err)
-			return
-		}
-		ifMatch, hasIfMatch, err := parseTagCondition(r.Header, "If-Match")
+		id, requestID, ifMatch, hasIfMatch, err := parseWriteHeaders(r)
 		if err == nil {
 			err = noBody(w, r)
 		}
