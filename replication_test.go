@@ -321,10 +321,14 @@ func TestRequestReplayedInBothRegions(t *testing.T) {
 	s := newStack(t)
 	us, eu := stackDB(t, "us"), stackDB(t, "eu")
 	s.caughtUp(t, 30*time.Second)
-	counters := func() (conflicts, replays int64) {
+	// Each region's conflict and replay counters. A batch redelivered after
+	// Kafka's restart is applied again and counts its replay again, so a
+	// region counts at least one.
+	counters := func() (conflicts, replays map[string]int64) {
+		conflicts, replays = map[string]int64{}, map[string]int64{}
 		for _, region := range []string{"us", "eu"} {
 			r := s.lag(t, region)
-			conflicts, replays = conflicts+r.Conflicts, replays+r.Replays
+			conflicts[region], replays[region] = r.Conflicts, r.Replays
 		}
 		return conflicts, replays
 	}
@@ -367,9 +371,11 @@ func TestRequestReplayedInBothRegions(t *testing.T) {
 		}
 	}
 	conflictsAfter, replaysAfter := counters()
-	if conflictsAfter != conflictsBefore || replaysAfter != replaysBefore+2 {
-		t.Errorf("conflicts %d -> %d, replays %d -> %d; want conflicts unchanged and one replay counted in each region",
-			conflictsBefore, conflictsAfter, replaysBefore, replaysAfter)
+	for _, region := range []string{"us", "eu"} {
+		if conflictsAfter[region] != conflictsBefore[region] || replaysAfter[region] < replaysBefore[region]+1 {
+			t.Errorf("%s: conflicts %d -> %d, replays %d -> %d; want conflicts unchanged and the replay counted", region,
+				conflictsBefore[region], conflictsAfter[region], replaysBefore[region], replaysAfter[region])
+		}
 	}
 }
 
