@@ -76,7 +76,9 @@ func TestConvergenceUnderConcurrentWrites(t *testing.T) {
 		}
 		ids = append(ids, got.ID)
 	}
-	s.caughtUp(t, 30*time.Second)
+	// Every client reads before it writes, in either region: each new
+	// listing must be in both first.
+	waitIdentical(t, us, eu, 30*time.Second)
 	const workers, writesEach = 6, 40 // per region
 	acked, counts, err := s.writeConcurrently(ids, workers, writesEach)
 	if err != nil {
