@@ -40,8 +40,10 @@ const (
 	purgeInterval = time.Minute
 	// purgeBatch is how many rows one purge transaction deletes at most.
 	purgeBatch = 1000
-	// purgePause is the rest between two batches, so that a large backlog
-	// of expired rows is purged as a trickle, not a burst.
+	// purgePause is the least rest between two batches; after a batch the
+	// purge rests twice as long as the batch took, so that it holds the
+	// database at most a third of the time and a backlog of expired rows
+	// is purged as a trickle, not a burst that writes would queue behind.
 	purgePause = 10 * time.Millisecond
 	// purgeLockKey names the advisory lock that makes one instance per
 	// region purge at a time.
@@ -157,12 +159,13 @@ func (p *purger) round(ctx context.Context) error {
 		counter *atomic.Int64
 	}{{purgeRequestIDsSQL, &p.requestIDs}, {purgeTombstonesSQL, &p.tombstones}} {
 		for {
+			began := time.Now()
 			n, locked, err := p.batch(ctx, job.query)
 			if err != nil || !locked {
 				return err
 			}
 			job.counter.Add(n)
-			if n < int64(p.batchSize) || !sleep(ctx, purgePause) {
+			if n < int64(p.batchSize) || !sleep(ctx, max(purgePause, 2*time.Since(began))) {
 				break
 			}
 		}
