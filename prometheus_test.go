@@ -84,11 +84,20 @@ func TestPrometheusSeesAWriteReplicate(t *testing.T) {
 	s := newStack(t)
 	s.caughtUp(t, 30*time.Second)
 	const query = `listing_replication_applied_total{region="eu"}`
+	// The counter counts since EU's backend started, and an earlier test may
+	// have restarted it: "before" is a value Prometheus has scraped twice
+	// in a row (scrapes are 5 s apart), so that it is the running
+	// process's, not a sample from before the restart.
 	var before float64
-	waitFor(t, 30*time.Second, "Prometheus to have scraped eu's applied counter", func() bool {
+	var last float64 = -1
+	waitFor(t, 60*time.Second, "Prometheus to hold a steady value of eu's applied counter", func() bool {
 		v, ok := promQuery(t, query)["eu"]
-		before = v
-		return ok
+		steady := ok && v == last
+		last, before = v, v
+		if !steady {
+			time.Sleep(6 * time.Second)
+		}
+		return steady
 	})
 	if status, got := s.put(t, "us", 215, newRequestID("prometheus"), 215215_15); status != http.StatusOK {
 		t.Fatalf("PUT in us: %d %+v", status, got)
