@@ -182,16 +182,21 @@ func shortenRetention(t *testing.T, s *stack) {
 	})
 }
 
-// setTopicRetention sets the replication topic's retention.ms.
+// setTopicRetention sets the replication topic's retention.ms, and its
+// segment.ms to as long (at most Kafka's default week): Kafka deletes only
+// whole segments, so with week-long segments a minute's retention would
+// delete nothing and the log would grow through the soak.
 func setTopicRetention(t *testing.T, kafka *kgo.Client, d time.Duration) {
 	t.Helper()
 	req := kmsg.NewPtrIncrementalAlterConfigsRequest()
 	res := kmsg.NewIncrementalAlterConfigsRequestResource()
 	res.ResourceType = kmsg.ConfigResourceTypeTopic
 	res.ResourceName = setting("KAFKA_TOPIC", "property-updates")
-	c := kmsg.NewIncrementalAlterConfigsRequestResourceConfig()
-	c.Name, c.Value = "retention.ms", kmsg.StringPtr(strconv.FormatInt(d.Milliseconds(), 10))
-	res.Configs = append(res.Configs, c)
+	for name, value := range map[string]time.Duration{"retention.ms": d, "segment.ms": min(d, 7*24*time.Hour)} {
+		c := kmsg.NewIncrementalAlterConfigsRequestResourceConfig()
+		c.Name, c.Value = name, kmsg.StringPtr(strconv.FormatInt(value.Milliseconds(), 10))
+		res.Configs = append(res.Configs, c)
+	}
 	req.Resources = append(req.Resources, res)
 	resp, err := kafka.Request(context.Background(), req)
 	if err != nil {
