@@ -1,13 +1,14 @@
 package main
 
-// Idempotency: a client that did not hear back from a PUT cannot know whether
-// it was applied, so it retries with the same X-Request-ID. The server
-// remembers every request id that produced a successful update, in the
-// processed_requests table, and answers a retry with 422 and the original
-// response instead of applying the change twice.
+// Idempotency: a client that did not hear back from a PUT, POST or DELETE
+// cannot know whether it was applied, so it retries with the same
+// X-Request-ID. The server remembers every request id that produced a
+// successful write, in the processed_requests table, for RETENTION
+// (retention.go), and answers a retry with 422 and the original response
+// instead of applying the change twice.
 //
-// The request id is written by the same statement as the update it belongs
-// to (see updateProperty), so the two exist together or not at all: a request
+// The request id is written by the same statement as the write it belongs
+// to (see recordAndQueueSQL), so the two exist together or not at all: a request
 // that failed (404, 409, a crash) leaves its id free for the retry. Request ids
 // travel with the replication events, so a retry that fails over to the other
 // region is recognised there too, once the original write has replicated.

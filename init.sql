@@ -64,11 +64,12 @@ CREATE SEQUENCE IF NOT EXISTS property_ids_us START 1001 INCREMENT 2;
 CREATE SEQUENCE IF NOT EXISTS property_ids_eu START 1002 INCREMENT 2;
 CREATE INDEX IF NOT EXISTS properties_updated_at_idx ON properties (updated_at);
 
--- processed_requests remembers every X-Request-ID that produced a successful
--- update, here or in the other region, with the row that update wrote: that
+-- processed_requests remembers, for RETENTION (retention.go), every
+-- X-Request-ID that produced a successful write (update, create or delete),
+-- here or in the other region, with the row that write made: that
 -- row is the original response a retry gets with its 422. A request id is
--- written by the same statement as its update, so it exists if and only if
--- the update does. When one request
+-- written by the same statement as its write, so it exists if and only if
+-- the write does (until the purge). When one request
 -- was written in both regions (a retry replayed in the other region before
 -- the first write arrived there), both regions keep the same record: the
 -- greater write under the conflict rule (see idempotency.go).
@@ -89,17 +90,17 @@ CREATE TABLE IF NOT EXISTS processed_requests (
     processed_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
--- outbox holds the events of local writes that Kafka has not acknowledged
--- yet (the transactional outbox pattern, see relay.go). The update inserts
--- its event in the same statement as the change; the relay publishes it and
--- deletes it once Kafka has it. An event is never changed: it is the write as
--- it was made, even after the request's record here has given way to the
--- other region's twin (idempotency.go).
 -- The purge (retention.go) finds expired request ids and tombstones by these,
 -- oldest first. The tombstones' index is partial: only deletes enter it.
 CREATE INDEX IF NOT EXISTS processed_requests_processed_at_idx ON processed_requests (processed_at);
 CREATE INDEX IF NOT EXISTS properties_tombstones_idx ON properties (updated_at) WHERE deleted;
 
+-- outbox holds the events of local writes that Kafka has not acknowledged
+-- yet (the transactional outbox pattern, see relay.go). Every write inserts
+-- its event in the same statement as the change; the relay publishes it and
+-- deletes it once Kafka has it. An event is never changed: it is the write as
+-- it was made, even after the request's record here has given way to the
+-- other region's twin (idempotency.go).
 CREATE TABLE IF NOT EXISTS outbox (
     -- seq orders the events of one property: two updates of the same row are
     -- serialized by its row lock, so the later one also takes the later seq.

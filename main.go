@@ -9,8 +9,9 @@
 //   - main.go: configuration from the environment, wiring, start-up and the
 //     ordered shutdown.
 //   - property.go: the Property type, the rules its values obey, and the
-//     update: optimistic locking (UPDATE ... WHERE version = $n), the request
-//     id and the outbox row in one atomic statement.
+//     writes (update, create, delete to a tombstone): each one atomic
+//     statement of the change, the request id and the outbox row, the
+//     update under optimistic locking (UPDATE ... WHERE version = $n).
 //   - money.go: prices as exact decimals, never a float.
 //   - list.go: finding listings, a page at a time (keyset pagination).
 //   - etag.go: the ETag that names a listing's exact state, and the
