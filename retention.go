@@ -39,12 +39,14 @@ const (
 	// purgeInterval is how often the purge looks for expired rows.
 	purgeInterval = time.Minute
 	// purgeBatch is how many rows one purge transaction deletes at most.
-	purgeBatch = 1000
+	purgeBatch = 50
 	// purgePause is the least rest between two batches; after a batch the
-	// purge rests twice as long as the batch took, so that it holds the
-	// database at most a third of the time and a backlog of expired rows
-	// is purged as a trickle, not a burst that writes would queue behind.
-	purgePause = 10 * time.Millisecond
+	// purge rests purgeRest times as long as the batch took, so that it
+	// holds a database connection (and a core) at most a sixth of the time
+	// and a backlog of expired rows is purged as a trickle, not a burst that
+	// writes would queue behind.
+	purgePause = 15 * time.Millisecond
+	purgeRest  = 5
 	// purgeLockKey names the advisory lock that makes one instance per
 	// region purge at a time.
 	purgeLockKey = 0x7075726765 // "purge"
@@ -165,7 +167,7 @@ func (p *purger) round(ctx context.Context) error {
 				return err
 			}
 			job.counter.Add(n)
-			if n < int64(p.batchSize) || !sleep(ctx, max(purgePause, 2*time.Since(began))) {
+			if n < int64(p.batchSize) || !sleep(ctx, max(purgePause, purgeRest*time.Since(began))) {
 				break
 			}
 		}
@@ -193,6 +195,12 @@ func (p *purger) batch(ctx context.Context, query string) (int64, bool, error) {
 	var locked bool
 	if err := tx.QueryRowContext(ctx, `SELECT pg_try_advisory_xact_lock($1)`, purgeLockKey).Scan(&locked); err != nil || !locked {
 		return 0, false, err
+	}
+	// The purge's commit need not wait for its WAL to reach the disk: a
+	// purge lost in a crash is done again by the next round. Its writes
+	// still reach the disk with the next write's commit.
+	if _, err := tx.ExecContext(ctx, `SET LOCAL synchronous_commit = off`); err != nil {
+		return 0, true, fmt.Errorf("purge: %w", err)
 	}
 	res, err := tx.ExecContext(ctx, query, p.retention.Seconds(), p.batchSize)
 	if err != nil {
