@@ -116,8 +116,9 @@ type config struct {
 	dbMaxConns  int    // the size of the connection pool
 	debugAddr   string // where to serve pprof; empty for nowhere
 
-	kafkaBrokers []string // seed brokers, host:port
-	kafkaTopic   string   // the replication topic; its DLQ is kafkaTopic + ".dlq"
+	kafkaBrokers  []string // seed brokers, host:port
+	kafkaTopic    string   // the replication topic; its DLQ is kafkaTopic + ".dlq"
+	kafkaReplicas int      // the topics' replication factor, KAFKA_REPLICATION_FACTOR
 
 	retention time.Duration // how long request ids and tombstones are kept
 }
@@ -126,11 +127,12 @@ type config struct {
 // setting is an error that names the variable.
 func loadConfig(getenv func(string) string) (config, error) {
 	cfg := config{
-		region:     getenv("REGION"),
-		port:       8000,
-		dbMaxConns: 16,
-		kafkaTopic: "property-updates",
-		retention:  defaultRetention,
+		region:        getenv("REGION"),
+		port:          8000,
+		dbMaxConns:    16,
+		kafkaTopic:    "property-updates",
+		kafkaReplicas: 1,
+		retention:     defaultRetention,
 	}
 	if !validRegion(cfg.region) {
 		return config{}, fmt.Errorf("REGION must be us or eu, got %q", cfg.region)
@@ -153,6 +155,11 @@ func loadConfig(getenv func(string) string) (config, error) {
 			return config{}, fmt.Errorf("KAFKA_TOPIC must be 1 to 200 of a-z A-Z 0-9 . _ -, got %q", t)
 		}
 		cfg.kafkaTopic = t
+	}
+	// One broker, one replica; a cluster of three takes 3 (README, "A
+	// topology for more than one process per region").
+	if cfg.kafkaReplicas, err = intSetting(getenv, "KAFKA_REPLICATION_FACTOR", cfg.kafkaReplicas, 1, 7); err != nil {
+		return config{}, err
 	}
 	if s := getenv("RETENTION"); s != "" {
 		if cfg.retention, err = parseRetention(s); err != nil {
@@ -266,7 +273,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	// Closed last, after everything that uses them has stopped.
 	defer db.Close()
 	defer replicationDB.Close()
-	rep, err := newReplicator(logger, replicationDB, cfg.region, cfg.kafkaBrokers, cfg.kafkaTopic, cfg.retention)
+	rep, err := newReplicator(logger, replicationDB, cfg.region, cfg.kafkaBrokers, cfg.kafkaTopic, cfg.kafkaReplicas, cfg.retention)
 	if err != nil {
 		return err
 	}

@@ -122,9 +122,6 @@ const (
 	// topicPartitions spreads properties over partitions by key; one
 	// property's events always share a partition, which keeps them ordered.
 	topicPartitions = 3
-	// topicReplicationFactor is 1 because the stack has one broker. With
-	// three brokers, make it 3 and set min.insync.replicas to 2.
-	topicReplicationFactor = 1
 	// topicRetention is how long an event waits for a region that is down:
 	// a region away for longer must be re-seeded from the other one.
 	topicRetention = 7 * 24 * time.Hour
@@ -142,6 +139,7 @@ type replicator struct {
 	logger   *slog.Logger
 	topic    string
 	dlqTopic string
+	replicas int // the topics' replication factor
 	producer *kgo.Client
 	relay    *relay
 	consumer *consumer
@@ -156,7 +154,7 @@ type replicator struct {
 // newReplicator creates the Kafka clients for region, replicating through
 // topic on brokers. It does not connect: Kafka may be down at start, and
 // writes then wait in the outbox until it is back.
-func newReplicator(logger *slog.Logger, db *sql.DB, region string, brokers []string, topic string, retention time.Duration) (*replicator, error) {
+func newReplicator(logger *slog.Logger, db *sql.DB, region string, brokers []string, topic string, replicas int, retention time.Duration) (*replicator, error) {
 	logger = logger.With("component", "replication")
 	producer, err := kgo.NewClient(
 		kgo.SeedBrokers(brokers...),
@@ -181,6 +179,7 @@ func newReplicator(logger *slog.Logger, db *sql.DB, region string, brokers []str
 		logger:   logger,
 		topic:    topic,
 		dlqTopic: topic + ".dlq",
+		replicas: replicas,
 		producer: producer,
 		relay:    newRelay(logger, db, producer, region, topic),
 		purger:   newPurger(logger, db, retention),
@@ -342,10 +341,14 @@ func (r *replicator) createTopics(ctx context.Context) (int32, error) {
 		rt := kmsg.NewCreateTopicsRequestTopic()
 		rt.Topic = t.name
 		rt.NumPartitions = t.partitions
-		rt.ReplicationFactor = topicReplicationFactor
+		rt.ReplicationFactor = int16(r.replicas)
 		for k, v := range map[string]string{
 			"cleanup.policy": "delete",
 			"retention.ms":   strconv.FormatInt(topicRetention.Milliseconds(), 10),
+			// A write is acknowledged (acks=all) once a majority of the
+			// replicas has it: with three, one broker may be lost without
+			// losing an acknowledged event or stopping the writes.
+			"min.insync.replicas": strconv.Itoa(r.replicas/2 + 1),
 		} {
 			c := kmsg.NewCreateTopicsRequestTopicConfig()
 			c.Name, c.Value = k, kmsg.StringPtr(v)

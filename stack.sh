@@ -9,8 +9,10 @@
 #   nginx          the project's nginx.conf  127.0.0.1:8080 (HTTPS 127.0.0.1:8443)
 #   prometheus     prometheus/*.yml          127.0.0.1:9090
 #
-# Usage: ./stack.sh up | down | ps | logs SERVICE | stop SERVICE | start SERVICE
-#                  | kill SERVICE | test | bench | soak [DURATION [RATE]]
+# Usage: ./stack.sh up [single|ha] | down | ps | logs SERVICE | stop SERVICE | start SERVICE
+#                  | kill SERVICE | pause SERVICE | unpause SERVICE
+#                  | partition REGION | heal REGION
+#                  | test | bench | soak [DURATION [RATE]] | chaos [DURATION [SEED]]
 #
 # The subcommands mirror docker compose's, over the same service names, so the
 # integration tests drive either stack through one command. All state (database
@@ -20,7 +22,21 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 state="$root/.stack"
-services=(db-us db-eu kafka backend-us backend-eu nginx prometheus)
+
+# The topology: "single" (above), or "ha", chosen by `up ha` and kept in
+# .stack/topology until the next `up`: a three-broker KRaft cluster (kafka,
+# kafka-2, kafka-3; topics with three replicas, min.insync.replicas 2) and
+# two backends per region (backend-us-2 and backend-eu-2 beside the first),
+# as docker-compose.ha.yml adds to docker-compose.yml.
+topology() { cat "$state/topology" 2>/dev/null || echo single; }
+set_services() {
+	if [ "$(topology)" = ha ]; then
+		services=(db-us db-eu kafka kafka-2 kafka-3 backend-us backend-us-2 backend-eu backend-eu-2 nginx prometheus)
+	else
+		services=(db-us db-eu kafka backend-us backend-eu nginx prometheus)
+	fi
+}
+set_services
 
 # The Kafka version of the apache/kafka image in docker-compose.yml.
 kafka_version=4.1.1
@@ -44,8 +60,9 @@ die() { log "error: $*"; exit 1; }
 
 port_of() {
 	case "$1" in
-	db-us) echo 5433 ;; db-eu) echo 5434 ;; kafka) echo 9092 ;;
-	backend-us) echo 8001 ;; backend-eu) echo 8002 ;; nginx) echo 8080 ;; prometheus) echo 9090 ;;
+	db-us) echo 5433 ;; db-eu) echo 5434 ;; kafka) echo 9092 ;; kafka-2) echo 9094 ;; kafka-3) echo 9096 ;;
+	backend-us) echo 8001 ;; backend-eu) echo 8002 ;; backend-us-2) echo 8003 ;; backend-eu-2) echo 8004 ;;
+	nginx) echo 8080 ;; prometheus) echo 9090 ;;
 	*) die "unknown service $1 (one of: ${services[*]})" ;;
 	esac
 }
@@ -172,23 +189,42 @@ start_db() {
 		-o "-p $(port_of "$svc") -c listen_addresses=127.0.0.1 -k $state/pg -c max_connections=200" start >/dev/null
 }
 
+# kafka_brokers: the brokers' client addresses, as KAFKA_BROKER lists them.
+kafka_brokers() {
+	if [ "$(topology)" = ha ]; then echo 127.0.0.1:9092,127.0.0.1:9094,127.0.0.1:9096; else echo 127.0.0.1:9092; fi
+}
+
 start_kafka() {
-	running kafka && return
-	local dir="$state/kafka"
-	mkdir -p "$dir/data"
-	cat >"$dir/server.properties" <<-EOF
-		# The settings of the apache/kafka service in docker-compose.yml.
+	local svc=${1:-kafka}
+	running "$svc" && return
+	local dir="$state/kafka" node=1 replicas=1 voters="1@127.0.0.1:9093" data
+	data="$dir/data"
+	if [ "$(topology)" = ha ]; then
+		# Three nodes, each broker and controller, one data directory each.
+		node=${svc#kafka-}
+		[ "$node" = kafka ] && node=1
+		replicas=3
+		voters="1@127.0.0.1:9093,2@127.0.0.1:9095,3@127.0.0.1:9097"
+		data="$state/kafka-ha/$svc"
+	fi
+	local port
+	port=$(port_of "$svc")
+	mkdir -p "$data"
+	cat >"$data/../$svc.properties" <<-EOF
+		# The settings of the apache/kafka service in docker-compose.yml
+		# (and docker-compose.ha.yml for three brokers).
 		process.roles=broker,controller
-		node.id=1
-		controller.quorum.voters=1@127.0.0.1:9093
-		listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093
-		advertised.listeners=PLAINTEXT://127.0.0.1:9092
+		node.id=$node
+		controller.quorum.voters=$voters
+		listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$((port + 1))
+		advertised.listeners=PLAINTEXT://127.0.0.1:$port
 		controller.listener.names=CONTROLLER
 		listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-		log.dirs=$dir/data
-		offsets.topic.replication.factor=1
-		transaction.state.log.replication.factor=1
-		transaction.state.log.min.isr=1
+		log.dirs=$data
+		offsets.topic.replication.factor=$replicas
+		transaction.state.log.replication.factor=$replicas
+		transaction.state.log.min.isr=$((replicas / 2 + 1))
+		min.insync.replicas=$((replicas / 2 + 1))
 		group.initial.rebalance.delay.ms=0
 		auto.create.topics.enable=false
 	EOF
@@ -205,17 +241,20 @@ start_kafka() {
 		      AppenderRef:
 		        - ref: STDOUT
 	EOF
-	local cp
+	local cp cluster
 	cp=$(cat "$dir/classpath-$kafka_version")
-	if [ ! -f "$dir/data/meta.properties" ]; then
-		log "formatting Kafka's KRaft storage"
-		java -cp "$cp" kafka.tools.StorageTool format -t "$(java -cp "$cp" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)" \
-			-c "$dir/server.properties" >"$state/logs/kafka-format.log" 2>&1 ||
-			die "formatting Kafka storage failed: see $state/logs/kafka-format.log"
+	if [ ! -f "$data/meta.properties" ]; then
+		# The nodes of one cluster share its id.
+		cluster="$data/../cluster-id"
+		[ -s "$cluster" ] || java -cp "$cp" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1 >"$cluster"
+		log "formatting $svc's KRaft storage"
+		java -cp "$cp" kafka.tools.StorageTool format -t "$(cat "$cluster")" \
+			-c "$data/../$svc.properties" >"$state/logs/$svc-format.log" 2>&1 ||
+			die "formatting Kafka storage failed: see $state/logs/$svc-format.log"
 	fi
-	# A modest heap: the broker shares two cores and the memory with the rest.
-	spawn kafka java -Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true \
-		-Dlog4j2.configurationFile="$dir/log4j2.yaml" -cp "$cp" kafka.Kafka "$dir/server.properties"
+# A modest heap: the broker shares two cores and the memory with the rest.
+	spawn "$svc" java -Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true \
+		-Dlog4j2.configurationFile="$dir/log4j2.yaml" -cp "$cp" kafka.Kafka "$data/../$svc.properties"
 }
 
 build_backend() {
@@ -225,15 +264,70 @@ build_backend() {
 
 start_backend() {
 	local svc=$1 region=${1#backend-}
+	region=${region%-2}
 	running "$svc" && return
 	[ -x "$state/bin/property-listing" ] || build_backend
-	local debug=6061
-	[ "$region" = eu ] && debug=6062
-	spawn "$svc" env REGION="$region" PORT="$(port_of "$svc")" \
+	local debug=$(($(port_of "$svc") - 8001 + 6061)) replicas=1
+	[ "$(topology)" = ha ] && replicas=3
+	# As root, each backend runs as a user id of its own (backend_uid), as
+	# in a container: that is what lets `partition` drop its packets alone.
+	local as=()
+	[ "$(id -u)" = 0 ] && as=(setpriv --reuid="$(backend_uid "$region")" --regid="$(backend_uid "$region")" --clear-groups)
+	spawn "$svc" "${as[@]}" env REGION="$region" PORT="$(port_of "$svc")" \
 		DATABASE_URL="$(service_db_url "db-$region")" \
-		KAFKA_BROKER=127.0.0.1:9092 KAFKA_TOPIC=property-updates RETENTION="${RETENTION:-8d}" \
+		KAFKA_BROKER="$(kafka_brokers)" KAFKA_REPLICATION_FACTOR=$replicas KAFKA_TOPIC=property-updates RETENTION="${RETENTION:-8d}" \
 		DEBUG_ADDR="127.0.0.1:$debug" \
 		"$state/bin/property-listing"
+}
+
+# backend_uid REGION: the user id a region's backend runs as, under root.
+backend_uid() {
+	case "$1" in us) echo 4301 ;; eu) echo 4302 ;; *) die "unknown region $1 (us or eu)" ;; esac
+}
+
+# ------------------------------------------------------------------ faults
+# What the fault campaign (chaos_test.go) does to the stack, beside kill,
+# stop and start.
+
+# signal_service SERVICE SIGNAL: pause (STOP) or resume (CONT) a process,
+# as `docker compose pause` and `unpause` do with a container's.
+signal_service() {
+	local svc=$1 sig=$2
+	case "$svc" in db-*) die "pause a database with kill (immediate shutdown) instead" ;; esac
+	running "$svc" || die "$svc is not running"
+	kill -s "$sig" "$(cat "$(pidfile "$svc")")"
+}
+
+# partition_rules ACTION REGION: add (-A) or delete (-D) the rules that drop
+# every packet between the region's backend and Kafka, both ways: its own
+# packets by their owner, Kafka's answers by the connection they belong to
+# (marked as the backend's). Dropped, not refused: the backend's Kafka client
+# sees silence and times out, as it would behind a dead link. HTTP and the
+# database are untouched.
+partition_rules() {
+	local action=$1 uid
+	uid=$(backend_uid "$2")
+	local ports=9092,9094,9096 # every broker of either topology
+	iptables -w -t mangle "$action" OUTPUT -o lo -p tcp -m multiport --dports $ports -m owner --uid-owner "$uid" -j CONNMARK --set-mark "$uid" &&
+		iptables -w "$action" OUTPUT -o lo -p tcp -m multiport --dports $ports -m owner --uid-owner "$uid" -j DROP &&
+		iptables -w "$action" INPUT -i lo -p tcp -m multiport --sports $ports -m connmark --mark "$uid" -j DROP
+}
+
+cmd_partition() {
+	local region=${1:?usage: stack.sh partition REGION}
+	[ "$(id -u)" = 0 ] || die "partition needs root (iptables, and backends under their own user ids)"
+	command -v iptables >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables >/dev/null; }
+	partitioned "$region" || partition_rules -A "$region"
+}
+
+cmd_heal() {
+	local region=${1:?usage: stack.sh heal REGION}
+	while partitioned "$region"; do partition_rules -D "$region"; done
+}
+
+partitioned() {
+	[ "$(id -u)" = 0 ] && command -v iptables >/dev/null &&
+		iptables -w -C OUTPUT -o lo -p tcp -m multiport --dports 9092,9094,9096 -m owner --uid-owner "$(backend_uid "$1")" -j DROP 2>/dev/null
 }
 
 # tls_cert makes the stack's own certificate for NGINX's HTTPS port, once:
@@ -264,15 +358,21 @@ nginx_conf() {
 	if older 1.25.1; then
 		old_http2='/^[[:space:]]*http2 on;/d; s/listen 8443 ssl;/listen 8443 ssl http2;/'
 	fi
-	sed -e "s|backend-us:8000|127.0.0.1:$(port_of backend-us)|g" \
+	# Under "ha", each upstream line of a backend is doubled for its second
+	# instance, as compose's DNS gives NGINX two addresses for one name.
+	local second=""
+	[ "$(topology)" = ha ] && second='/server backend-\(us\|eu\):8000/{p;s/:8000/:8000-2/}'
+	sed -e "$second" "$root/nginx.conf" |
+	sed -e "s|backend-us:8000-2|127.0.0.1:$(port_of backend-us-2)|g" \
+		-e "s|backend-eu:8000-2|127.0.0.1:$(port_of backend-eu-2)|g" \
+		-e "s|backend-us:8000|127.0.0.1:$(port_of backend-us)|g" \
 		-e "s|backend-eu:8000|127.0.0.1:$(port_of backend-eu)|g" \
 		-e "s|/var/log/nginx/access.log|$state/logs/nginx.log|" \
 		-e "s|/var/log/nginx/error.log|$state/logs/nginx.log|" \
 		-e "s|/var/run/nginx.pid|$state/run/nginx.master.pid|" \
 		-e "s|/etc/nginx/tls/|$state/tls/|g" \
 		-e "$strip_resolve" \
-		-e "$old_http2" \
-		"$root/nginx.conf" >"$dir/nginx.conf"
+		-e "$old_http2" >"$dir/nginx.conf"
 	nginx -t -q -c "$dir/nginx.conf" -p "$dir" 2>>"$state/logs/nginx.log" || die "nginx rejected the config: see $state/logs/nginx.log"
 }
 
@@ -299,7 +399,7 @@ start_prometheus() {
 start_service() {
 	case "$1" in
 	db-*) start_db "$1" ;;
-	kafka) start_kafka ;;
+	kafka*) start_kafka "$1" ;;
 	backend-*) start_backend "$1" ;;
 	nginx) start_nginx ;;
 	prometheus) start_prometheus ;;
@@ -323,6 +423,7 @@ stop_service() {
 		local pid
 		pid=$(cat "$(pidfile "$svc")")
 		kill -s "$sig" "$pid" 2>/dev/null || true
+		kill -s CONT "$pid" 2>/dev/null || true # a paused process too
 		for _ in $(seq 1 300); do
 			kill -0 "$pid" 2>/dev/null || break
 			sleep 0.1
@@ -343,7 +444,7 @@ healthy() {
 	running "$svc" || return 1
 	case "$svc" in
 	db-*) "$pgbin/pg_isready" -q -h 127.0.0.1 -p "$(port_of "$svc")" ;;
-	kafka) grep -q "Kafka Server started" "$state/logs/kafka.log" 2>/dev/null && (: </dev/tcp/127.0.0.1/9092) 2>/dev/null ;;
+	kafka*) grep -q "Kafka Server started" "$state/logs/$svc.log" 2>/dev/null && (: </dev/tcp/127.0.0.1/"$(port_of "$svc")") 2>/dev/null ;;
 	backend-*) curl -fsS -o /dev/null -m 2 "http://127.0.0.1:$(port_of "$svc")/health" ;;
 	nginx) curl -fsS -o /dev/null -m 2 "http://127.0.0.1:8080/nginx-health" ;;
 	prometheus) curl -fsS -o /dev/null -m 2 "http://127.0.0.1:$(port_of prometheus)/-/ready" ;;
@@ -361,18 +462,34 @@ wait_healthy() {
 
 # ---------------------------------------------------------------- commands
 
+# cmd_up [single|ha]: start the stack, in the topology named (the one it
+# last ran in when none is named).
 cmd_up() {
 	mkdir -p "$state"
+	local want=${1:-$(topology)} svc
+	case "$want" in single | ha) ;; *) die "unknown topology $want (single or ha)" ;; esac
+	if [ "$want" != "$(topology)" ]; then
+		for svc in "${services[@]}"; do
+			running "$svc" && die "the stack runs as $(topology): ./stack.sh down first"
+		done
+		echo "$want" >"$state/topology"
+		set_services
+	fi
 	install_missing
 	build_backend
 	for db in db-us db-eu; do
 		init_db "$db"
 		start_db "$db"
 	done
-	start_kafka
-	for svc in db-us db-eu kafka; do wait_healthy "$svc"; done
-	for svc in backend-us backend-eu nginx prometheus; do start_service "$svc"; done
-	for svc in backend-us backend-eu nginx prometheus; do wait_healthy "$svc"; done
+	local kafkas=() rest=()
+	for svc in "${services[@]}"; do
+		case "$svc" in kafka*) kafkas+=("$svc") ;; db-*) ;; *) rest+=("$svc") ;; esac
+	done
+	# The brokers all at once: a KRaft quorum forms only when a majority runs.
+	for svc in "${kafkas[@]}"; do start_kafka "$svc"; done
+	for svc in db-us db-eu "${kafkas[@]}"; do wait_healthy "$svc"; done
+	for svc in "${rest[@]}"; do start_service "$svc"; done
+	for svc in "${rest[@]}"; do wait_healthy "$svc"; done
 	write_test_env
 	cmd_ps
 }
@@ -415,9 +532,11 @@ write_test_env() {
 		STACK_CMD=$root/stack.sh
 		STACK_DB_US=$(db_url db-us)
 		STACK_DB_EU=$(db_url db-eu)
-		STACK_KAFKA=127.0.0.1:9092
+		STACK_KAFKA=$(kafka_brokers)
 		# Where the local stack keeps its pid files and data (./stack.sh soak reads them).
 		STACK_STATE=$state
+		# single, or ha: three brokers and two backends per region (chaos_test.go reads it).
+		STACK_TOPOLOGY=$(topology)
 		STACK_PROMETHEUS=http://127.0.0.1:$(port_of prometheus)
 		# NGINX's HTTPS port, and the certificate that signs it (self-signed).
 		STACK_TLS_URL=https://127.0.0.1:8443
@@ -509,6 +628,7 @@ cmd_test() {
 	go vet ./...
 	go vet -tags=integration ./...
 	go vet -tags=integration,soak ./...
+	go vet -tags=integration,chaos ./...
 	check_compose
 	local out="$state/logs/test.log" status=0
 	# One run: the integration tag adds the stack's tests to the unit tests,
@@ -527,6 +647,8 @@ cmd_test() {
 	run_schemathesis || { status=1; echo "Schemathesis: FAILED, see $state/logs/schemathesis.log"; }
 	: >"$state/logs/fuzz.log"
 	fuzz_briefly || { status=1; echo "fuzz: FAILED, see $state/logs/fuzz.log"; }
+	# A short fault campaign with a fixed seed: every checker rule must pass.
+	(cmd_chaos 60s 1) || status=1
 	# Last: it restarts the backends (with a short retention, then back).
 	(cmd_soak 2m 100) | grep -E '^\s*\||^(--- |ok|FAIL|PASS)|slope|Statuses|not judged' || status=1
 	return "$status"
@@ -540,12 +662,26 @@ cmd_test() {
 # keeps growing.
 cmd_soak() {
 	local duration=${1:-2m} rate=${2:-200}
+	log "soak: $rate requests/s for $duration"
+	SOAK_DURATION=$duration SOAK_RATE=$rate SOAK_OUT="$state/soak" long_test soak TestSoak
+}
+
+# cmd_chaos DURATION SEED runs the fault campaign (chaos_test.go) against
+# the local stack: clients writing through NGINX while faults chosen by SEED
+# come and go, then the checker; it writes .stack/chaos/report.md.
+cmd_chaos() {
+	local duration=${1:-60s} seed=${2:-$RANDOM}
+	log "chaos: $duration, seed $seed, topology $(topology)"
+	CHAOS_DURATION=$duration CHAOS_SEED=$seed CHAOS_OUT="$state/chaos" long_test chaos TestChaos
+}
+
+# long_test TAG TEST: bring the stack up and run one long test, behind its
+# own build tag, verbosely; the log goes to .stack/logs/TAG.log too.
+long_test() {
 	cmd_up
 	test_env
 	cd "$root"
-	log "soak: $rate requests/s for $duration"
-	SOAK_DURATION=$duration SOAK_RATE=$rate SOAK_OUT="$state/soak" \
-		go test -tags=integration,soak -count=1 -run '^TestSoak$' -timeout 24h -v . 2>&1 | tee "$state/logs/soak.log" |
+	go test -tags="integration,$1" -count=1 -run "^$2\$" -timeout 24h -v . 2>&1 | tee "$state/logs/$1.log" |
 		grep -vE '^=== RUN'
 	return "${PIPESTATUS[0]}"
 }
@@ -554,7 +690,7 @@ main() {
 	local cmd=${1:-}
 	shift || true
 	case "$cmd" in
-	up) cmd_up ;;
+	up) cmd_up "$@" ;;
 	down) cmd_down ;;
 	ps) cmd_ps ;;
 	logs) cat "$state/logs/${1:?usage: stack.sh logs SERVICE}.log" 2>/dev/null || port_of "$1" >/dev/null ;;
@@ -563,8 +699,13 @@ main() {
 	kill) stop_service "${1:?usage: stack.sh kill SERVICE}" KILL ;;
 	test) cmd_test ;;
 	soak) cmd_soak "$@" ;;
+	chaos) cmd_chaos "$@" ;;
+	pause) signal_service "${1:?usage: stack.sh pause SERVICE}" STOP ;;
+	unpause) signal_service "${1:?usage: stack.sh unpause SERVICE}" CONT ;;
+	partition) cmd_partition "$@" ;;
+	heal) cmd_heal "$@" ;;
 	bench) exec "$root/bench.sh" ;;
-	*) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+	*) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 	esac
 }
 

@@ -30,7 +30,7 @@ import yaml
 # KAFKA_LOG_DIRS says: unset, the apache/kafka image writes to
 # /tmp/kraft-combined-logs, inside the container.
 DATA_DIRS = {"db-us": "/var/lib/postgresql/data", "db-eu": "/var/lib/postgresql/data", "kafka": None,
-             "prometheus": "/prometheus"}
+             "kafka-2": None, "kafka-3": None, "prometheus": "/prometheus"}
 
 # What the service cannot start without (main.go, loadConfig): a region, a
 # broker, and a database as DATABASE_URL or as its parts.
@@ -63,6 +63,8 @@ def host_ip(port):
 def problems(config):
     services = config["services"]
     for name, data_dir in DATA_DIRS.items():
+        if name not in services:
+            continue
         service = services[name]
         if data_dir is None:
             data_dir = service.get("environment", {}).get("KAFKA_LOG_DIRS")
@@ -86,23 +88,63 @@ def problems(config):
             for var in need:
                 if not str(env.get(var, "")):
                     yield f"{name}: {var} is not set"
-            superuser = services["db-" + name.removeprefix("backend-")]["environment"]["POSTGRES_USER"]
+            region = name.removeprefix("backend-").removesuffix("-2")
+            superuser = services["db-" + region]["environment"]["POSTGRES_USER"]
             if env.get("DB_USER") == superuser:
                 yield f"{name}: connects as the database superuser {superuser}"
 
 
+# Each topology: the files, and what to call it in messages.
+TOPOLOGIES = [(["docker-compose.yml"], "docker-compose.yml"),
+              (["docker-compose.yml", "docker-compose.ha.yml"], "docker-compose.yml + docker-compose.ha.yml")]
+
+
 def main():
-    out = subprocess.run(
+    failed = False
+    for files, name in TOPOLOGIES:
+        args = ["docker-compose", "--env-file", ".env.example"]
+        for f in files:
+            args += ["-f", f]
         # Every profile's services, Prometheus's (monitoring) included.
-        ["docker-compose", "--env-file", ".env.example", "--profile", "monitoring", "config"],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    found = list(problems(yaml.safe_load(out)))
-    for p in found:
-        print("docker-compose.yml:", p)
-    if found:
+        out = subprocess.run(args + ["--profile", "monitoring", "config"], check=True, capture_output=True, text=True).stdout
+        config = yaml.safe_load(out)
+        found = list(problems(config))
+        if len(files) > 1:
+            found += list(ha_problems(config))
+        for p in found:
+            print(f"{name}:", p)
+        failed = failed or bool(found)
+        if not found:
+            print(f"{name}: valid, and every invariant holds")
+    if failed:
         sys.exit(1)
-    print("docker-compose.yml: valid, and every invariant holds")
+
+
+def ha_problems(config):
+    """The scaled-out topology: three KRaft voters that agree, topics with
+    three replicas, and each region's second backend reachable by its
+    region's name (NGINX's upstreams resolve it)."""
+    services = config["services"]
+    brokers = ["kafka", "kafka-2", "kafka-3"]
+    voters = {services[b]["environment"].get("KAFKA_CONTROLLER_QUORUM_VOTERS") for b in brokers}
+    if len(voters) != 1 or len(next(iter(voters)).split(",")) != 3:
+        yield f"the brokers do not name the same three voters: {voters}"
+    ids = sorted(str(services[b]["environment"].get("KAFKA_NODE_ID")) for b in brokers)
+    if ids != ["1", "2", "3"]:
+        yield f"the brokers' node ids are {ids}, not 1, 2, 3"
+    for b in brokers:
+        if str(services[b]["environment"].get("KAFKA_MIN_INSYNC_REPLICAS")) != "2":
+            yield f"{b}: min.insync.replicas is not 2"
+    for region in ("us", "eu"):
+        for name in (f"backend-{region}", f"backend-{region}-2"):
+            env = services[name]["environment"]
+            if str(env.get("KAFKA_REPLICATION_FACTOR")) != "3":
+                yield f"{name}: KAFKA_REPLICATION_FACTOR is not 3"
+            if len(str(env.get("KAFKA_BROKER", "")).split(",")) != 3:
+                yield f"{name}: KAFKA_BROKER does not list the three brokers"
+        aliases = services[f"backend-{region}-2"].get("networks", {}).get("default", {}).get("aliases", [])
+        if f"backend-{region}" not in aliases:
+            yield f"backend-{region}-2: not reachable as backend-{region}, so NGINX would not send it requests"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,719 @@
+//go:build integration && chaos
+
+package main
+
+// The fault campaign's checker and report (the campaign: chaos_test.go).
+// After the last fault is healed and both regions have drained their
+// backlogs, it reads the final state and judges it, with the history of
+// every request, by six rules:
+//
+//  1. both regions hold identical rows, every listing;
+//  2. every acknowledged write is the final row or ordered below it by the
+//     conflict rule (compareWrites): none was lost;
+//  3. every final row is a value some client wrote (acknowledged or unknown)
+//     or the one the campaign began from: nothing invented, nothing refused
+//     took effect;
+//  4. per request id, both regions hold the same record, and no request id
+//     was acknowledged for two different writes;
+//  5. no event stayed in an outbox, and the dead-letter topic gained nothing
+//     (the workload sends no poison);
+//  6. whenever a region's lag report said L, every write of the peer
+//     acknowledged more than L before was there (a sample of the report,
+//     then of the rows, every half second of the run).
+
+import (
+	"cmp"
+	"context"
+	"database/sql"
+	"fmt"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	gocmp "github.com/google/go-cmp/cmp"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kmsg"
+)
+
+// chaosFinal is the state the checker judges.
+type chaosFinal struct {
+	us, eu    []Property
+	requests  map[string][]requestRecord // region: the campaign's request records
+	outbox    map[string]int             // region: events not yet published
+	stopped   map[string]string          // region: why replication stopped, if it did
+	conflicts map[string]int64           // region: conflicts resolved (since the backend started)
+	dlqAdded  int64
+	converged bool
+}
+
+// requestRecord is a row of processed_requests, but for processed_at (each
+// region's own clock at the time it learned of the request).
+type requestRecord struct {
+	RequestID, Fingerprint string
+	PropertyID             int64
+	Price                  string
+	RegionOrigin           string
+	Version                int64
+	UpdatedAt              time.Time
+	Deleted                bool
+}
+
+// settle heals nothing: it waits for the healed stack to converge. Both
+// regions answer from their own backend, their lag reports show nothing
+// left to send or read, and their tables are identical. It returns whether
+// they got there within timeout.
+func settle(s *stack, dbs map[string]*sql.DB, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	client := &http.Client{Timeout: 2 * time.Second}
+	drained := func(region string) bool {
+		resp, err := client.Get(s.url + "/" + region + "/replication-lag")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		var r LagReport
+		return decodeJSON(resp, &r) == nil && r.Region == region &&
+			r.OutboxBacklog == 0 && r.RecordsBehind == 0 && r.LagSeconds < 1
+	}
+	for time.Now().Before(deadline) {
+		if drained("us") && drained("eu") {
+			a, errA := readAll(dbs["us"])
+			b, errB := readAll(dbs["eu"])
+			if errA == nil && errB == nil && gocmp.Equal(a, b) {
+				return true
+			}
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	return false
+}
+
+// readAll is allProperties without a test to fail.
+func readAll(db *sql.DB) ([]Property, error) {
+	rows, err := db.Query(`SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted FROM properties ORDER BY id`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var all []Property
+	for rows.Next() {
+		p, err := scanProperty(rows)
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, p)
+	}
+	return all, rows.Err()
+}
+
+// finalState reads what the checker judges from both regions.
+func finalState(t *testing.T, s *stack, dbs map[string]*sql.DB, requestPrefix string) chaosFinal {
+	t.Helper()
+	f := chaosFinal{
+		requests: map[string][]requestRecord{}, outbox: map[string]int{},
+		stopped: map[string]string{}, conflicts: map[string]int64{},
+	}
+	f.us, f.eu = allProperties(t, dbs["us"]), allProperties(t, dbs["eu"])
+	for region, db := range dbs {
+		rows, err := db.Query(`SELECT request_id, fingerprint, property_id, price::text, region_origin, version, updated_at, deleted
+FROM processed_requests WHERE starts_with(request_id, $1) ORDER BY request_id`, requestPrefix)
+		if err != nil {
+			t.Fatalf("read %s's request records: %v", region, err)
+		}
+		for rows.Next() {
+			var r requestRecord
+			if err := rows.Scan(&r.RequestID, &r.Fingerprint, &r.PropertyID, &r.Price, &r.RegionOrigin, &r.Version, &r.UpdatedAt, &r.Deleted); err != nil {
+				t.Fatalf("read %s's request records: %v", region, err)
+			}
+			r.UpdatedAt = r.UpdatedAt.UTC()
+			f.requests[region] = append(f.requests[region], r)
+		}
+		if err := rows.Err(); err != nil {
+			t.Fatalf("read %s's request records: %v", region, err)
+		}
+		rows.Close()
+		var n int
+		if err := db.QueryRow(`SELECT count(*) FROM outbox`).Scan(&n); err != nil {
+			t.Fatalf("read %s's outbox: %v", region, err)
+		}
+		f.outbox[region] = n
+		r := s.lag(t, region)
+		f.stopped[region] = r.ReplicationStopped
+		f.conflicts[region] = r.Conflicts
+	}
+	return f
+}
+
+// deadLetters returns how many records the dead-letter topic has ever had
+// (the end offset of its one partition).
+func deadLetters(t *testing.T) int64 {
+	t.Helper()
+	req := kmsg.NewPtrListOffsetsRequest()
+	rt := kmsg.NewListOffsetsRequestTopic()
+	rt.Topic = setting("KAFKA_TOPIC", "property-updates") + ".dlq"
+	rp := kmsg.NewListOffsetsRequestTopicPartition()
+	rp.Partition, rp.Timestamp = 0, -1 // -1: the end
+	rt.Partitions = append(rt.Partitions, rp)
+	req.Topics = append(req.Topics, rt)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	resp, err := req.RequestWith(ctx, kafkaAdmin(t))
+	if err != nil {
+		t.Fatalf("the dead-letter topic's end: %v", err)
+	}
+	for _, topic := range resp.Topics {
+		for _, p := range topic.Partitions {
+			if err := kerr.ErrorForCode(p.ErrorCode); err != nil {
+				t.Fatalf("the dead-letter topic's end: %v", err)
+			}
+			return p.Offset
+		}
+	}
+	t.Fatal("the dead-letter topic's end: no partition in the answer")
+	return 0
+}
+
+// ------------------------------------------------------------------- checker
+
+// ruleResult is one rule's verdict.
+type ruleResult struct {
+	rule           int
+	name           string
+	pass           bool
+	detail         string // what was checked, when it passed
+	counterexample string // the first violation, when it failed
+}
+
+// check judges the final state and the history by the six rules.
+func check(history []op, initial map[int64]Property, f chaosFinal, samples []lagSample) []ruleResult {
+	final := map[int64]Property{}
+	for _, p := range f.us {
+		final[p.ID] = p
+	}
+	byListing := map[int64][]op{}
+	for _, o := range history {
+		if o.Kind != "GET" && o.ID != 0 {
+			byListing[o.ID] = append(byListing[o.ID], o)
+		}
+	}
+	writes := func(id int64) string { return describeWrites(byListing[id]) }
+	return []ruleResult{
+		ruleIdentical(f, writes),
+		ruleNoneLost(history, final, writes),
+		ruleNothingInvented(history, initial, final, writes),
+		ruleRequestIDs(history, f),
+		ruleNothingStuck(f),
+		ruleLagHonest(history, samples, writes),
+	}
+}
+
+func ruleIdentical(f chaosFinal, writes func(int64) string) ruleResult {
+	r := ruleResult{rule: 1, name: "both regions identical", pass: true}
+	eu := map[int64]Property{}
+	for _, p := range f.eu {
+		eu[p.ID] = p
+	}
+	seen := 0
+	for _, a := range f.us {
+		b, ok := eu[a.ID]
+		delete(eu, a.ID)
+		if !ok || !gocmp.Equal(a, b) {
+			r.pass = false
+			r.counterexample = fmt.Sprintf("listing %d: us %s, eu %s; writes: %s", a.ID, rowString(&a), rowString(ptrIf(b, ok)), writes(a.ID))
+			return r
+		}
+		seen++
+	}
+	for id, b := range eu {
+		r.pass = false
+		r.counterexample = fmt.Sprintf("listing %d: only eu has it, %s; writes: %s", id, rowString(&b), writes(id))
+		return r
+	}
+	for region, why := range f.stopped {
+		if why != "" {
+			r.pass = false
+			r.counterexample = fmt.Sprintf("%s stopped replicating: %s", region, why)
+			return r
+		}
+	}
+	r.detail = fmt.Sprintf("%d rows alike; converged after the last heal: %v", seen, f.converged)
+	if !f.converged {
+		r.pass = false
+		r.counterexample = "the regions did not converge in time after the last heal"
+	}
+	return r
+}
+
+func ruleNoneLost(history []op, final map[int64]Property, writes func(int64) string) ruleResult {
+	r := ruleResult{rule: 2, name: "no acknowledged write lost", pass: true}
+	n, below := 0, 0
+	for _, o := range history {
+		if o.Outcome != opOK || o.Row == nil || o.Kind == "GET" {
+			continue
+		}
+		n++
+		got, ok := final[o.Row.ID]
+		if !ok || compareWrites(*o.Row, got) > 0 {
+			r.pass = false
+			r.counterexample = fmt.Sprintf("%s %s (request %s) acknowledged %s at %s, but the final row is %s; writes: %s",
+				o.Kind, o.path(), o.RequestID, rowString(o.Row), o.End.Format(time.TimeOnly), rowString(ptrIf(got, ok)), writes(o.Row.ID))
+			return r
+		}
+		if compareWrites(*o.Row, got) < 0 {
+			below++
+		}
+	}
+	r.detail = fmt.Sprintf("%d acknowledged writes: %d final, %d below a final row by the rule", n, n-below, below)
+	return r
+}
+
+func ruleNothingInvented(history []op, initial, final map[int64]Property, writes func(int64) string) ruleResult {
+	r := ruleResult{rule: 3, name: "nothing invented", pass: true}
+	// Each price was written by one request (its attempts share it).
+	byPrice := map[Money][]op{}
+	deletes := map[int64][]op{}
+	for _, o := range history {
+		switch o.Kind {
+		case "PUT", "POST":
+			byPrice[o.Price] = append(byPrice[o.Price], o)
+		case "DELETE":
+			deletes[o.ID] = append(deletes[o.ID], o)
+		}
+	}
+	// mayHaveHappened: an attempt acknowledged or unknown, on this listing
+	// (a POST not answered names none), and if acknowledged, this row.
+	mayHaveHappened := func(ops []op, p Property, sameRow bool) bool {
+		for _, o := range ops {
+			if o.Outcome == opFail || (o.ID != 0 && o.ID != p.ID) {
+				continue
+			}
+			if o.Outcome == opOK && sameRow && (o.Row.Version != p.Version || o.Row.RegionOrigin != p.RegionOrigin) {
+				continue
+			}
+			return true
+		}
+		return false
+	}
+	checked := 0
+	for id, p := range final {
+		start, existed := initial[id]
+		if existed && gocmp.Equal(start, p) {
+			continue
+		}
+		checked++
+		if !existed && p.Price < 100_000_000 {
+			r.pass = false
+			r.counterexample = fmt.Sprintf("listing %d appeared (%s) and no client created it", id, rowString(&p))
+			return r
+		}
+		valueWritten := (existed && start.Price == p.Price) || mayHaveHappened(byPrice[p.Price], p, !p.Deleted)
+		if !valueWritten {
+			r.pass = false
+			r.counterexample = fmt.Sprintf("listing %d holds %s: its price was written by no request that may have happened (%s); writes: %s",
+				id, rowString(&p), describeWrites(byPrice[p.Price]), writes(id))
+			return r
+		}
+		if p.Deleted && !mayHaveHappened(deletes[id], p, true) {
+			r.pass = false
+			r.counterexample = fmt.Sprintf("listing %d is a tombstone %s that no DELETE that may have happened wrote; writes: %s", id, rowString(&p), writes(id))
+			return r
+		}
+	}
+	r.detail = fmt.Sprintf("%d listings changed during the run, each to a value a request that may have happened wrote", checked)
+	return r
+}
+
+func ruleRequestIDs(history []op, f chaosFinal) ruleResult {
+	r := ruleResult{rule: 4, name: "one record, one write per request id", pass: true}
+	if d := gocmp.Diff(f.requests["us"], f.requests["eu"]); d != "" {
+		r.pass = false
+		r.counterexample = "the regions' request records differ (-us +eu): " + firstLines(d, 12)
+		return r
+	}
+	acks := map[string][]op{}
+	for _, o := range history {
+		if o.Row != nil && o.Kind != "GET" {
+			acks[o.RequestID] = append(acks[o.RequestID], o)
+		}
+		if o.Resend && o.Outcome == opOK {
+			r.pass = false
+			r.counterexample = fmt.Sprintf("request %s re-sent with another price (%s) was accepted: %s", o.RequestID, o.Price, rowString(o.Row))
+			return r
+		}
+	}
+	records := map[string]requestRecord{}
+	for _, rec := range f.requests["us"] {
+		records[rec.RequestID] = rec
+	}
+	for id, ops := range acks {
+		first := ops[0].Row
+		for _, o := range ops[1:] {
+			// The same request, acknowledged twice (a retry's 422 names the
+			// original): the same write, or a replay in both regions of
+			// the same version, of which the rule keeps one.
+			if o.Row.ID != first.ID || o.Row.Version != first.Version {
+				r.pass = false
+				r.counterexample = fmt.Sprintf("request %s acknowledged as two writes: %s and %s", id, rowString(first), rowString(o.Row))
+				return r
+			}
+		}
+		rec, ok := records[id]
+		if !ok || rec.PropertyID != first.ID || rec.Version != first.Version {
+			r.pass = false
+			r.counterexample = fmt.Sprintf("request %s acknowledged as %s, but its record is %+v (found: %v)", id, rowString(first), rec, ok)
+			return r
+		}
+	}
+	r.detail = fmt.Sprintf("%d request records alike in both regions; %d request ids acknowledged, each as one write", len(f.requests["us"]), len(acks))
+	return r
+}
+
+func ruleNothingStuck(f chaosFinal) ruleResult {
+	r := ruleResult{rule: 5, name: "outboxes empty, no dead letters", pass: true}
+	if f.outbox["us"] != 0 || f.outbox["eu"] != 0 {
+		r.pass = false
+		r.counterexample = fmt.Sprintf("events left in the outbox: us %d, eu %d", f.outbox["us"], f.outbox["eu"])
+		return r
+	}
+	if f.dlqAdded != 0 {
+		r.pass = false
+		r.counterexample = fmt.Sprintf("%d records sent to the dead-letter topic during the run (the workload sends none that should be)", f.dlqAdded)
+		return r
+	}
+	r.detail = "outboxes empty in both regions; the dead-letter topic gained 0 records"
+	return r
+}
+
+func ruleLagHonest(history []op, samples []lagSample, writes func(int64) string) ruleResult {
+	r := ruleResult{rule: 6, name: "the lag report never understates", pass: true}
+	var acked []op // acknowledged writes, by completion
+	for _, o := range history {
+		if o.Outcome == opOK && o.Row != nil && o.Kind != "GET" {
+			acked = append(acked, o)
+		}
+	}
+	slices.SortFunc(acked, func(a, b op) int { return a.End.Compare(b.End) })
+	checks, aboutZero := 0, 0
+	for _, s := range samples {
+		if s.lag < 1 {
+			aboutZero++
+		}
+		// The report, asked for at s.sent, says every peer write that
+		// committed before s.sent - lag is applied; a write acknowledged
+		// before then committed before then. Rows only move up by the
+		// rule, so one read after the report still holds it.
+		vouched := s.sent.Add(-time.Duration(s.lag * float64(time.Second)))
+		for _, o := range acked {
+			if !o.End.Before(vouched) {
+				break
+			}
+			if o.Row.RegionOrigin != peerOf(s.region) {
+				continue
+			}
+			checks++
+			got, ok := s.rows[o.Row.ID]
+			if !ok || compareWrites(got, *o.Row) < 0 {
+				r.pass = false
+				r.counterexample = fmt.Sprintf("%s's lag report at %s read %.3f s, but %s's write %s (request %s, acknowledged %s) was missing: %s held %s; writes: %s",
+					s.region, s.sent.Format("15:04:05.000"), s.lag, o.Row.RegionOrigin, rowString(o.Row), o.RequestID,
+					o.End.Format("15:04:05.000"), s.region, rowString(ptrIf(got, ok)), writes(o.Row.ID))
+				return r
+			}
+		}
+	}
+	r.detail = fmt.Sprintf("%d samples (%d read under a second), %d peer writes checked against them", len(samples), aboutZero, checks)
+	return r
+}
+
+// ---------------------------------------------------------------- reporting
+
+// report is the campaign's account of itself.
+type report struct {
+	settings    chaosSettings
+	topology    string
+	kinds       []faultKind
+	ops         []op
+	faults      []faultRun
+	results     []ruleResult
+	final       chaosFinal
+	samples     []lagSample
+	converged   bool
+	convergence time.Duration
+}
+
+// writes counts the acknowledged writes.
+func (r report) writes() (n int) {
+	for _, o := range r.ops {
+		if o.Kind != "GET" && o.Outcome == opOK {
+			n++
+		}
+	}
+	return n
+}
+
+// activeAt returns the kinds of fault in force at t.
+func (r report) activeAt(t time.Time) []string {
+	var kinds []string
+	for _, f := range r.faults {
+		if !t.Before(f.applied) && t.Before(f.healed) && !slices.Contains(kinds, f.kind) {
+			kinds = append(kinds, f.kind)
+		}
+	}
+	return kinds
+}
+
+func (r report) markdown() string {
+	var b strings.Builder
+	p := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
+	p("# Fault campaign, seed %d, topology %s\n\n", r.settings.seed, r.topology)
+	p("%v of load from %d clients through NGINX, %d faults; `./stack.sh chaos %v %d` runs it again with the same faults.\n\n",
+		r.settings.duration, r.settings.clients, len(r.faults), r.settings.duration, r.settings.seed)
+
+	p("## Checker\n\n| rule | verdict | what was checked, or the first counterexample |\n|---|---|---|\n")
+	for _, res := range r.results {
+		verdict, text := "PASS", res.detail
+		if !res.pass {
+			verdict, text = "**FAIL**", res.counterexample
+		}
+		p("| %d. %s | %s | %s |\n", res.rule, res.name, verdict, strings.ReplaceAll(text, "|", "\\|"))
+	}
+
+	p("\n## Operations\n\n| request | ok | fail (4xx) | unknown | statuses |\n|---|---|---|---|---|\n")
+	for _, kind := range []string{"PUT", "POST", "DELETE", "GET", "PUT re-sent with another body", "retries (same request id)"} {
+		var ok, fail, unknown int
+		statuses := map[int]int{}
+		for _, o := range r.ops {
+			match := o.Kind == kind && !o.Resend
+			switch kind {
+			case "PUT re-sent with another body":
+				match = o.Resend
+			case "retries (same request id)":
+				match = o.Attempt > 0
+			}
+			if !match {
+				continue
+			}
+			statuses[o.Status]++
+			switch o.Outcome {
+			case opOK:
+				ok++
+			case opFail:
+				fail++
+			default:
+				unknown++
+			}
+		}
+		p("| %s | %d | %d | %d | %s |\n", kind, ok, fail, unknown, statusList(statuses))
+	}
+	p("\nAcknowledged writes: %d. Lost races answered 409: %d. Conflicts the replication resolved (counters since each backend last started): us %d, eu %d.\n",
+		r.writes(), r.count(func(o op) bool { return o.Status == http.StatusConflict }), r.final.conflicts["us"], r.final.conflicts["eu"])
+
+	p("\n## Faults\n\n| fault | times | held, total | held, longest | failed to cause or heal |\n|---|---|---|---|---|\n")
+	for _, k := range r.kinds {
+		var n, failed int
+		var total, longest time.Duration
+		for _, f := range r.faults {
+			if f.kind != k.name {
+				continue
+			}
+			n++
+			d := f.healed.Sub(f.applied)
+			total += d
+			longest = max(longest, d)
+			if f.err != nil {
+				failed++
+			}
+		}
+		p("| %s | %d | %.1f s | %.1f s | %d |\n", k.name, n, total.Seconds(), longest.Seconds(), failed)
+	}
+
+	p("\n## Availability through NGINX\n\nShare of requests answered 2xx, 409 or 422 (the service's own answers) while each kind of fault was in force (a request counts under every kind in force when it was sent).\n\n")
+	p("| in force | requests | answered | share |\n|---|---|---|---|\n")
+	for _, kind := range append([]string{"nothing"}, kindNames(r.kinds)...) {
+		var n, answered int
+		for _, o := range r.ops {
+			active := r.activeAt(o.Start)
+			if (kind == "nothing" && len(active) == 0) || slices.Contains(active, kind) {
+				n++
+				if o.Status/100 == 2 || o.Status == http.StatusConflict || o.Status == http.StatusUnprocessableEntity {
+					answered++
+				}
+			}
+		}
+		share := "-"
+		if n > 0 {
+			share = fmt.Sprintf("%.1f%%", 100*float64(answered)/float64(n))
+		}
+		p("| %s | %d | %d | %s |\n", kind, n, answered, share)
+	}
+	p("\nFrom the last heal to both regions drained and identical: %.1f s (converged: %v).\n", r.convergence.Seconds(), r.converged)
+	return b.String()
+}
+
+func (r report) count(f func(op) bool) (n int) {
+	for _, o := range r.ops {
+		if f(o) {
+			n++
+		}
+	}
+	return n
+}
+
+func kindNames(kinds []faultKind) (names []string) {
+	for _, k := range kinds {
+		names = append(names, k.name)
+	}
+	return names
+}
+
+// ------------------------------------------------------------------ helpers
+
+func (o op) path() string {
+	if o.Kind == "POST" {
+		return "/" + o.Prefix + "/properties"
+	}
+	return fmt.Sprintf("/%s/properties/%d", o.Prefix, o.ID)
+}
+
+// rowString shows a row as the checker's messages name it.
+func rowString(p *Property) string {
+	if p == nil {
+		return "no row"
+	}
+	s := fmt.Sprintf("{version %d by %s at %s, price %s", p.Version, p.RegionOrigin, p.UpdatedAt.Format("15:04:05.000000"), p.Price)
+	if p.Deleted {
+		s += ", deleted"
+	}
+	return s + "}"
+}
+
+func ptrIf(p Property, ok bool) *Property {
+	if !ok {
+		return nil
+	}
+	return &p
+}
+
+// describeWrites lists a listing's writes, for a counterexample: at most
+// the last ten.
+func describeWrites(ops []op) string {
+	ops = slices.Clone(ops)
+	slices.SortFunc(ops, func(a, b op) int { return a.Start.Compare(b.Start) })
+	var parts []string
+	if len(ops) > 10 {
+		parts = append(parts, fmt.Sprintf("(%d earlier)", len(ops)-10))
+		ops = ops[len(ops)-10:]
+	}
+	for _, o := range ops {
+		s := fmt.Sprintf("%s %s %s at %s: %d %s", o.Kind, o.path(), o.RequestID, o.Start.Format("15:04:05.000"), o.Status, o.Outcome)
+		if o.Price != 0 {
+			s += " price " + o.Price.String()
+		}
+		if o.Row != nil {
+			s += " " + rowString(o.Row)
+		}
+		parts = append(parts, s)
+	}
+	if len(parts) == 0 {
+		return "none"
+	}
+	return strings.Join(parts, "; ")
+}
+
+func statusList(statuses map[int]int) string {
+	var codes []int
+	for c := range statuses {
+		codes = append(codes, c)
+	}
+	slices.SortFunc(codes, cmp.Compare)
+	var parts []string
+	for _, c := range codes {
+		name := strconv.Itoa(c)
+		if c == 0 {
+			name = "no answer"
+		}
+		parts = append(parts, fmt.Sprintf("%s × %d", name, statuses[c]))
+	}
+	return strings.Join(parts, ", ")
+}
+
+func firstLines(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	if len(lines) > n {
+		lines = append(lines[:n], "…")
+	}
+	return strings.Join(lines, " ")
+}
+
+// TestCheckerCatches feeds the checker small made-up campaigns, one clean
+// and one broken in each rule's way, so that a checker that passes
+// everything cannot pass for one that works.
+func TestCheckerCatches(t *testing.T) {
+	at := func(s int) time.Time { return time.Date(2026, 1, 1, 0, 0, s, 0, time.UTC) }
+	row := func(version int64, region string, s int, price Money) Property {
+		return Property{ID: 601, Price: price, RegionOrigin: region, Version: version, UpdatedAt: at(s)}
+	}
+	start := row(1, "us", 0, 50_000_00)
+	acked := row(2, "eu", 10, 100_000_001)
+	clean := func() ([]op, chaosFinal, []lagSample) {
+		history := []op{
+			{Kind: "PUT", Prefix: "eu", ID: 601, RequestID: "r1", Price: 100_000_001, Start: at(9), End: at(10), Status: 200, Outcome: opOK, Row: &acked},
+			{Kind: "PUT", Prefix: "us", ID: 601, RequestID: "r2", Price: 100_000_002, Start: at(11), End: at(12), Status: 409, Outcome: opFail},
+		}
+		record := requestRecord{RequestID: "r1", PropertyID: 601, Price: "1000000.01", RegionOrigin: "eu", Version: 2, UpdatedAt: at(10)}
+		final := chaosFinal{
+			us: []Property{acked}, eu: []Property{acked}, converged: true,
+			requests: map[string][]requestRecord{"us": {record}, "eu": {record}},
+			outbox:   map[string]int{}, stopped: map[string]string{},
+		}
+		samples := []lagSample{{region: "us", sent: at(20), lag: 0.2, rows: map[int64]Property{601: acked}}}
+		return history, final, samples
+	}
+	initial := map[int64]Property{601: start}
+	verdicts := func(history []op, final chaosFinal, samples []lagSample) (failed []int) {
+		for _, r := range check(history, initial, final, samples) {
+			if !r.pass {
+				failed = append(failed, r.rule)
+			}
+		}
+		return failed
+	}
+	if failed := verdicts(clean()); len(failed) > 0 {
+		t.Fatalf("a clean campaign failed rules %v", failed)
+	}
+	for _, tc := range []struct {
+		name  string
+		spoil func(h []op, f *chaosFinal, s []lagSample) []op
+		rule  int
+	}{
+		{"regions differ", func(h []op, f *chaosFinal, s []lagSample) []op { f.eu = []Property{start}; return h }, 1},
+		{"an acknowledged write lost", func(h []op, f *chaosFinal, s []lagSample) []op {
+			f.us, f.eu = []Property{start}, []Property{start}
+			return h
+		}, 2},
+		{"a refused write took effect", func(h []op, f *chaosFinal, s []lagSample) []op {
+			refused := row(3, "us", 12, 100_000_002)
+			f.us, f.eu = []Property{refused}, []Property{refused}
+			return h
+		}, 3},
+		{"request records differ", func(h []op, f *chaosFinal, s []lagSample) []op { f.requests["eu"] = nil; return h }, 4},
+		{"a request id acknowledged as two writes", func(h []op, f *chaosFinal, s []lagSample) []op {
+			other := row(3, "us", 13, 100_000_003)
+			return append(h, op{Kind: "PUT", Prefix: "us", ID: 601, RequestID: "r1", Price: 100_000_003, Resend: true, Start: at(13), End: at(13), Status: 200, Outcome: opOK, Row: &other})
+		}, 4},
+		{"an event stuck in the outbox", func(h []op, f *chaosFinal, s []lagSample) []op { f.outbox["us"] = 1; return h }, 5},
+		{"a dead letter", func(h []op, f *chaosFinal, s []lagSample) []op { f.dlqAdded = 1; return h }, 5},
+		{"a lag report that understates", func(h []op, f *chaosFinal, s []lagSample) []op { s[0].rows = map[int64]Property{601: start}; return h }, 6},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, f, s := clean()
+			h = tc.spoil(h, &f, s)
+			if failed := verdicts(h, f, s); !slices.Contains(failed, tc.rule) {
+				t.Errorf("rule %d passed (failed: %v)", tc.rule, failed)
+			}
+		})
+	}
+}
