@@ -26,6 +26,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"maps"
 	"net/http"
 	"slices"
 	"strconv"
@@ -333,42 +334,62 @@ func ruleRequestIDs(history []op, f chaosFinal) ruleResult {
 		r.counterexample = "the regions' request records differ (-us +eu): " + firstLines(d, 12)
 		return r
 	}
-	acks := map[string][]op{}
+	// Each request id's acknowledged writes, by the region that made them
+	// (a retry's 422 names the original, made wherever it was).
+	acks := map[string]map[string]*Property{}
+	raced := 0
 	for _, o := range history {
-		if o.Row != nil && o.Kind != "GET" {
-			acks[o.RequestID] = append(acks[o.RequestID], o)
+		if o.Row == nil || o.Kind == "GET" {
+			continue
 		}
-		if o.Resend && o.Outcome == opOK {
+		byRegion := acks[o.RequestID]
+		if byRegion == nil {
+			byRegion = map[string]*Property{}
+			acks[o.RequestID] = byRegion
+		}
+		// Within one region a request id is one write, whatever the body:
+		// the region knows the id from its first write on.
+		if prev, ok := byRegion[o.Row.RegionOrigin]; ok && (prev.ID != o.Row.ID || prev.Version != o.Row.Version) {
 			r.pass = false
-			r.counterexample = fmt.Sprintf("request %s re-sent with another price (%s) was accepted: %s", o.RequestID, o.Price, rowString(o.Row))
+			r.counterexample = fmt.Sprintf("request %s acknowledged as two writes in %s: %s and %s", o.RequestID, o.Row.RegionOrigin, rowString(prev), rowString(o.Row))
 			return r
+		}
+		byRegion[o.Row.RegionOrigin] = o.Row
+		if o.Resend && o.Outcome == opOK {
+			raced++
 		}
 	}
 	records := map[string]requestRecord{}
 	for _, rec := range f.requests["us"] {
 		records[rec.RequestID] = rec
 	}
-	for id, ops := range acks {
-		first := ops[0].Row
-		for _, o := range ops[1:] {
-			// The same request, acknowledged twice (a retry's 422 names the
-			// original): the same write, or a replay in both regions of
-			// the same version, of which the rule keeps one.
-			if o.Row.ID != first.ID || o.Row.Version != first.Version {
-				r.pass = false
-				r.counterexample = fmt.Sprintf("request %s acknowledged as two writes: %s and %s", id, rowString(first), rowString(o.Row))
-				return r
-			}
-		}
+	// Across regions a request id can be written twice, when the second
+	// reached the other region before the first write did (a failover
+	// replay, or a re-send with another body); the conflict rule keeps
+	// one, and the record must name it.
+	for id, byRegion := range acks {
 		rec, ok := records[id]
-		if !ok || rec.PropertyID != first.ID || rec.Version != first.Version {
+		named := false
+		for _, w := range byRegion {
+			named = named || ok && rec.PropertyID == w.ID && rec.Version == w.Version && rec.RegionOrigin == w.RegionOrigin
+		}
+		if !named {
 			r.pass = false
-			r.counterexample = fmt.Sprintf("request %s acknowledged as %s, but its record is %+v (found: %v)", id, rowString(first), rec, ok)
+			r.counterexample = fmt.Sprintf("request %s acknowledged as %s, but its record is %+v (found: %v)", id, rowStrings(byRegion), rec, ok)
 			return r
 		}
 	}
-	r.detail = fmt.Sprintf("%d request records alike in both regions; %d request ids acknowledged, each as one write", len(f.requests["us"]), len(acks))
+	r.detail = fmt.Sprintf("%d request records alike in both regions; %d request ids acknowledged, each as one write per region and its record naming one of them; %d re-sends with another body accepted by the other region before the first write reached it", len(f.requests["us"]), len(acks), raced)
 	return r
+}
+
+// rowStrings lists a request id's writes, one per region.
+func rowStrings(byRegion map[string]*Property) string {
+	var out []string
+	for _, region := range slices.Sorted(maps.Keys(byRegion)) {
+		out = append(out, rowString(byRegion[region]))
+	}
+	return strings.Join(out, " and ")
 }
 
 func ruleNothingStuck(f chaosFinal) ruleResult {
@@ -389,32 +410,47 @@ func ruleNothingStuck(f chaosFinal) ruleResult {
 
 func ruleLagHonest(history []op, samples []lagSample, writes func(int64) string) ruleResult {
 	r := ruleResult{rule: 6, name: "the lag report never understates", pass: true}
-	var acked []op // acknowledged writes, by completion
-	for _, o := range history {
+	type ackedOp struct {
+		op
+		i int // its place in the history
+	}
+	var acked []ackedOp // acknowledged writes, by completion
+	for i, o := range history {
 		if o.Outcome == opOK && o.Row != nil && o.Kind != "GET" {
-			acked = append(acked, o)
+			acked = append(acked, ackedOp{o, i})
 		}
 	}
-	slices.SortFunc(acked, func(a, b op) int { return a.End.Compare(b.End) })
+	slices.SortFunc(acked, func(a, b ackedOp) int { return a.End.Compare(b.End) })
+	// Per region: the highest row of each listing read so far (rows only
+	// move up, by the rule, so it still holds at least that), and how far
+	// into acked the region was checked: a write checked once stays held.
+	seen := map[string]map[int64]Property{"us": {}, "eu": {}}
+	checked := map[string]int{}
 	checks, aboutZero := 0, 0
 	for _, s := range samples {
 		if s.lag < 1 {
 			aboutZero++
 		}
+		for id, got := range s.rows {
+			if cur, ok := seen[s.region][id]; !ok || compareWrites(got, cur) > 0 {
+				seen[s.region][id] = got
+			}
+		}
 		// The report, asked for at s.sent, says every peer write that
 		// committed before s.sent - lag is applied; a write acknowledged
-		// before then committed before then. Rows only move up by the
-		// rule, so one read after the report still holds it.
+		// before then committed before then. A write the sampler had not
+		// heard of yet waits for the next sample.
 		vouched := s.sent.Add(-time.Duration(s.lag * float64(time.Second)))
-		for _, o := range acked {
-			if !o.End.Before(vouched) {
+		for ; checked[s.region] < len(acked); checked[s.region]++ {
+			o := acked[checked[s.region]]
+			if !o.End.Before(vouched) || o.i >= s.heard {
 				break
 			}
 			if o.Row.RegionOrigin != peerOf(s.region) {
 				continue
 			}
 			checks++
-			got, ok := s.rows[o.Row.ID]
+			got, ok := seen[s.region][o.Row.ID]
 			if !ok || compareWrites(got, *o.Row) < 0 {
 				r.pass = false
 				r.counterexample = fmt.Sprintf("%s's lag report at %s read %.3f s, but %s's write %s (request %s, acknowledged %s) was missing: %s held %s; writes: %s",
@@ -669,7 +705,7 @@ func TestCheckerCatches(t *testing.T) {
 			requests: map[string][]requestRecord{"us": {record}, "eu": {record}},
 			outbox:   map[string]int{}, stopped: map[string]string{},
 		}
-		samples := []lagSample{{region: "us", sent: at(20), lag: 0.2, rows: map[int64]Property{601: acked}}}
+		samples := []lagSample{{region: "us", sent: at(20), lag: 0.2, heard: len(history), rows: map[int64]Property{601: acked}}}
 		return history, final, samples
 	}
 	initial := map[int64]Property{601: start}
@@ -683,6 +719,25 @@ func TestCheckerCatches(t *testing.T) {
 	}
 	if failed := verdicts(clean()); len(failed) > 0 {
 		t.Fatalf("a clean campaign failed rules %v", failed)
+	}
+	// A request id written in both regions, the second before the first
+	// arrived, is one request the rule settled, if its record names one.
+	h, f, s := clean()
+	sibling := row(2, "us", 9, 100_000_003)
+	h = append(h, op{Kind: "PUT", Prefix: "us", ID: 601, RequestID: "r1", Price: 100_000_003, Resend: true, Start: at(9), End: at(9), Status: 200, Outcome: opOK, Row: &sibling})
+	if failed := verdicts(h, f, s); len(failed) > 0 {
+		t.Fatalf("a request id written once in each region failed rules %v", failed)
+	}
+	// A sample that had not yet heard of a write does not vouch for it,
+	// and a row read by an earlier sample still counts in a later one.
+	h, f, s = clean()
+	s = []lagSample{
+		{region: "us", sent: at(20), lag: 0.2, heard: 0, rows: map[int64]Property{}},
+		{region: "us", sent: at(21), lag: 5, heard: len(h), rows: map[int64]Property{601: acked}},
+		{region: "us", sent: at(22), lag: 0.2, heard: len(h), rows: map[int64]Property{}},
+	}
+	if failed := verdicts(h, f, s); len(failed) > 0 {
+		t.Fatalf("samples that only read what was pending failed rules %v", failed)
 	}
 	for _, tc := range []struct {
 		name  string
@@ -700,8 +755,8 @@ func TestCheckerCatches(t *testing.T) {
 			return h
 		}, 3},
 		{"request records differ", func(h []op, f *chaosFinal, s []lagSample) []op { f.requests["eu"] = nil; return h }, 4},
-		{"a request id acknowledged as two writes", func(h []op, f *chaosFinal, s []lagSample) []op {
-			other := row(3, "us", 13, 100_000_003)
+		{"a request id acknowledged as two writes in one region", func(h []op, f *chaosFinal, s []lagSample) []op {
+			other := row(3, "eu", 13, 100_000_003)
 			return append(h, op{Kind: "PUT", Prefix: "us", ID: 601, RequestID: "r1", Price: 100_000_003, Resend: true, Start: at(13), End: at(13), Status: 200, Outcome: opOK, Row: &other})
 		}, 4},
 		{"an event stuck in the outbox", func(h []op, f *chaosFinal, s []lagSample) []op { f.outbox["us"] = 1; return h }, 5},

@@ -182,7 +182,9 @@ func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 		fingerprint := requestFingerprint(r.Method, "/properties/"+strconv.FormatInt(id, 10), req)
 		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
 		defer cancel()
-		p, err := updateProperty(ctx, db, region, requestID, fingerprint, id, u)
+		p, err := standIn(ctx, db, region, r, func() (Property, error) {
+			return updateProperty(ctx, db, region, requestID, fingerprint, id, u)
+		})
 		if err != nil {
 			encodeError(w, r, logger, err)
 			return
@@ -207,6 +209,56 @@ func parseWriteHeaders(r *http.Request) (id int64, requestID string, ifMatch tag
 	return id, requestID, ifMatch, hasIfMatch, err
 }
 
+// A PUT or DELETE under the other region's prefix is one that NGINX failed
+// over to this region: the other region's backend refused the connection,
+// timed out or answered 5xx. Its first attempt may have committed there all
+// the same (the backend killed after its commit, or frozen and resumed
+// later), and that write may not have reached this region yet. A refusal
+// that rests on this region's copy of the listing (404, 409, 410, 412)
+// would then tell the client that a write which happened did not.
+//
+// So a stand-in refuses only on a copy that includes every write the other
+// region began before the request arrived here (the peer watermark,
+// lag.go): it judges the request again on that copy, where a first attempt
+// that committed is a 422 with its original response. If the copy does not
+// get there within standInWait (the other region is down, frozen or cut
+// off, and its writes cannot arrive), this region cannot tell, and says so:
+// a 503, to be retried with the same request id. A write that succeeds here
+// needs no wait: if the first attempt committed too, the two are one
+// request written in both regions, which the conflict rule settles
+// (CONTRACT.md, "Idempotency across regions").
+const standInWait = time.Second
+
+// errCannotTell is a stand-in's refusal that the other region's writes
+// might contradict.
+var errCannotTell = errors.New("the other region's writes up to this request have not arrived")
+
+// standIn runs write, the PUT or DELETE of r, and, when r stands in for
+// the other region and write is refused on this region's copy, runs it
+// again once the copy has caught up with the request (see above).
+func standIn(ctx context.Context, db *sql.DB, region string, r *http.Request, write func() (Property, error)) (Property, error) {
+	arrived := time.Now()
+	p, err := write()
+	if err == nil || r.PathValue("region") == region || !refusedOnCopy(err) {
+		return p, err
+	}
+	if err := awaitPeer(ctx, db, peerOf(region), arrived, standInWait); err != nil {
+		return Property{}, err
+	}
+	return write()
+}
+
+// refusedOnCopy reports whether err refuses a write because of the state
+// of this region's copy of the listing.
+func refusedOnCopy(err error) bool {
+	var (
+		gone     *deletedError
+		mismatch *versionMismatchError
+		failed   *preconditionFailedError
+	)
+	return errors.Is(err, errNotFound) || errors.As(err, &gone) || errors.As(err, &mismatch) || errors.As(err, &failed)
+}
+
 // errIfMatchRequired is a DELETE without If-Match.
 var errIfMatchRequired = errors.New("If-Match required")
 
@@ -229,7 +281,9 @@ func handleDeleteProperty(logger *slog.Logger, region string, db *sql.DB, notify
 		fingerprint := requestFingerprint(r.Method, "/properties/"+strconv.FormatInt(id, 10), nil)
 		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
 		defer cancel()
-		p, err := deleteProperty(ctx, db, region, requestID, fingerprint, id, ifMatch.states())
+		p, err := standIn(ctx, db, region, r, func() (Property, error) {
+			return deleteProperty(ctx, db, region, requestID, fingerprint, id, ifMatch.states())
+		})
 		if err != nil {
 			encodeError(w, r, logger, err)
 			return
@@ -538,6 +592,9 @@ func encodeError(w http.ResponseWriter, r *http.Request, logger *slog.Logger, er
 			Error          string `json:"error"`
 			CurrentVersion int64  `json:"current_version"`
 		}{"version mismatch", mismatch.current})
+	case errors.Is(err, errCannotTell):
+		w.Header().Set("Retry-After", "1")
+		encode(w, http.StatusServiceUnavailable, errorBody{Error: "this region cannot tell yet whether the listing's own region applied this request: retry with the same X-Request-ID"})
 	case databaseUnreachable(err):
 		logger.WarnContext(r.Context(), "database unreachable", "method", r.Method, "path", r.URL.Path, "err", err)
 		encode(w, http.StatusServiceUnavailable, errorBody{Error: "service unavailable, try again"})

@@ -491,3 +491,112 @@ func FuzzParseRequestID(f *testing.F) {
 		}
 	})
 }
+
+// TestStandIn: a PUT or DELETE under the other region's prefix is one NGINX
+// failed over, whose first attempt may have committed in the other region
+// and not arrived here yet. Refused on this region's copy, it is judged
+// again once the copy includes every write the other region began before
+// the request arrived; if it cannot get there in time, a 503. The server
+// here is EU's; the other region's writes reach its database the way the
+// consumer applies them (applyEvents), with the watermark its heartbeats
+// leave.
+func TestStandIn(t *testing.T) {
+	db := testDB(t)
+	ctx := context.Background()
+	eu := testServer(t, "eu", db)
+	setWatermark := func(w time.Time) {
+		t.Helper()
+		if _, err := db.ExecContext(ctx, `DELETE FROM replication_watermarks`); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := db.ExecContext(ctx, `INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark) VALUES ('us', 0, 1, $1)`, w); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() { db.ExecContext(ctx, `DELETE FROM replication_watermarks`) })
+	timed := func(method, path, requestID, body string) (int, response, time.Duration) {
+		t.Helper()
+		start := time.Now()
+		status, _, got := call(t, eu, method, path, requestID, body)
+		return status, got, time.Since(start)
+	}
+	const id = 31
+	stale := `{"price": 310000, "version": 7}`
+	mismatch := response{Error: "version mismatch", CurrentVersion: 1}
+	cannotTell := response{Error: "this region cannot tell yet whether the listing's own region applied this request: retry with the same X-Request-ID"}
+
+	// Under its own prefix, a region answers on its copy at once.
+	setWatermark(time.Now().Add(-time.Hour))
+	if status, got, _ := timed("PUT", "/eu/properties/31", "stand-in-1", stale); status != 409 || !cmp.Equal(mismatch, got) {
+		t.Errorf("PUT under /eu/ with a stale version: %d %+v, want 409 %+v", status, got, mismatch)
+	}
+	// Standing in, with the other region's writes an hour behind: it waits
+	// for them, and then cannot tell.
+	for _, tt := range []struct{ method, path, body string }{
+		{"PUT", "/us/properties/31", stale},
+		{"PUT", "/us/properties/77777", stale},
+	} {
+		status, got, took := timed(tt.method, tt.path, "stand-in-2", tt.body)
+		if status != 503 || !cmp.Equal(cannotTell, got) || took < standInWait {
+			t.Errorf("%s %s standing in, an hour behind: %d %+v after %v; want 503 %+v after %v", tt.method, tt.path, status, got, took, cannotTell, standInWait)
+		}
+	}
+	req := httptest.NewRequest("DELETE", "/us/properties/77777", nil)
+	req.Header.Set("X-Request-ID", "stand-in-3")
+	req.Header.Set("If-Match", "*")
+	rec := httptest.NewRecorder()
+	eu.ServeHTTP(rec, req)
+	if rec.Code != 503 || rec.Header().Get("Retry-After") != "1" {
+		t.Errorf("DELETE of a listing unknown here, standing in: %d, Retry-After %q; want 503, 1", rec.Code, rec.Header().Get("Retry-After"))
+	}
+	// Caught up with the moment the request arrived: the refusal stands.
+	setWatermark(time.Now().Add(time.Minute))
+	if status, got, took := timed("PUT", "/us/properties/31", "stand-in-4", stale); status != 409 || !cmp.Equal(mismatch, got) || took >= standInWait {
+		t.Errorf("PUT standing in, caught up: %d %+v after %v; want 409 %+v at once", status, got, took, mismatch)
+	}
+	if row := readRow(t, db, id); !cmp.Equal(seedProperty(id), row.Property) || row.Outbox != 0 || row.Requests != 0 {
+		t.Fatalf("the refusals changed the listing: %+v", row)
+	}
+
+	// The case it is for. The other region took two writes, the second the
+	// first attempt of request "first-attempt" (version 2 to 3), and then
+	// NGINX failed over the same request to this region, whose copy is at
+	// version 1: a 409 here would say it did not happen. The writes arrive
+	// while the stand-in waits, and the request is a 422 with the original.
+	setWatermark(time.Now().Add(-time.Hour))
+	body := `{"price": 310003, "version": 2}`
+	var update updateRequest
+	if err := json.Unmarshal([]byte(body), &update); err != nil {
+		t.Fatal(err)
+	}
+	seed := seedProperty(id)
+	second, third := seed, seed
+	second.Version, second.Price, second.RegionOrigin, second.UpdatedAt = 2, 31000200, "us", time.Now().UTC().Truncate(time.Microsecond)
+	third.Version, third.Price, third.RegionOrigin, third.UpdatedAt = 3, 31000300, "us", second.UpdatedAt.Add(time.Millisecond)
+	arrive := make(chan error, 1)
+	go func() {
+		time.Sleep(standInWait / 4)
+		tx, err := db.BeginTx(ctx, nil)
+		if err == nil {
+			_, err = applyEvents(ctx, tx, []event{
+				{Property: second, RequestID: "stand-in-other"},
+				{Property: third, RequestID: "first-attempt", fingerprint: requestFingerprint("PUT", "/properties/31", update)},
+			})
+		}
+		if err == nil {
+			err = tx.Commit()
+		}
+		if err == nil {
+			setWatermark(time.Now())
+		}
+		arrive <- err
+	}()
+	status, got, took := timed("PUT", "/us/properties/31", "first-attempt", body)
+	if err := <-arrive; err != nil {
+		t.Fatal(err)
+	}
+	want := response{Error: "duplicate request", RequestID: "first-attempt", OriginalResponse: &third}
+	if status != 422 || !cmp.Equal(want, got) || took >= standInWait {
+		t.Errorf("PUT standing in while its first attempt arrives: %d after %v (-want +got):\n%s", status, took, cmp.Diff(want, got))
+	}
+}

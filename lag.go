@@ -125,6 +125,37 @@ SELECT
     (SELECT min(created_at) FROM outbox),
     clock_timestamp()`
 
+// peerCaughtUpSQL reads whether every write of the peer ($1) whose
+// transaction began before $2 is applied here: the watermark, as readLagSQL
+// reads it, is at or past $2.
+const peerCaughtUpSQL = `
+SELECT coalesce(CASE WHEN count(*) > 0 AND count(*) >= max(partitions) THEN min(watermark) >= $2 END, false)
+FROM replication_watermarks WHERE peer_region = $1`
+
+// awaitPeer waits, for at most wait, until every write of peer whose
+// transaction began before t is applied here, and answers errCannotTell if
+// that does not happen. On a healthy link it takes a heartbeat or two.
+func awaitPeer(ctx context.Context, db *sql.DB, peer string, t time.Time, wait time.Duration) error {
+	deadline := time.Now().Add(wait)
+	for {
+		var caughtUp bool
+		if err := db.QueryRowContext(ctx, peerCaughtUpSQL, peer, t).Scan(&caughtUp); err != nil {
+			return fmt.Errorf("peer watermark: %w", err)
+		}
+		if caughtUp {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return errCannotTell
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(heartbeatInterval / 5):
+		}
+	}
+}
+
 // readLag builds region's report from its database and its consumer's
 // counters. since is when the region started waiting for its peer: without
 // any watermark yet, the lag is the time since then.

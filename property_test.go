@@ -261,12 +261,12 @@ func TestDeleteProperty(t *testing.T) {
 		{"delete_id_reused", "us", "DELETE", "/us/properties/81", header, "", 422,
 			response{Error: "request id reused for a different request", RequestID: "del-ok"}},
 		{"delete_again", "us", "DELETE", path, map[string]string{"X-Request-ID": "del-8", "If-Match": `"2-us"`}, "", 410, gone},
-		{"delete_again_any", "eu", "DELETE", path, map[string]string{"X-Request-ID": "del-9", "If-Match": `*`}, "", 410, gone},
+		{"delete_again_any", "eu", "DELETE", "/eu/properties/80", map[string]string{"X-Request-ID": "del-9", "If-Match": `*`}, "", 410, gone},
 		{"get", "us", "GET", path, nil, "", 410, gone},
 		{"get_if_none_match", "us", "GET", path, map[string]string{"If-None-Match": `"2-us"`}, "", 410, gone},
 		// 410 comes before the version (409) and If-Match (412) checks.
 		{"put_current_version", "us", "PUT", path, map[string]string{"X-Request-ID": "del-10"}, `{"price": 1, "version": 2}`, 410, gone},
-		{"put_stale_version", "eu", "PUT", path, map[string]string{"X-Request-ID": "del-11"}, `{"price": 1, "version": 1}`, 410, gone},
+		{"put_stale_version", "eu", "PUT", "/eu/properties/80", map[string]string{"X-Request-ID": "del-11"}, `{"price": 1, "version": 1}`, 410, gone},
 		{"put_if_match", "us", "PUT", path, map[string]string{"X-Request-ID": "del-12", "If-Match": `"1-us"`}, `{"price": 1, "version": 1}`, 410, gone},
 	} {
 		rec := send(tt.region, tt.method, tt.path, tt.header, tt.body)
