@@ -314,3 +314,44 @@ func TestBackupThatFailsOnceStaysInService(t *testing.T) {
 		return err == nil && status == http.StatusOK && servedBy == "eu"
 	})
 }
+
+// TestFailoverAfterCommitIsNotRefused is "a write retried through NGINX
+// after the first attempt committed", where the other region has not heard
+// of the first attempt: US deletes a listing it created while Kafka is
+// down, dies, and NGINX hands the same DELETE to EU. EU has no such
+// listing, but a 404 would tell the client the delete did not happen; it
+// answers 503 instead (it cannot tell), and once US's writes have arrived,
+// the same request is a 422 with the tombstone.
+func TestFailoverAfterCommitIsNotRefused(t *testing.T) {
+	s := newStack(t)
+	s.caughtUp(t, 30*time.Second)
+	s.stop(t, "kafka", false)
+	status, _, created := s.mustDo(t, "POST", "/us/properties", newRequestID("stand-in-create"), `{"price": 123456.78}`)
+	if status != http.StatusCreated {
+		t.Fatalf("POST /us/properties: %d %+v, want 201", status, created)
+	}
+	path := fmt.Sprintf("/us/properties/%d", created.ID)
+	header := http.Header{"X-Request-Id": {newRequestID("stand-in-delete")}, "If-Match": {etag(created.Property)}}
+	status, h, deleted, err := s.doWith("DELETE", path, header, "")
+	if err != nil || status != http.StatusOK || h.Get("X-Served-By") != "us" {
+		t.Fatalf("DELETE %s: %d from %q (%+v, %v), want 200 from us", path, status, h.Get("X-Served-By"), deleted, err)
+	}
+
+	s.stop(t, "backend-us", true)
+	status, h, got, err := s.doWith("DELETE", path, header, "")
+	want := response{Error: "this region cannot tell yet whether the listing's own region applied this request: retry with the same X-Request-ID"}
+	if err != nil || status != http.StatusServiceUnavailable || h.Get("X-Served-By") != "eu" || h.Get("Retry-After") != "1" || !cmp.Equal(want, got) {
+		t.Errorf("the same DELETE failed over to eu: %d from %q, Retry-After %q, %+v (%v); want 503 from eu, Retry-After 1, %+v",
+			status, h.Get("X-Served-By"), h.Get("Retry-After"), got, err, want)
+	}
+
+	s.start(t, "backend-us")
+	s.start(t, "kafka")
+	s.caughtUp(t, 60*time.Second)
+	eu := fmt.Sprintf("/eu/properties/%d", created.ID)
+	status, h, got, err = s.doWith("DELETE", eu, header, "")
+	want = response{Error: "duplicate request", RequestID: header.Get("X-Request-Id"), OriginalResponse: &deleted.Property}
+	if err != nil || status != http.StatusUnprocessableEntity || h.Get("X-Served-By") != "eu" || !cmp.Equal(want, got) {
+		t.Errorf("the same DELETE in eu once replicated: %d from %q (%v) (-want +got):\n%s", status, h.Get("X-Served-By"), err, cmp.Diff(want, got))
+	}
+}
