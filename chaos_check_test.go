@@ -566,24 +566,35 @@ func (r report) markdown() string {
 		p("| %s | %d | %.1f s | %.1f s | %d |\n", k.name, n, total.Seconds(), longest.Seconds(), failed)
 	}
 
-	p("\n## Availability through NGINX\n\nShare of requests answered 2xx, 409 or 422 (the service's own answers) while each kind of fault was in force (a request counts under every kind in force when it was sent).\n\n")
-	p("| in force | requests | answered | share |\n|---|---|---|---|\n")
+	p("\n## Availability through NGINX\n\nWhile each kind of fault was in force: the share of requests answered 2xx, 409 or 422 (the service's own answers to a request it could judge), and the share answered at all (any status below 500: the rest are 5xx or no answer, outcomes the client cannot know). A request counts under every kind in force when it was sent; \"alone\" counts only the requests sent while that kind was the only one.\n\n")
+	p("| in force | requests | 2xx, 409, 422 | answered at all | alone: requests | alone: answered at all |\n|---|---|---|---|---|---|\n")
+	share := func(part, whole int) string {
+		if whole == 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.1f%%", 100*float64(part)/float64(whole))
+	}
 	for _, kind := range append([]string{"nothing"}, kindNames(r.kinds)...) {
-		var n, answered int
+		var n, judged, answered, alone, aloneAnswered int
 		for _, o := range r.ops {
 			active := r.activeAt(o.Start)
 			if (kind == "nothing" && len(active) == 0) || slices.Contains(active, kind) {
 				n++
 				if o.Status/100 == 2 || o.Status == http.StatusConflict || o.Status == http.StatusUnprocessableEntity {
+					judged++
+				}
+				if o.Status > 0 && o.Status < 500 {
 					answered++
+				}
+				if len(active) <= 1 {
+					alone++
+					if o.Status > 0 && o.Status < 500 {
+						aloneAnswered++
+					}
 				}
 			}
 		}
-		share := "-"
-		if n > 0 {
-			share = fmt.Sprintf("%.1f%%", 100*float64(answered)/float64(n))
-		}
-		p("| %s | %d | %d | %s |\n", kind, n, answered, share)
+		p("| %s | %d | %s | %s | %d | %s |\n", kind, n, share(judged, n), share(answered, n), alone, share(aloneAnswered, alone))
 	}
 	p("\nFrom the last heal to both regions drained and identical: %.1f s (converged: %v).\n", r.convergence.Seconds(), r.converged)
 	return b.String()

@@ -504,14 +504,14 @@ cmd_down() {
 }
 
 cmd_ps() {
-	printf '%-11s %-8s %-8s %s\n' SERVICE STATE HEALTH ADDRESS
+	printf '%-12s %-8s %-8s %s\n' SERVICE STATE HEALTH ADDRESS
 	for svc in "${services[@]}"; do
 		local st=stopped h=-
 		if running "$svc"; then
 			st=running
 			if healthy "$svc"; then h=healthy; else h=unhealthy; fi
 		fi
-		printf '%-11s %-8s %-8s 127.0.0.1:%s\n' "$svc" "$st" "$h" "$(port_of "$svc")"
+		printf '%-12s %-8s %-8s 127.0.0.1:%s\n' "$svc" "$st" "$h" "$(port_of "$svc")"
 	done
 }
 
