@@ -18,7 +18,11 @@ set -euo pipefail
 . "$(cd "$(dirname "$0")" && pwd)/stack.sh"
 
 clients=32
-out="$state/bench"
+# The topology's own results and README section: "bench" for the single
+# one, "bench-ha" for three brokers and two instances per region.
+section=bench
+[ "$(topology)" = single ] || section=bench-$(topology)
+out="$state/$section"
 secs=${BENCH_SECONDS:-8}
 rounds=${BENCH_ROUNDS:-5}
 pg=(-h 127.0.0.1 -p "$(port_of db-us)" -U "$POSTGRES_USER")
@@ -206,15 +210,15 @@ update_readme() {
 	local machine
 	machine="$(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), $(free -g | awk '/^Mem:/ { print $2 }') GiB, whole stack on the same machine"
 	{
-		echo "<!-- bench:start (written by ./stack.sh bench; do not edit) -->"
-		echo "Measured $(date -u +%Y-%m-%d) with \`./stack.sh bench\` on $machine:"
+		echo "<!-- $section:start (written by ./stack.sh bench; do not edit) -->"
+		echo "Measured $(date -u +%Y-%m-%d) with \`./stack.sh up $(topology) && ./stack.sh bench\` on $machine:"
 		echo
 		cat "$out/table.md"
-		echo "<!-- bench:end -->"
+		echo "<!-- $section:end -->"
 	} >"$out/readme-section.md"
-	awk -v f="$out/readme-section.md" '
-		/<!-- bench:start/ { while ((getline line < f) > 0) print line; skip = 1; next }
-		/<!-- bench:end -->/ { skip = 0; next }
+	awk -v f="$out/readme-section.md" -v start="<!-- $section:start" -v end="<!-- $section:end -->" '
+		index($0, start) == 1 { while ((getline line < f) > 0) print line; skip = 1; next }
+		index($0, end) == 1 { skip = 0; next }
 		!skip { print }' "$root/README.md" >"$out/README.md" && cp "$out/README.md" "$root/README.md"
 	log "README.md benchmark section updated"
 }
