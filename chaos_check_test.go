@@ -291,7 +291,7 @@ func ruleNothingInvented(history []op, initial, final map[int64]Property, writes
 			if o.Outcome == opFail || (o.ID != 0 && o.ID != p.ID) {
 				continue
 			}
-			if o.Outcome == opOK && sameRow && (o.Row.Version != p.Version || o.Row.RegionOrigin != p.RegionOrigin) {
+			if o.Outcome == opOK && sameRow && !o.mayHaveWritten(p.ID, p.Version, p.RegionOrigin) {
 				continue
 			}
 			return true
@@ -327,6 +327,20 @@ func ruleNothingInvented(history []op, initial, final map[int64]Property, writes
 	return r
 }
 
+// mayHaveWritten reports whether the write (id, version, region) may be
+// the acknowledged op's: the row its answer describes, or, when the answer
+// came from the other region than the prefix's (NGINX failed over after a
+// timeout or a 5xx), the same write made by the prefix's region, whose
+// first attempt may have committed unseen. Both attempts carry the version
+// the request named, so they are siblings the conflict rule orders.
+func (o op) mayHaveWritten(id, version int64, region string) bool {
+	if o.Row == nil || o.Row.ID != id || o.Row.Version != version {
+		return false
+	}
+	failedOver := o.Status/100 == 2 && o.Row.RegionOrigin != o.Prefix
+	return region == o.Row.RegionOrigin || failedOver && region == o.Prefix
+}
+
 func ruleRequestIDs(history []op, f chaosFinal) ruleResult {
 	r := ruleResult{rule: 4, name: "one record, one write per request id", pass: true}
 	if d := gocmp.Diff(f.requests["us"], f.requests["eu"]); d != "" {
@@ -337,6 +351,7 @@ func ruleRequestIDs(history []op, f chaosFinal) ruleResult {
 	// Each request id's acknowledged writes, by the region that made them
 	// (a retry's 422 names the original, made wherever it was).
 	acks := map[string]map[string]*Property{}
+	ackOps := map[string][]op{}
 	raced := 0
 	for _, o := range history {
 		if o.Row == nil || o.Kind == "GET" {
@@ -355,6 +370,7 @@ func ruleRequestIDs(history []op, f chaosFinal) ruleResult {
 			return r
 		}
 		byRegion[o.Row.RegionOrigin] = o.Row
+		ackOps[o.RequestID] = append(ackOps[o.RequestID], o)
 		if o.Resend && o.Outcome == opOK {
 			raced++
 		}
@@ -370,8 +386,8 @@ func ruleRequestIDs(history []op, f chaosFinal) ruleResult {
 	for id, byRegion := range acks {
 		rec, ok := records[id]
 		named := false
-		for _, w := range byRegion {
-			named = named || ok && rec.PropertyID == w.ID && rec.Version == w.Version && rec.RegionOrigin == w.RegionOrigin
+		for _, o := range ackOps[id] {
+			named = named || ok && o.mayHaveWritten(rec.PropertyID, rec.Version, rec.RegionOrigin)
 		}
 		if !named {
 			r.pass = false
@@ -738,6 +754,30 @@ func TestCheckerCatches(t *testing.T) {
 	h = append(h, op{Kind: "PUT", Prefix: "us", ID: 601, RequestID: "r1", Price: 100_000_003, Resend: true, Start: at(9), End: at(9), Status: 200, Outcome: opOK, Row: &sibling})
 	if failed := verdicts(h, f, s); len(failed) > 0 {
 		t.Fatalf("a request id written once in each region failed rules %v", failed)
+	}
+	// A DELETE sent to /eu/ that EU did not answer in time, which NGINX
+	// handed to US: US's tombstone is acknowledged, EU's first attempt
+	// committed unseen, and the rule keeps EU's, the later of the two. The
+	// same outcome from a request US served under its own prefix would
+	// be EU's tombstone from nowhere.
+	failover := func(prefix string) []int {
+		h, f, s := clean()
+		ack := row(3, "us", 18, 100_000_001)
+		ack.Deleted = true
+		unseen := row(3, "eu", 19, 100_000_001)
+		unseen.Deleted = true
+		h = append(h, op{Kind: "DELETE", Prefix: prefix, ID: 601, RequestID: "d1", Start: at(13), End: at(18), Status: 200, Outcome: opOK, Row: &ack})
+		f.us, f.eu = []Property{unseen}, []Property{unseen}
+		record := requestRecord{RequestID: "d1", PropertyID: 601, Price: "1000000.01", RegionOrigin: "eu", Version: 3, UpdatedAt: at(19), Deleted: true}
+		f.requests["us"] = append(f.requests["us"], record)
+		f.requests["eu"] = append(f.requests["eu"], record)
+		return verdicts(h, f, s)
+	}
+	if failed := failover("eu"); len(failed) > 0 {
+		t.Fatalf("a DELETE failed over after its first attempt committed failed rules %v", failed)
+	}
+	if failed := failover("us"); !slices.Contains(failed, 3) || !slices.Contains(failed, 4) {
+		t.Fatalf("a tombstone no request that reached its region wrote: failed rules %v, want 3 and 4", failed)
 	}
 	// A sample that had not yet heard of a write does not vouch for it,
 	// and a row read by an earlier sample still counts in a later one.
