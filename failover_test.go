@@ -27,9 +27,12 @@ type clientLoop struct {
 	failures []string
 	served   map[string]int // 2xx answers by the region that served them
 	writes   map[string]int // successful PUTs by the region that served them
-	maxDelay time.Duration  // the slowest answer
-	stop     chan struct{}
-	done     chan struct{}
+	// cannotTell are PUTs answered 503 or 502 (see standIn in handlers.go),
+	// by request id: checked against NGINX's log by the test.
+	cannotTell map[string]int
+	maxDelay   time.Duration // the slowest answer, of those the service judged
+	stop       chan struct{}
+	done       chan struct{}
 }
 
 // startClientLoop alternates GET and PUT of property id under /region/. A
@@ -37,7 +40,7 @@ type clientLoop struct {
 // as a real client would; anything but 200 or 409 is a failure.
 func startClientLoop(t *testing.T, s *stack, region string, id int64) *clientLoop {
 	t.Helper()
-	l := &clientLoop{served: map[string]int{}, writes: map[string]int{}, stop: make(chan struct{}), done: make(chan struct{})}
+	l := &clientLoop{served: map[string]int{}, writes: map[string]int{}, cannotTell: map[string]int{}, stop: make(chan struct{}), done: make(chan struct{})}
 	version := s.current(t, region, id).Version
 	path := fmt.Sprintf("/%s/properties/%d", region, id)
 	go func() {
@@ -58,10 +61,17 @@ func startClientLoop(t *testing.T, s *stack, region string, id int64) *clientLoo
 			delay := time.Since(start)
 			l.mu.Lock()
 			l.total++
-			l.maxDelay = max(l.maxDelay, delay)
+			if err == nil && (status == http.StatusOK || status == http.StatusConflict) {
+				l.maxDelay = max(l.maxDelay, delay)
+			}
 			switch {
 			case err != nil:
 				l.failures = append(l.failures, fmt.Sprintf("%s %s: %v", method, path, err))
+			case method == "PUT" && (status == http.StatusServiceUnavailable || status == http.StatusBadGateway):
+				// A stale version, standing in: this region cannot tell
+				// whether the other committed it. The next GET refreshes
+				// the version.
+				l.cannotTell[requestID] = status
 			case status == http.StatusOK:
 				l.served[servedBy]++
 				version = got.Version
@@ -85,6 +95,24 @@ func (l *clientLoop) snapshot() (total int, served, writes map[string]int, failu
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.total, maps.Clone(l.served), maps.Clone(l.writes), slices.Clone(l.failures), l.maxDelay
+}
+
+// checkCannotTell fails the test for a PUT answered 502 or 503 other than
+// by a stand-in that could not tell (handlers.go, standIn): NGINX's log
+// must show the other region's 503 for it (then NGINX's own 502, when the
+// primary it tried next was still marked down).
+func (l *clientLoop) checkCannotTell(t *testing.T, s *stack) {
+	t.Helper()
+	l.mu.Lock()
+	cannotTell := maps.Clone(l.cannotTell)
+	l.mu.Unlock()
+	for requestID, status := range cannotTell {
+		e := s.accessLogEntry(t, requestID)
+		if !strings.Contains(e.UpstreamStatus, "503") || e.Status != status {
+			t.Errorf("PUT %s answered %d, upstream statuses %q: not a stand-in that could not tell", requestID, status, e.UpstreamStatus)
+		}
+	}
+	t.Logf("%d PUTs with a stale version answered by a stand-in that could not tell", len(cannotTell))
 }
 
 // resetDelay forgets the slowest answer so far.
@@ -146,6 +174,7 @@ func TestFailoverBackendStopped(t *testing.T) {
 	if len(failures) > 0 {
 		t.Errorf("%d of %d requests failed during the failover; first: %s", len(failures), total, failures[0])
 	}
+	loop.checkCannotTell(t, s)
 	if outageDelay > time.Second {
 		t.Errorf("slowest answer while backend-us was down = %v, want well under a second", outageDelay)
 	}

@@ -520,20 +520,20 @@ func TestStandIn(t *testing.T) {
 		status, _, got := call(t, eu, method, path, requestID, body)
 		return status, got, time.Since(start)
 	}
-	const id = 31
-	stale := `{"price": 310000, "version": 7}`
+	const id = 47
+	stale := `{"price": 470000, "version": 7}`
 	mismatch := response{Error: "version mismatch", CurrentVersion: 1}
 	cannotTell := response{Error: "this region cannot tell yet whether the listing's own region applied this request: retry with the same X-Request-ID"}
 
 	// Under its own prefix, a region answers on its copy at once.
 	setWatermark(time.Now().Add(-time.Hour))
-	if status, got, _ := timed("PUT", "/eu/properties/31", "stand-in-1", stale); status != 409 || !cmp.Equal(mismatch, got) {
+	if status, got, _ := timed("PUT", "/eu/properties/47", "stand-in-1", stale); status != 409 || !cmp.Equal(mismatch, got) {
 		t.Errorf("PUT under /eu/ with a stale version: %d %+v, want 409 %+v", status, got, mismatch)
 	}
 	// Standing in, with the other region's writes an hour behind: it waits
 	// for them, and then cannot tell.
 	for _, tt := range []struct{ method, path, body string }{
-		{"PUT", "/us/properties/31", stale},
+		{"PUT", "/us/properties/47", stale},
 		{"PUT", "/us/properties/77777", stale},
 	} {
 		status, got, took := timed(tt.method, tt.path, "stand-in-2", tt.body)
@@ -551,7 +551,7 @@ func TestStandIn(t *testing.T) {
 	}
 	// Caught up with the moment the request arrived: the refusal stands.
 	setWatermark(time.Now().Add(time.Minute))
-	if status, got, took := timed("PUT", "/us/properties/31", "stand-in-4", stale); status != 409 || !cmp.Equal(mismatch, got) || took >= standInWait {
+	if status, got, took := timed("PUT", "/us/properties/47", "stand-in-4", stale); status != 409 || !cmp.Equal(mismatch, got) || took >= standInWait {
 		t.Errorf("PUT standing in, caught up: %d %+v after %v; want 409 %+v at once", status, got, took, mismatch)
 	}
 	if row := readRow(t, db, id); !cmp.Equal(seedProperty(id), row.Property) || row.Outbox != 0 || row.Requests != 0 {
@@ -564,15 +564,15 @@ func TestStandIn(t *testing.T) {
 	// version 1: a 409 here would say it did not happen. The writes arrive
 	// while the stand-in waits, and the request is a 422 with the original.
 	setWatermark(time.Now().Add(-time.Hour))
-	body := `{"price": 310003, "version": 2}`
+	body := `{"price": 470003, "version": 2}`
 	var update updateRequest
 	if err := json.Unmarshal([]byte(body), &update); err != nil {
 		t.Fatal(err)
 	}
 	seed := seedProperty(id)
 	second, third := seed, seed
-	second.Version, second.Price, second.RegionOrigin, second.UpdatedAt = 2, 31000200, "us", time.Now().UTC().Truncate(time.Microsecond)
-	third.Version, third.Price, third.RegionOrigin, third.UpdatedAt = 3, 31000300, "us", second.UpdatedAt.Add(time.Millisecond)
+	second.Version, second.Price, second.RegionOrigin, second.UpdatedAt = 2, 47000200, "us", time.Now().UTC().Truncate(time.Microsecond)
+	third.Version, third.Price, third.RegionOrigin, third.UpdatedAt = 3, 47000300, "us", second.UpdatedAt.Add(time.Millisecond)
 	arrive := make(chan error, 1)
 	go func() {
 		time.Sleep(standInWait / 4)
@@ -580,7 +580,7 @@ func TestStandIn(t *testing.T) {
 		if err == nil {
 			_, err = applyEvents(ctx, tx, []event{
 				{Property: second, RequestID: "stand-in-other"},
-				{Property: third, RequestID: "first-attempt", fingerprint: requestFingerprint("PUT", "/properties/31", update)},
+				{Property: third, RequestID: "first-attempt", fingerprint: requestFingerprint("PUT", "/properties/47", update)},
 			})
 		}
 		if err == nil {
@@ -591,7 +591,7 @@ func TestStandIn(t *testing.T) {
 		}
 		arrive <- err
 	}()
-	status, got, took := timed("PUT", "/us/properties/31", "first-attempt", body)
+	status, got, took := timed("PUT", "/us/properties/47", "first-attempt", body)
 	if err := <-arrive; err != nil {
 		t.Fatal(err)
 	}
