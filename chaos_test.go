@@ -166,7 +166,7 @@ func TestChaos(t *testing.T) {
 type opOutcome string
 
 const (
-	opOK      opOutcome = "ok"      // 2xx: it happened, and the answer says how
+	opOK      opOutcome = "ok"      // 2xx, or a 422 with the original: it happened, and the answer says how
 	opFail    opOutcome = "fail"    // a definite 4xx: it did not happen
 	opUnknown opOutcome = "unknown" // no answer, or a 5xx: it may have happened
 )
@@ -473,12 +473,16 @@ func (w *workload) send(o op, body, ifMatch string) op {
 	switch {
 	case err != nil || o.Status >= 500:
 		o.Outcome = opUnknown
+	case o.Status == http.StatusUnprocessableEntity && got.OriginalResponse != nil:
+		// "Duplicate request": this request was applied before, by an
+		// attempt this client may never have seen answered (NGINX's first
+		// try at an instance that committed and died), and the answer is
+		// that write.
+		o.Outcome = opOK
+		row := *got.OriginalResponse
+		o.Row = &row
 	case o.Status >= 400:
 		o.Outcome = opFail
-		if o.Status == http.StatusUnprocessableEntity && got.OriginalResponse != nil {
-			row := *got.OriginalResponse
-			o.Row = &row
-		}
 	default:
 		o.Outcome = opOK
 		row := got.Property
