@@ -199,7 +199,7 @@ table() {
 	printf '| GET at a steady 1,000 req/s | %s | - | %s |\n' "$(lat GetPaced1000)" "$(target "$(m GetPaced1000 p99_ms)" '<' 10 'p99 < 10 ms')"
 	printf '| replication delay US to EU at 200 writes/s, %s writes | %s | - | %s |\n' "$(iterations ReplicationDelay)" "$(lat ReplicationDelay)" \
 		"$(target "$(m ReplicationDelay p99_ms)" '<' 250 'p99 < 250 ms')"
-	printf '| PUT at a steady 500 req/s, five rounds alone and five while the purge deletes expired request ids (%s of 1,000,000 in the run), alternating | p99 %s ms alone, %s ms while purging (medians of rounds); rank test p = %s | - | %s |\n' \
+	printf '| PUT at a steady 500 req/s, five rounds alone and five while the purge deletes expired request ids (%s of 1,000,000 in the run), in the order alone, purge, purge, alone, … | p99 %s ms alone, %s ms while purging (medians of rounds); rank test p = %s | - | %s |\n' \
 		"$(m PutDuringPurge purged)" "$(m PutDuringPurge p99_alone_ms)" "$(m PutDuringPurge p99_purge_ms)" "$(m PutDuringPurge p_value)" \
 		"$(target "$(m PutDuringPurge p_value)" '>=' 0.05 'within noise: p ≥ 0.05')"
 	printf '| errors, all runs | %s | - | %s |\n' "$errors" "$(target "$errors" '<' 1 'none')"

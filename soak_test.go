@@ -150,7 +150,10 @@ func TestSoak(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(out, "soak.svg"), []byte(soakSVG(figures, times, samples, load)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("report: %s, picture: %s\n%s", filepath.Join(out, "report.md"), filepath.Join(out, "soak.svg"), report)
+	if err := os.WriteFile(filepath.Join(out, "samples.csv"), []byte(soakCSV(figures, times, samples)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("report: %s, picture: %s, samples: %s\n%s", filepath.Join(out, "report.md"), filepath.Join(out, "soak.svg"), filepath.Join(out, "samples.csv"), report)
 	for _, f := range failed {
 		t.Errorf("%s grows faster than its bound", f)
 	}
@@ -302,6 +305,11 @@ func soakFigures(t *testing.T) []soakFigure {
 		}{
 			{"go_goroutines", "goroutines", "", 1, 10},
 			{"go_memstats_heap_alloc_bytes", "heap", "MiB", 1 << 20, 1},
+			// What the Go runtime holds from the system, released pages
+			// included: the ceiling of the heap's resident memory. A PSS
+			// that climbs under a level ceiling is the runtime touching
+			// again pages it already holds; a leak raises the ceiling.
+			{"go_memstats_sys_bytes", "runtime memory", "MiB", 1 << 20, 1},
 		} {
 			figures = append(figures, soakFigure{name: b.name + " " + m.label, unit: m.unit, bound: m.bound, read: func() (float64, error) {
 				v, err := scrape("http://127.0.0.1:"+b.port+"/metrics", m.metric)
@@ -620,6 +628,25 @@ func soakReport(figures []soakFigure, times []float64, samples [][]float64, load
 	}
 	fmt.Fprintf(&b, "\nStatuses: %v; failed requests (transport errors, 5xx): %d\n", load.statuses, load.errors.Load())
 	return b.String(), failed
+}
+
+// soakCSV writes every sample, a row per sample and a column per figure,
+// for a closer look than the picture gives.
+func soakCSV(figures []soakFigure, times []float64, samples [][]float64) string {
+	var b strings.Builder
+	b.WriteString("seconds")
+	for _, f := range figures {
+		b.WriteString("," + f.name)
+	}
+	b.WriteString("\n")
+	for j, at := range times {
+		fmt.Fprintf(&b, "%.1f", at)
+		for i := range figures {
+			fmt.Fprintf(&b, ",%g", samples[i][j])
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
 }
 
 // soakSVG draws each figure as a small line chart over the run's time, and
