@@ -16,13 +16,15 @@ package main
 // The purge runs in each region, in small batches, each its own short
 // transaction: no long transaction, no table rewrite, a few milliseconds of
 // row locks at a time, taken with SKIP LOCKED so that a write is never
-// made to wait. An advisory lock lets one instance per region purge at a
-// time, however many run. A request id whose event is still in the outbox
-// (Kafka has been down that long) stays until the event has gone.
+// made to wait. An advisory lock, held for a whole round, lets one
+// instance per region purge at a time, however many run. A request id
+// whose event is still in the outbox (Kafka has been down that long)
+// stays until the event has gone.
 
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -154,16 +156,34 @@ DELETE FROM properties p USING expired e WHERE p.id = e.id`
 const oldestRequestIDSQL = `SELECT min(processed_at) FROM processed_requests`
 
 // round purges everything expired, batch after batch, unless another
-// instance of the region holds the purge lock.
+// instance of the region is purging. The round holds the region's purge
+// lock from its first batch to its last, on a connection of its own: one
+// instance purges at a time however many run (two taking turns batch by
+// batch would purge twice as fast and weigh twice as much on the writes),
+// and an instance that dies mid-round lets go of the lock with its
+// connection.
 func (p *purger) round(ctx context.Context) error {
+	conn, err := p.db.Conn(ctx)
+	if err != nil {
+		return fmt.Errorf("purge: %w", err)
+	}
+	defer conn.Close()
+	var locked bool
+	if err := conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1)`, purgeLockKey).Scan(&locked); err != nil {
+		return fmt.Errorf("purge lock: %w", err)
+	}
+	if !locked {
+		return nil
+	}
+	defer unlockPurge(conn)
 	for _, job := range []struct {
 		query   string
 		counter *atomic.Int64
 	}{{purgeRequestIDsSQL, &p.requestIDs}, {purgeTombstonesSQL, &p.tombstones}} {
 		for {
 			began := time.Now()
-			n, locked, err := p.batch(ctx, job.query)
-			if err != nil || !locked {
+			n, err := p.batch(ctx, conn, job.query)
+			if err != nil {
 				return err
 			}
 			job.counter.Add(n)
@@ -173,7 +193,7 @@ func (p *purger) round(ctx context.Context) error {
 		}
 	}
 	var oldest sql.NullTime
-	if err := p.db.QueryRowContext(ctx, oldestRequestIDSQL).Scan(&oldest); err != nil {
+	if err := conn.QueryRowContext(ctx, oldestRequestIDSQL).Scan(&oldest); err != nil {
 		return fmt.Errorf("oldest request id: %w", err)
 	}
 	if oldest.Valid {
@@ -183,32 +203,38 @@ func (p *purger) round(ctx context.Context) error {
 	return nil
 }
 
-// batch runs one purge statement in a transaction of its own under the
-// purge lock, and returns how many rows it deleted, and false if another
-// instance held the lock.
-func (p *purger) batch(ctx context.Context, query string) (int64, bool, error) {
-	tx, err := p.db.BeginTx(ctx, nil)
+// unlockPurge lets go of the purge lock before conn goes back to the pool.
+// A connection that cannot is closed instead (a driver.ErrBadConn from Raw
+// discards it), so that no pooled connection keeps the lock.
+func unlockPurge(conn *sql.Conn) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1)`, purgeLockKey); err != nil {
+		conn.Raw(func(any) error { return driver.ErrBadConn })
+	}
+}
+
+// batch runs one purge statement in a transaction of its own and returns
+// how many rows it deleted.
+func (p *purger) batch(ctx context.Context, conn *sql.Conn, query string) (int64, error) {
+	tx, err := conn.BeginTx(ctx, nil)
 	if err != nil {
-		return 0, false, fmt.Errorf("purge: %w", err)
+		return 0, fmt.Errorf("purge: %w", err)
 	}
 	defer tx.Rollback()
-	var locked bool
-	if err := tx.QueryRowContext(ctx, `SELECT pg_try_advisory_xact_lock($1)`, purgeLockKey).Scan(&locked); err != nil || !locked {
-		return 0, false, err
-	}
 	// The purge's commit need not wait for its WAL to reach the disk: a
 	// purge lost in a crash is done again by the next round. Its writes
 	// still reach the disk with the next write's commit.
 	if _, err := tx.ExecContext(ctx, `SET LOCAL synchronous_commit = off`); err != nil {
-		return 0, true, fmt.Errorf("purge: %w", err)
+		return 0, fmt.Errorf("purge: %w", err)
 	}
 	res, err := tx.ExecContext(ctx, query, p.retention.Seconds(), p.batchSize)
 	if err != nil {
-		return 0, true, fmt.Errorf("purge: %w", err)
+		return 0, fmt.Errorf("purge: %w", err)
 	}
 	n, err := res.RowsAffected()
 	if err != nil {
-		return 0, true, fmt.Errorf("purge: %w", err)
+		return 0, fmt.Errorf("purge: %w", err)
 	}
-	return n, true, tx.Commit()
+	return n, tx.Commit()
 }

@@ -90,6 +90,39 @@ func TestPurge(t *testing.T) {
 	}
 }
 
+// TestPurgeOneInstanceAtATime: while one instance's round rests between
+// its batches, another instance's round purges nothing. Instances taking
+// turns batch by batch would each purge at full pace, and the region's
+// writes would carry both.
+func TestPurgeOneInstanceAtATime(t *testing.T) {
+	db := testDB(t)
+	ctx := context.Background()
+	const expired = 40
+	if _, err := db.ExecContext(ctx, `
+INSERT INTO processed_requests (request_id, fingerprint, property_id, price, region_origin, version, updated_at, processed_at)
+SELECT 'turns-' || g, 'f', 1, 1, 'us', 2, now(), now() - interval '2 hours' FROM generate_series(1, $1) g`, expired); err != nil {
+		t.Fatal(err)
+	}
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	first, second := newPurger(quiet, db, time.Hour), newPurger(quiet, db, time.Hour)
+	first.batchSize, second.batchSize = 1, 1 // forty batches, each followed by a rest of purgePause at least
+	done := make(chan error, 1)
+	go func() { done <- first.round(ctx) }()
+	waitFor(t, 10*time.Second, "the first instance's first batch", func() bool { return first.stats().RequestIDs > 0 })
+	if err := second.round(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := first.stats().RequestIDs; n >= expired {
+		t.Fatalf("the first instance's round had ended (%d purged) before the second's began: nothing was tested", n)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if a, b := first.stats().RequestIDs, second.stats().RequestIDs; a < expired || b != 0 {
+		t.Errorf("the first instance purged %d request ids, the second %d while the first's round went on; want all %d by the first", a, b, expired)
+	}
+}
+
 // TestRetryAfterExpiry is the bound of idempotency: a retry that comes after
 // its request id expired is not recognised; it is judged as a new write (a
 // 409 here, as the version it names has moved on).
