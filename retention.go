@@ -175,7 +175,15 @@ func (p *purger) round(ctx context.Context) error {
 	if !locked {
 		return nil
 	}
-	defer unlockPurge(conn)
+	defer releasePurge(conn)
+	// The round's batches commit without waiting for their WAL to reach
+	// the disk: a purge lost in a crash is done again by the next round,
+	// and its writes reach the disk with the next write's commit. Set for
+	// the connection (each batch is one statement, its own transaction: one
+	// round trip), and reset before the connection goes back to the pool.
+	if _, err := conn.ExecContext(ctx, `SET synchronous_commit = off`); err != nil {
+		return fmt.Errorf("purge: %w", err)
+	}
 	for _, job := range []struct {
 		query   string
 		counter *atomic.Int64
@@ -203,32 +211,26 @@ func (p *purger) round(ctx context.Context) error {
 	return nil
 }
 
-// unlockPurge lets go of the purge lock before conn goes back to the pool.
-// A connection that cannot is closed instead (a driver.ErrBadConn from Raw
-// discards it), so that no pooled connection keeps the lock.
-func unlockPurge(conn *sql.Conn) {
+// releasePurge puts the round's connection back as the pool gave it:
+// synchronous_commit reset, the purge lock let go. A connection that
+// cannot be put back so is closed instead (a driver.ErrBadConn from Raw
+// discards it): a pooled connection must neither keep the lock nor commit
+// a client's write without waiting for the disk.
+func releasePurge(conn *sql.Conn) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1)`, purgeLockKey); err != nil {
-		conn.Raw(func(any) error { return driver.ErrBadConn })
+	for _, q := range []string{`RESET synchronous_commit`, `SELECT pg_advisory_unlock(` + strconv.Itoa(purgeLockKey) + `)`} {
+		if _, err := conn.ExecContext(ctx, q); err != nil {
+			conn.Raw(func(any) error { return driver.ErrBadConn })
+			return
+		}
 	}
 }
 
-// batch runs one purge statement in a transaction of its own and returns
-// how many rows it deleted.
+// batch runs one purge statement, a transaction of its own, and returns how
+// many rows it deleted.
 func (p *purger) batch(ctx context.Context, conn *sql.Conn, query string) (int64, error) {
-	tx, err := conn.BeginTx(ctx, nil)
-	if err != nil {
-		return 0, fmt.Errorf("purge: %w", err)
-	}
-	defer tx.Rollback()
-	// The purge's commit need not wait for its WAL to reach the disk: a
-	// purge lost in a crash is done again by the next round. Its writes
-	// still reach the disk with the next write's commit.
-	if _, err := tx.ExecContext(ctx, `SET LOCAL synchronous_commit = off`); err != nil {
-		return 0, fmt.Errorf("purge: %w", err)
-	}
-	res, err := tx.ExecContext(ctx, query, p.retention.Seconds(), p.batchSize)
+	res, err := conn.ExecContext(ctx, query, p.retention.Seconds(), p.batchSize)
 	if err != nil {
 		return 0, fmt.Errorf("purge: %w", err)
 	}
@@ -236,5 +238,5 @@ func (p *purger) batch(ctx context.Context, conn *sql.Conn, query string) (int64
 	if err != nil {
 		return 0, fmt.Errorf("purge: %w", err)
 	}
-	return n, tx.Commit()
+	return n, nil
 }

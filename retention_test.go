@@ -123,6 +123,27 @@ SELECT 'turns-' || g, 'f', 1, 1, 'us', 2, now(), now() - interval '2 hours' FROM
 	}
 }
 
+// TestPurgeLeavesItsConnectionAsFound: the round's connection goes back to
+// the pool committing as every other does, waiting for the disk, and
+// without the purge lock.
+func TestPurgeLeavesItsConnectionAsFound(t *testing.T) {
+	db := testDB(t)
+	// One connection: the round's, then the checks', is the same.
+	defer db.SetMaxOpenConns(db.Stats().MaxOpenConnections)
+	db.SetMaxOpenConns(1)
+	if err := newPurger(slog.New(slog.NewTextHandler(io.Discard, nil)), db, time.Hour).round(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	var commit string
+	var locks int
+	if err := db.QueryRow(`SELECT current_setting('synchronous_commit'), (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())`).Scan(&commit, &locks); err != nil {
+		t.Fatal(err)
+	}
+	if commit != "on" || locks != 0 {
+		t.Errorf("after a round, the pooled connection has synchronous_commit %q and %d advisory locks; want on and none", commit, locks)
+	}
+}
+
 // TestRetryAfterExpiry is the bound of idempotency: a retry that comes after
 // its request id expired is not recognised; it is judged as a new write (a
 // 409 here, as the version it names has moved on).
