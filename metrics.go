@@ -217,12 +217,14 @@ var runtimeSamples = []struct {
 }{
 	{"go_goroutines", "gauge", "Goroutines that exist now.", "/sched/goroutines:goroutines"},
 	{"go_memstats_heap_alloc_bytes", "gauge", "Bytes of heap objects, reachable or not yet collected.", "/memory/classes/heap/objects:bytes"},
+	{"go_gc_heap_live_bytes", "gauge", "Bytes of heap objects the last garbage collection found reachable.", "/gc/heap/live:bytes"},
 	{"go_memstats_sys_bytes", "gauge", "Bytes of memory the Go runtime holds from the system.", "/memory/classes/total:bytes"},
 	{"go_gc_cycles_total", "counter", "Garbage collections completed.", "/gc/cycles/total:gc-cycles"},
 }
 
 // writeRuntime adds the Go runtime's figures: a leak shows as goroutines or
-// heap that grow without end (./stack.sh soak watches them).
+// a live heap that grow without end (./stack.sh soak watches them; the heap
+// allocated, garbage included, rises and falls with every collection).
 func writeRuntime(e *exposition) {
 	samples := make([]metrics.Sample, len(runtimeSamples))
 	for i, r := range runtimeSamples {
