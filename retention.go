@@ -127,29 +127,43 @@ func (p *purger) run(ctx context.Context) {
 }
 
 // purgeRequestIDsSQL deletes a batch of expired request ids ($1 the
-// retention in seconds, $2 the batch size), oldest first, skipping those
-// whose event still waits in the outbox and rows a write holds.
+// retention in seconds, $2 the batch size), oldest first from $3 on,
+// skipping those whose event still waits in the outbox and rows a write
+// holds, and returns how many it deleted and the newest of them. A round
+// starts each batch where the last one stopped: the index entries of rows
+// just deleted stay until a vacuum, and a batch that began at the index's
+// start would walk over all of them, ever more as a backlog is purged. A
+// row passed over (locked, or waiting in the outbox) is the next round's.
 const purgeRequestIDsSQL = `
 WITH expired AS (
-    SELECT request_id FROM processed_requests r
+    SELECT request_id, processed_at FROM processed_requests r
     WHERE processed_at < now() - make_interval(secs => $1)
+      AND processed_at >= $3
       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.request_id = r.request_id)
     ORDER BY processed_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM processed_requests r USING expired e WHERE r.request_id = e.request_id
+    RETURNING e.processed_at
 )
-DELETE FROM processed_requests r USING expired e WHERE r.request_id = e.request_id`
+SELECT count(*), max(processed_at) FROM gone`
 
-// purgeTombstonesSQL deletes a batch of expired tombstones, oldest first.
+// purgeTombstonesSQL deletes a batch of expired tombstones, oldest first
+// from $3 on, as purgeRequestIDsSQL does request ids.
 const purgeTombstonesSQL = `
 WITH expired AS (
-    SELECT id FROM properties
+    SELECT id, updated_at FROM properties
     WHERE deleted AND updated_at < now() - make_interval(secs => $1)
+      AND updated_at >= $3
     ORDER BY updated_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM properties p USING expired e WHERE p.id = e.id
+    RETURNING e.updated_at
 )
-DELETE FROM properties p USING expired e WHERE p.id = e.id`
+SELECT count(*), max(updated_at) FROM gone`
 
 // oldestRequestIDSQL reads the oldest request id kept (an index's first
 // entry).
@@ -188,12 +202,14 @@ func (p *purger) round(ctx context.Context) error {
 		query   string
 		counter *atomic.Int64
 	}{{purgeRequestIDsSQL, &p.requestIDs}, {purgeTombstonesSQL, &p.tombstones}} {
+		var from time.Time // where the next batch starts: at first, the start
 		for {
 			began := time.Now()
-			n, err := p.batch(ctx, conn, job.query)
+			n, newest, err := p.batch(ctx, conn, job.query, from)
 			if err != nil {
 				return err
 			}
+			from = newest
 			job.counter.Add(n)
 			if n < int64(p.batchSize) || !sleep(ctx, max(purgePause, purgeRest*time.Since(began))) {
 				break
@@ -227,16 +243,17 @@ func releasePurge(conn *sql.Conn) {
 	}
 }
 
-// batch runs one purge statement, a transaction of its own, and returns how
-// many rows it deleted.
-func (p *purger) batch(ctx context.Context, conn *sql.Conn, query string) (int64, error) {
-	res, err := conn.ExecContext(ctx, query, p.retention.Seconds(), p.batchSize)
-	if err != nil {
-		return 0, fmt.Errorf("purge: %w", err)
+// batch runs one purge statement, a transaction of its own, from the
+// time from on, and returns how many rows it deleted and the time of the
+// newest.
+func (p *purger) batch(ctx context.Context, conn *sql.Conn, query string, from time.Time) (int64, time.Time, error) {
+	var n int64
+	var newest sql.NullTime
+	if err := conn.QueryRowContext(ctx, query, p.retention.Seconds(), p.batchSize, from).Scan(&n, &newest); err != nil {
+		return 0, from, fmt.Errorf("purge: %w", err)
 	}
-	n, err := res.RowsAffected()
-	if err != nil {
-		return 0, fmt.Errorf("purge: %w", err)
+	if !newest.Valid {
+		return 0, from, nil
 	}
-	return n, nil
+	return n, newest.Time, nil
 }
