@@ -16,8 +16,8 @@ import (
 )
 
 // replicationConns is the size of the replication's own pool: the relay's
-// round and the consumer's batch hold one connection each, and the lag report
-// reads with a third.
+// round, the consumer's batch and the purge's round (retention.go) hold one
+// connection each, and the lag report reads with a fourth.
 const replicationConns = 4
 
 // sessionLimits bound, on every connection of a pool, how long a statement

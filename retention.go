@@ -44,8 +44,8 @@ const (
 	purgeBatch = 50
 	// purgePause is the least rest between two batches; after a batch the
 	// purge rests purgeRest times as long as the batch took, so that it
-	// holds a database connection (and a core) at most a sixth of the time
-	// and a backlog of expired rows is purged as a trickle, not a burst that
+	// keeps the database (and a core) busy at most a sixth of the time and
+	// a backlog of expired rows is purged as a trickle, not a burst that
 	// writes would queue behind.
 	purgePause = 15 * time.Millisecond
 	purgeRest  = 5
@@ -235,11 +235,12 @@ func (p *purger) round(ctx context.Context) error {
 func releasePurge(conn *sql.Conn) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	for _, q := range []string{`RESET synchronous_commit`, `SELECT pg_advisory_unlock(` + strconv.Itoa(purgeLockKey) + `)`} {
-		if _, err := conn.ExecContext(ctx, q); err != nil {
-			conn.Raw(func(any) error { return driver.ErrBadConn })
-			return
-		}
+	_, err := conn.ExecContext(ctx, `RESET synchronous_commit`)
+	if err == nil {
+		_, err = conn.ExecContext(ctx, `SELECT pg_advisory_unlock($1)`, purgeLockKey)
+	}
+	if err != nil {
+		conn.Raw(func(any) error { return driver.ErrBadConn })
 	}
 }
 
@@ -252,8 +253,8 @@ func (p *purger) batch(ctx context.Context, conn *sql.Conn, query string, from t
 	if err := conn.QueryRowContext(ctx, query, p.retention.Seconds(), p.batchSize, from).Scan(&n, &newest); err != nil {
 		return 0, from, fmt.Errorf("purge: %w", err)
 	}
-	if !newest.Valid {
-		return 0, from, nil
+	if newest.Valid { // NULL when the batch deleted nothing
+		from = newest.Time
 	}
-	return n, newest.Time, nil
+	return n, from, nil
 }
