@@ -134,9 +134,12 @@ func (p *purger) run(ctx context.Context) {
 // just deleted stay until a vacuum, and a batch that began at the index's
 // start would walk over all of them, ever more as a backlog is purged. A
 // row passed over (locked, or waiting in the outbox) is the next round's.
+// The rows are deleted by their place in the table (ctid), which the
+// locking read found them at and a locked row keeps: no second walk down
+// the primary key for each.
 const purgeRequestIDsSQL = `
 WITH expired AS (
-    SELECT request_id, processed_at FROM processed_requests r
+    SELECT ctid, processed_at FROM processed_requests r
     WHERE processed_at < now() - make_interval(secs => $1)
       AND processed_at >= $3
       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.request_id = r.request_id)
@@ -144,7 +147,7 @@ WITH expired AS (
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 ), gone AS (
-    DELETE FROM processed_requests r USING expired e WHERE r.request_id = e.request_id
+    DELETE FROM processed_requests r USING expired e WHERE r.ctid = e.ctid
     RETURNING e.processed_at
 )
 SELECT count(*), max(processed_at) FROM gone`
@@ -153,14 +156,14 @@ SELECT count(*), max(processed_at) FROM gone`
 // from $3 on, as purgeRequestIDsSQL does request ids.
 const purgeTombstonesSQL = `
 WITH expired AS (
-    SELECT id, updated_at FROM properties
+    SELECT ctid, updated_at FROM properties
     WHERE deleted AND updated_at < now() - make_interval(secs => $1)
       AND updated_at >= $3
     ORDER BY updated_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 ), gone AS (
-    DELETE FROM properties p USING expired e WHERE p.id = e.id
+    DELETE FROM properties p USING expired e WHERE p.ctid = e.ctid
     RETURNING e.updated_at
 )
 SELECT count(*), max(updated_at) FROM gone`
