@@ -43,7 +43,7 @@ func growth(j judge, times, ys, given []float64) (float64, string) {
 	case byCeiling:
 		end := times[len(times)-1]
 		second := ceiling(times, ys, end/4, end/2)
-		fourth := ceiling(times, ys, end*3/4, end+1)
+		fourth := ceiling(times, ys, end*3/4, end+1) // the last sample too
 		return (fourth - second) / (end / 2 / 3600), fmt.Sprintf("peaks %.1f → %.1f", second, fourth)
 	case atFixedGiven:
 		return slopeGiven(times, ys, given), "at a fixed number of processes"
@@ -55,9 +55,12 @@ func growth(j judge, times, ys, given []float64) (float64, string) {
 // ceiling is the highest of ys read (a failed read is NaN) at times in
 // [from, to).
 func ceiling(times, ys []float64, from, to float64) float64 {
-	m := math.NaN()
+	m := math.NaN() // none read yet
 	for i, y := range ys {
-		if times[i] >= from && times[i] < to && !math.IsNaN(y) && !(y <= m) {
+		if times[i] < from || times[i] >= to || math.IsNaN(y) {
+			continue
+		}
+		if math.IsNaN(m) || y > m {
 			m = y
 		}
 	}

@@ -170,21 +170,29 @@ func TestSoak(t *testing.T) {
 	// them in its own minute, so for up to a minute one region has
 	// forgotten what the other still holds.
 	s.caughtUp(t, 60*time.Second)
-	live := func(db *sql.DB) []Property {
+	// One cutoff for both regions' reads: reading a region takes a while,
+	// and with an age judged at each read, a tombstone that crosses it
+	// between the two reads would be kept in one list and not the other.
+	live := func(db *sql.DB, cutoff time.Time) []Property {
 		var kept []Property
 		for _, p := range allProperties(t, db) {
-			if !p.Deleted || time.Since(p.UpdatedAt) < soakRetention-10*time.Second {
+			if !p.Deleted || p.UpdatedAt.After(cutoff) {
 				kept = append(kept, p)
 			}
 		}
 		return kept
 	}
 	us, eu := stackDB(t, "us"), stackDB(t, "eu")
-	var diff string
-	waitFor(t, 60*time.Second, "both regions identical but for expired tombstones", func() bool {
-		diff = cmp.Diff(live(us), live(eu))
-		return diff == ""
-	})
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(time.Second) {
+		cutoff := time.Now().Add(-(soakRetention - 10*time.Second))
+		diff := cmp.Diff(live(us, cutoff), live(eu, cutoff))
+		if diff == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("60 s after the load, the regions differ but for expired tombstones (-us +eu):\n%s", diff)
+		}
+	}
 }
 
 // shortenRetention sets the topic's retention to soakTopicRetention and
@@ -201,9 +209,7 @@ func shortenRetention(t *testing.T, s *stack) {
 	// the topic grows to that and stays there; in an hour's soak it would
 	// only grow. A segment closed every minute lets the compaction run
 	// during the soak, as the shortened retention lets the purge.
-	alterTopic(t, kafka, "__consumer_offsets", map[string]*string{
-		"segment.ms": kmsg.StringPtr(strconv.FormatInt(soakTopicRetention.Milliseconds(), 10)),
-	})
+	alterTopic(t, kafka, "__consumer_offsets", map[string]*string{"segment.ms": millis(soakTopicRetention)})
 	restart := func(retention string) {
 		for _, svc := range []string{"backend-us", "backend-eu"} {
 			s.control(t, "stop", svc)
@@ -250,11 +256,15 @@ func shortenRetention(t *testing.T, s *stack) {
 // delete nothing and the log would grow through the soak.
 func setTopicRetention(t *testing.T, kafka *kgo.Client, d time.Duration) {
 	t.Helper()
-	ms := func(d time.Duration) *string { return kmsg.StringPtr(strconv.FormatInt(d.Milliseconds(), 10)) }
 	alterTopic(t, kafka, setting("KAFKA_TOPIC", "property-updates"), map[string]*string{
-		"retention.ms": ms(d),
-		"segment.ms":   ms(min(d, 7*24*time.Hour)),
+		"retention.ms": millis(d),
+		"segment.ms":   millis(min(d, 7*24*time.Hour)),
 	})
+}
+
+// millis is a duration as a topic config's value: whole milliseconds.
+func millis(d time.Duration) *string {
+	return kmsg.StringPtr(strconv.FormatInt(d.Milliseconds(), 10))
 }
 
 // alterTopic sets a topic's own configs; a nil value removes the topic's
@@ -335,26 +345,8 @@ func soakFigures(t *testing.T) []soakFigure {
 			// +759 of a +791 KiB growth there): up to the cache's cap
 			// (ReservedCodeCacheSize, 240 MiB), so reported, and the rest
 			// of the JVM judged.
-			jit := soakFigure{name: "kafka JIT code", unit: "MiB", bound: -1, read: func() (float64, error) {
-				p, err := pid()
-				if err != nil {
-					return 0, err
-				}
-				return jitMiB(p)
-			}}
-			memory.name = "kafka memory (PSS) but JIT code"
-			memory.read = func() (float64, error) {
-				p, err := pid()
-				if err != nil {
-					return 0, err
-				}
-				all, err := pssMiB(p)
-				if err != nil {
-					return 0, err
-				}
-				code, err := jitMiB(p)
-				return all - code, err
-			}
+			jit := soakFigure{name: "kafka JIT code", unit: "MiB", bound: -1, read: ofProcess(pid, jitMiB)}
+			memory.name, memory.read = "kafka memory (PSS) but JIT code", ofProcess(pid, pssButJITMiB)
 			figures = append(figures, jit)
 		}
 		figures = append(figures, memory, files, procs)
@@ -413,6 +405,17 @@ func soakFigures(t *testing.T) []soakFigure {
 		return dirMiB(filepath.Join(state, "kafka", "data"))
 	}})
 	return figures
+}
+
+// ofProcess reads one process, without its children.
+func ofProcess(pid func() (int, error), read func(int) (float64, error)) func() (float64, error) {
+	return func() (float64, error) {
+		p, err := pid()
+		if err != nil {
+			return 0, err
+		}
+		return read(p)
+	}
 }
 
 // procTree adds read over a process and its children (PostgreSQL's and
@@ -491,6 +494,16 @@ func jitMiB(pid int) (float64, error) {
 		}
 	}
 	return kb / 1024, nil
+}
+
+// pssButJITMiB is a JVM's PSS less the code its JIT compiled.
+func pssButJITMiB(pid int) (float64, error) {
+	all, err := pssMiB(pid)
+	if err != nil {
+		return 0, err
+	}
+	code, err := jitMiB(pid)
+	return all - code, err
 }
 
 func threads(pid int) (float64, error) { return statusField(pid, "Threads") }
