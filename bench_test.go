@@ -358,7 +358,12 @@ func BenchmarkPutDuringPurge(b *testing.B) {
 	const rounds = 10
 	s := benchStack(b)
 	us := stackDB(b, "us")
-	p := newPurger(slog.New(slog.NewTextHandler(io.Discard, nil)), us, defaultRetention)
+	// The backlog is two hours old, expired for this purge (an hour's
+	// retention) and not for the backend's own (RETENTION, days): the
+	// backend's purge, which holds the region's purge lock for a whole
+	// round, would otherwise take it on and keep the lock for the half hour
+	// a million rows take, and the rounds alone would wait that long for it.
+	p := newPurger(slog.New(slog.NewTextHandler(io.Discard, nil)), us, time.Hour)
 	// What an earlier run left (a run purges only part of its backlog) goes
 	// first, in one statement.
 	if _, err := us.Exec(`DELETE FROM processed_requests WHERE request_id LIKE 'bench-expired-%'`); err != nil {
@@ -367,7 +372,7 @@ func BenchmarkPutDuringPurge(b *testing.B) {
 	// The backlog: request ids a millisecond apart, as a region's are.
 	if _, err := us.Exec(`
 INSERT INTO processed_requests (request_id, fingerprint, property_id, price, region_origin, version, updated_at, processed_at)
-SELECT 'bench-expired-' || $1 || '-' || g, 'f', 1, 1, 'us', 2, now(), now() - interval '30 days' + g * interval '1 ms'
+SELECT 'bench-expired-' || $1 || '-' || g, 'f', 1, 1, 'us', 2, now(), now() - interval '2 hours' + g * interval '1 ms'
 FROM generate_series(1, $2) g`, strconv.FormatInt(time.Now().UnixNano(), 10), 50*b.N); err != nil {
 		b.Fatal(err)
 	}
@@ -401,12 +406,22 @@ FROM generate_series(1, $2) g`, strconv.FormatInt(time.Now().UnixNano(), 10), 50
 		defer func() { free <- w }()
 		w.put(i)
 	})
-	var alone, purging []float64
+	var alone, purging, walAlone, walPurging, rows []float64
+	// The write-ahead log a round wrote, in MiB: every PUT's commit
+	// flushes the log up to its own record, the purge's records before it
+	// included.
+	walMiB := func() float64 {
+		var lsn float64
+		if err := us.QueryRow(`SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')`).Scan(&lsn); err != nil {
+			b.Fatal(err)
+		}
+		return lsn / (1 << 20)
+	}
 	perRound := max(b.N/rounds, 1)
 	b.ResetTimer()
-	// Rounds alone are alone: the backend's own purge, which would find
-	// the same expired rows, is kept out of them by holding the region's
-	// purge lock (its batches try the lock and skip when it is held).
+	// Rounds alone are alone: holding the region's purge lock keeps any
+	// purge out of them (a round tries the lock and skips when it is held),
+	// the backend's own included, should it find rows of its own expired.
 	lock, err := us.Conn(context.Background())
 	if err != nil {
 		b.Fatal(err)
@@ -428,8 +443,7 @@ FROM generate_series(1, $2) g`, strconv.FormatInt(time.Now().UnixNano(), 10), 50
 		hold(!purge)
 		if purge {
 			// Purge rounds back to back, as a region's purge does with a
-			// backlog (the backend's own purge may take turns with this
-			// one: they share the region's purge lock).
+			// backlog.
 			wg.Go(func() {
 				for ctx.Err() == nil {
 					if err := p.round(ctx); err != nil && ctx.Err() == nil {
@@ -441,6 +455,7 @@ FROM generate_series(1, $2) g`, strconv.FormatInt(time.Now().UnixNano(), 10), 50
 			})
 		}
 		var l latencies
+		wal, purged := walMiB(), p.requestIDs.Load()
 		pace(perRound, putDuringPurgeRate, func(i int) {
 			w := <-free
 			defer func() { free <- w }()
@@ -456,15 +471,16 @@ FROM generate_series(1, $2) g`, strconv.FormatInt(time.Now().UnixNano(), 10), 50
 		if l.errors > 0 {
 			b.Fatalf("round %d: %d requests failed; first: %s", round+1, l.errors, l.firstErr)
 		}
-		p99 := l.percentile(0.99)
+		p99, wal := l.percentile(0.99), walMiB()-wal
 		if purge {
-			purging = append(purging, p99)
+			purging, walPurging = append(purging, p99), append(walPurging, wal)
+			rows = append(rows, float64(p.requestIDs.Load()-purged))
 		} else {
-			alone = append(alone, p99)
+			alone, walAlone = append(alone, p99), append(walAlone, wal)
 		}
 	}
 	b.StopTimer()
-	b.Logf("%d PUTs a round: p99 alone %.2f ms, while purging %.2f ms", perRound, alone, purging)
+	b.Logf("%d PUTs a round: p99 alone %.2f ms, while purging %.2f ms; WAL written alone %.1f MiB, while purging %.1f MiB; rows purged by the round %.0f", perRound, alone, purging, walAlone, walPurging, rows)
 	b.ReportMetric(0, "ns/op")
 	b.ReportMetric(medianOf(alone), "p99_alone_ms")
 	b.ReportMetric(medianOf(purging), "p99_purge_ms")
