@@ -34,18 +34,17 @@ const (
 	// byCeiling compares the highest value of the run's fourth quarter
 	// with the highest of its second. Right for a size that grows a chunk
 	// at a time and gives chunks back (a table between vacuums, Kafka's
-	// log between retention checks): it rises in every part of a tooth,
-	// and a line tilts with where in a tooth the run ends, while a leak
-	// lifts the ceiling.
+	// log between retention checks). A saw-tooth rises in every part of a
+	// tooth, as a leak does, and a line through it tilts with where in a
+	// tooth the run ends; but only a leak lifts the ceiling.
 	byCeiling
 	// atFixedGiven takes out of the figure what another figure (given)
 	// explains, each unit of the given figure holding what the figure
 	// jumps by when the given one moves (perGiven), and judges what is
-	// left by its rises. Right for PostgreSQL,
-	// whose memory and files follow the number of its processes, which
-	// swings as the pools open connections for a burst and close them
-	// when idle or old (database.go): what must not grow is what each
-	// holds.
+	// left by its rises. Right for PostgreSQL, whose memory and files
+	// follow the number of its processes, which swings as the pools open
+	// connections for a burst and close them when idle or old
+	// (database.go): what must not grow is what each holds.
 	atFixedGiven
 )
 
@@ -61,7 +60,7 @@ func growth(j judge, times, ys, given []float64) (float64, string) {
 		fourth := ceiling(times, ys, end*3/4, end+1) // the last sample too
 		return (fourth - second) / (end / 2 / 3600), fmt.Sprintf("peaks %.1f → %.1f", second, fourth) + line
 	case atFixedGiven:
-		each := perGiven(times, ys, given)
+		each := perGiven(ys, given)
 		rest := make([]float64, len(ys))
 		for i := range ys {
 			rest[i] = ys[i] - each*given[i]
@@ -158,9 +157,9 @@ func slopePerHour(xs, ys []float64) float64 {
 // samples, PostgreSQL's memory moves by what that process holds; between
 // them, by what all of them gained. 0 if g never moved: the figure is
 // judged as it is.
-func perGiven(xs, ys, gs []float64) float64 {
+func perGiven(ys, gs []float64) float64 {
 	var each []float64
-	for i := len(xs)/2 + 1; i < len(xs); i++ {
+	for i := len(ys)/2 + 1; i < len(ys); i++ {
 		dy, dg := ys[i]-ys[i-1], gs[i]-gs[i-1]
 		if dg != 0 && !math.IsNaN(dy) && !math.IsNaN(dg) {
 			each = append(each, dy/dg)
