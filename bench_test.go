@@ -482,8 +482,8 @@ FROM generate_series(1, $2) g`, strconv.FormatInt(time.Now().UnixNano(), 10), 50
 	b.StopTimer()
 	b.Logf("%d PUTs a round: p99 alone %.2f ms, while purging %.2f ms; WAL written alone %.1f MiB, while purging %.1f MiB; rows purged by the round %.0f", perRound, alone, purging, walAlone, walPurging, rows)
 	b.ReportMetric(0, "ns/op")
-	b.ReportMetric(medianOf(alone), "p99_alone_ms")
-	b.ReportMetric(medianOf(purging), "p99_purge_ms")
+	b.ReportMetric(median(alone), "p99_alone_ms")
+	b.ReportMetric(median(purging), "p99_purge_ms")
 	b.ReportMetric(higherP(purging, alone), "p_value")
 	b.ReportMetric(float64(before-expired()), "purged")
 }
@@ -537,12 +537,6 @@ func higherP(xs, ys []float64) float64 {
 // the thousand writes a second the service is sized for, a quarter of what
 // this machine's stack takes at most.
 const putDuringPurgeRate = 500
-
-// medianOf returns the median of a few values.
-func medianOf(v []float64) float64 {
-	s := slices.Sorted(slices.Values(v))
-	return s[(len(s)-1)/2]
-}
 
 // BenchmarkMixed is nine reads of random listings for every write.
 func BenchmarkMixed(b *testing.B) {
