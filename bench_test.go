@@ -363,7 +363,8 @@ func BenchmarkPutDuringPurge(b *testing.B) {
 	// backend's purge, which holds the region's purge lock for a whole
 	// round, would otherwise take it on and keep the lock for the half hour
 	// a million rows take, and the rounds alone would wait that long for it.
-	p := newPurger(slog.New(slog.NewTextHandler(io.Discard, nil)), us, time.Hour)
+	p := newPurger(slog.New(slog.NewTextHandler(io.Discard, nil)), us, "us", time.Hour,
+		func(context.Context) (time.Duration, error) { return time.Minute, nil })
 	// What an earlier run left (a run purges only part of its backlog) goes
 	// first, in one statement.
 	if _, err := us.Exec(`DELETE FROM processed_requests WHERE request_id LIKE 'bench-expired-%'`); err != nil {

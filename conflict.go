@@ -19,6 +19,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"time"
 )
 
 // compareWrites orders two writes of one property under the conflict rule:
@@ -53,6 +54,10 @@ const (
 	// client meant was lost.
 	replayWon
 	replayLost
+	// expired is a write older than RETENTION for a listing this region
+	// holds no row of: its tombstone may have been purged (retention.go),
+	// so it is not applied.
+	expired
 )
 
 // String names the outcome, for logs and test failures.
@@ -72,6 +77,8 @@ func (o outcome) String() string {
 		return "replay won"
 	case replayLost:
 		return "replay lost"
+	case expired:
+		return "expired"
 	}
 	return fmt.Sprintf("outcome(%d)", int(o))
 }
@@ -137,13 +144,15 @@ SET price         = EXCLUDED.price,
     deleted       = EXCLUDED.deleted`
 
 // applyEvents applies a batch of remote writes inside tx and returns what
-// the conflict rule did with each. The rule itself runs in Go (resolve), over
+// the conflict rule did with each. A write older than expiredBefore for a
+// listing with no row here is expired, and neither it nor its request id
+// is written (retention.go); a zero expiredBefore expires nothing. The rule itself runs in Go (resolve), over
 // the locked local rows, event after event; the database then receives the
 // winners in one statement and all request ids in another, instead of three
 // statements per event. Every request id is recorded, the losers' too: it
 // was consumed in the other region whoever won. No outbox row is written: a
 // replicated write is not replicated back.
-func applyEvents(ctx context.Context, tx *sql.Tx, events []event) ([]outcome, error) {
+func applyEvents(ctx context.Context, tx *sql.Tx, events []event, expiredBefore time.Time) ([]outcome, error) {
 	if len(events) == 0 {
 		return nil, nil
 	}
@@ -157,11 +166,17 @@ func applyEvents(ctx context.Context, tx *sql.Tx, events []event) ([]outcome, er
 	}
 	outcomes := make([]outcome, len(events))
 	winners := map[int64]Property{}
+	kept := events[:0:0]
 	for i, e := range events {
 		var current *Property
 		if p, ok := local[e.ID]; ok {
 			current = &p
 		}
+		if current == nil && e.UpdatedAt.Before(expiredBefore) {
+			outcomes[i] = expired
+			continue
+		}
+		kept = append(kept, e)
 		outcomes[i] = resolve(current, e.Property)
 		if replayed[e.RequestID] {
 			outcomes[i] = outcomes[i].asReplay()
@@ -180,8 +195,10 @@ func applyEvents(ctx context.Context, tx *sql.Tx, events []event) ([]outcome, er
 			return nil, fmt.Errorf("upsert rows: %w", err)
 		}
 	}
-	if err := recordReplicatedRequests(ctx, tx, events); err != nil {
-		return nil, err
+	if len(kept) > 0 {
+		if err := recordReplicatedRequests(ctx, tx, kept); err != nil {
+			return nil, err
+		}
 	}
 	return outcomes, nil
 }

@@ -122,7 +122,7 @@ func TestApplyEventsBatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := applyEvents(ctx, tx, batch)
+	got, err := applyEvents(ctx, tx, batch, time.Time{})
 	if err != nil {
 		tx.Rollback()
 		t.Fatalf("applyEvents: %v", err)
@@ -194,7 +194,7 @@ func TestApplyEvent(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		got, err := applyEvents(ctx, tx, []event{step.event})
+		got, err := applyEvents(ctx, tx, []event{step.event}, time.Time{})
 		if err != nil {
 			tx.Rollback()
 			t.Fatalf("%s: applyEvents(%+v): %v", step.name, step.event, err)

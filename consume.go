@@ -4,9 +4,21 @@ package main
 // database. It reads the topic in its own region's consumer group, skips the
 // records its own region produced, applies the peer's events by the conflict
 // rule (conflict.go) and its heartbeats as watermarks (lag.go), all of one
-// poll in one transaction, and only then commits the offsets. A crash before
-// the offset commit re-delivers the batch, which changes nothing the second
-// time.
+// poll in one transaction, together with where the region now stands in
+// each partition: the offset of the next record to read.
+//
+// That position lives in the region's own database, never only in Kafka. A
+// consumer group without committed offsets (a group never used, one whose
+// offsets Kafka expired after offsets.retention.minutes, or a partition
+// added to the topic) would otherwise start wherever the client's reset
+// policy says, and a start at the end of the log skips every event in
+// between without a word. Written in the apply transaction, the position is
+// exactly as old as the rows: a crash before the commit re-delivers the
+// batch, which changes nothing the second time, and a database restored
+// from a backup goes back to read what it lost. On assignment the consumer
+// seeks to the stored position; a partition with none is read from its
+// oldest retained record; a stored position the broker no longer holds is
+// the loud stop (eventsLost), never a jump to what is left.
 //
 // A record that cannot be decoded is poison, not an outage: it goes to the
 // dead-letter queue with the reason, and consumption goes on. A database
@@ -41,32 +53,55 @@ type consumer struct {
 	producer *kgo.Client // writes dead letters
 	region   string
 	peer     string
+	topic    string
 	dlqTopic string
 	started  time.Time // when this region started waiting for its peer
+	// retention is RETENTION: an older write for a listing with no row
+	// here is not applied (retention.go).
+	retention time.Duration
 
 	stats replicationStats
 }
 
 // newConsumer creates region's consumer of topic. It does not connect.
-func newConsumer(logger *slog.Logger, db *sql.DB, producer *kgo.Client, region string, brokers []string, topic, dlqTopic string) (*consumer, error) {
+func newConsumer(logger *slog.Logger, db *sql.DB, producer *kgo.Client, region string, brokers []string, topic, dlqTopic string, retention time.Duration) (*consumer, error) {
+	c := &consumer{
+		retention: retention,
+		logger:    logger,
+		db:        db,
+		producer:  producer,
+		region:    region,
+		peer:      peerOf(region),
+		topic:     topic,
+		dlqTopic:  dlqTopic,
+		started:   time.Now(),
+	}
 	client, err := kgo.NewClient(
 		kgo.SeedBrokers(brokers...),
-		// One group per region: each region reads every event once.
+		// One group per region: each region reads every event once, and
+		// the group spreads the partitions over the region's instances.
 		kgo.ConsumerGroup("property-replicator-"+region),
 		kgo.ConsumeTopics(topic),
-		// A new group starts at the oldest event, so that nothing written
-		// before this region first started is missed. And no offset is ever
-		// reset: if the broker no longer holds the next event this region
-		// needs (it was away longer than the retention, or the broker lost
-		// data), that is an error (eventsLost), not a jump to whatever the
-		// broker still has.
-		kgo.ConsumeResetOffset(kgo.NoResetOffset()),
-		// Offsets are committed by hand, after the database commit.
+		// Where to start is the region's database's to say (positions), not
+		// the group's committed offsets: see the top of this file.
+		kgo.AdjustFetchOffsetsFn(c.positions),
+		// What the client falls back to is the oldest retained record
+		// (AtStart: NoResetOffset alone means the END in franz-go v1.22,
+		// whatever its comment says). NoReset: an offset the broker no
+		// longer holds is an error (eventsLost), not a jump to what it has.
+		kgo.ConsumeResetOffset(kgo.NoResetOffset().AtStart()),
+		// Nothing is committed to Kafka: the position is in the database.
 		kgo.DisableAutoCommit(),
 		// No rebalance while a batch is being applied: its partitions cannot
-		// move to another instance between the apply and the offset commit.
+		// move to another instance in the middle of it.
 		kgo.BlockRebalanceOnPoll(),
+		// A partition that moves to another instance takes its backlog
+		// figure with it.
+		kgo.OnPartitionsRevoked(c.forget),
+		kgo.OnPartitionsLost(c.forget),
 		kgo.FetchMaxWait(time.Second),
+		// A partition added to the topic is noticed within this time.
+		kgo.MetadataMaxAge(metadataMaxAge),
 		// A crashed instance leaves the group only when its session times
 		// out; until then its partitions are not consumed. 10s rather than
 		// the default 45s bounds that pause.
@@ -76,16 +111,64 @@ func newConsumer(logger *slog.Logger, db *sql.DB, producer *kgo.Client, region s
 	if err != nil {
 		return nil, fmt.Errorf("kafka consumer: %w", err)
 	}
-	return &consumer{
-		logger:   logger,
-		db:       db,
-		client:   client,
-		producer: producer,
-		region:   region,
-		peer:     peerOf(region),
-		dlqTopic: dlqTopic,
-		started:  time.Now(),
-	}, nil
+	c.client = client
+	return c, nil
+}
+
+// readPositionsSQL reads where this region stands in the given partitions.
+const readPositionsSQL = `
+SELECT partition, next_offset FROM replication_positions
+WHERE topic = $1 AND partition = ANY($2)`
+
+// positions replaces the offsets the group would start the newly assigned
+// partitions at with the positions stored in the database: the next record
+// after the last one applied, or the oldest retained record where there is
+// none. While the database does not answer it retries, until the assignment
+// is revoked (ctx).
+func (c *consumer) positions(ctx context.Context, assigned map[string]map[int32]kgo.Offset) (map[string]map[int32]kgo.Offset, error) {
+	for topic, offsets := range assigned {
+		var partitions []int32
+		for p := range offsets {
+			partitions = append(partitions, p)
+		}
+		stored := map[int32]int64{}
+		ok := c.retry(ctx, "read positions", false, func(ctx context.Context) error {
+			rows, err := c.db.QueryContext(ctx, readPositionsSQL, topic, partitions)
+			if err != nil {
+				return err
+			}
+			defer rows.Close()
+			for rows.Next() {
+				var p int32
+				var next int64
+				if err := rows.Scan(&p, &next); err != nil {
+					return err
+				}
+				stored[p] = next
+			}
+			return rows.Err()
+		})
+		if !ok {
+			return nil, ctx.Err()
+		}
+		for p := range offsets {
+			if next, ok := stored[p]; ok {
+				offsets[p] = kgo.NoResetOffset().At(next)
+			} else {
+				offsets[p] = kgo.NoResetOffset().AtStart()
+			}
+		}
+		c.logger.Info("consume: partitions assigned", "topic", topic, "stored_positions", stored, "partitions", partitions)
+	}
+	return assigned, nil
+}
+
+// forget drops the backlog figures of partitions this instance no longer
+// reads.
+func (c *consumer) forget(_ context.Context, _ *kgo.Client, revoked map[string][]int32) {
+	for _, partitions := range revoked {
+		c.stats.forgetBehind(partitions)
+	}
 }
 
 // lagReport is this region's replication lag report (lag.go).
@@ -125,15 +208,8 @@ func (c *consumer) run(ctx context.Context, partitions int32) {
 		}
 		if len(records) > 0 {
 			if !c.handle(ctx, records, partitions) {
-				return // stopping: the batch is not committed and will be re-delivered
+				return // stopping: the batch is not applied and its position not moved
 			}
-			// Only now, after the database commit, may Kafka forget them. A
-			// commit cut short by a stop leaves the batch to come again.
-			commitCtx, cancel := context.WithTimeout(ctx, applyAttemptTimeout)
-			if err := c.client.CommitRecords(commitCtx, records...); err != nil && ctx.Err() == nil {
-				c.logger.Warn("consume: commit offsets failed; the batch will be re-applied harmlessly", "err", err)
-			}
-			cancel()
 		}
 		fetches.EachPartition(func(p kgo.FetchTopicPartition) {
 			if len(p.Records) > 0 {
@@ -187,22 +263,34 @@ func (c *consumer) close(ctx context.Context) {
 	c.client.Close()
 }
 
+// mark is what the heartbeats of one partition in a batch say: the newest
+// watermark, and the newest echo of this region's own (heartbeat.Seen).
+type mark struct {
+	watermark time.Time
+	seen      *time.Time
+}
+
 // batch is one poll's records, sorted out: the peer's events to apply (and
-// the record each came in), the newest heartbeat watermark per partition,
-// and the dead letters of the records that could not be decoded.
+// the record each came in), the newest heartbeat mark per partition and
+// the most partitions a heartbeat declared, the dead letters of the records
+// that could not be decoded, and the position after the poll in each
+// partition.
 type batch struct {
 	events     []event
 	sources    []*kgo.Record
-	watermarks map[int32]time.Time
+	watermarks map[int32]mark
+	partitions int32
 	dead       []*kgo.Record
+	next       map[int32]int64
 }
 
 // sortRecords decodes one poll's records into a batch. Its own region's
 // records are skipped without decoding: there is nothing to apply, and each
-// region validates only what it applies.
+// region validates only what it applies. They still move the position.
 func (c *consumer) sortRecords(records []*kgo.Record) batch {
-	b := batch{watermarks: map[int32]time.Time{}}
+	b := batch{watermarks: map[int32]mark{}, next: map[int32]int64{}}
 	for _, rec := range records {
+		b.next[rec.Partition] = max(b.next[rec.Partition], rec.Offset+1)
 		if header(rec, headerRegion) == c.region {
 			continue
 		}
@@ -215,9 +303,15 @@ func (c *consumer) sortRecords(records []*kgo.Record) batch {
 				c.logger.Warn("consume: a peer watermark from the future, clamped to now (a skewed or forged clock)",
 					"watermark", w, "partition", rec.Partition)
 			}
-			if w := m.heartbeat.Watermark; w.After(b.watermarks[rec.Partition]) {
-				b.watermarks[rec.Partition] = w
+			mk := b.watermarks[rec.Partition]
+			if w := m.heartbeat.Watermark; w.After(mk.watermark) {
+				mk.watermark = w
 			}
+			if seen := m.heartbeat.Seen; seen != nil && (mk.seen == nil || seen.After(*mk.seen)) {
+				mk.seen = seen
+			}
+			b.watermarks[rec.Partition] = mk
+			b.partitions = max(b.partitions, m.heartbeat.Partitions)
 		case m.event != nil:
 			b.events = append(b.events, *m.event)
 			b.sources = append(b.sources, rec)
@@ -251,17 +345,7 @@ func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions
 	if !ok {
 		return false
 	}
-	// Dead letters are written before the offsets can be committed, so that
-	// a poison record is never just dropped.
-	if len(b.dead) > 0 {
-		ok := c.retry(ctx, "dead-letter", false, func(ctx context.Context) error {
-			return c.producer.ProduceSync(ctx, b.dead...).FirstErr()
-		})
-		if !ok {
-			return false
-		}
-		c.stats.deadLettered.Add(int64(len(b.dead)))
-	}
+	c.stats.deadLettered.Add(int64(len(b.dead)))
 	// Counted and logged only once committed, so a retried batch counts once.
 	for i, e := range b.events {
 		c.count(e, outcomes[i])
@@ -305,36 +389,93 @@ const maxClockSkew = time.Second
 // re-delivered old heartbeat must not make the lag jump. A watermark from the
 // future is clamped to this database's clock plus maxClockSkew ($5): kept as
 // it came, it would hold the lag at 0 until that future arrived, whatever
-// went missing meanwhile.
+// went missing meanwhile. The echo ($6) moves forward too, and is clamped to
+// this database's clock without a margin: it is a time of this region's own,
+// so a later one is forged.
 const saveWatermarkSQL = `
-INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, applied_at)
-VALUES ($1, $2, $3, LEAST($4, clock_timestamp() + $5 * interval '1 millisecond'), now())
+INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, seen, applied_at)
+VALUES ($1, $2, $3, LEAST($4, clock_timestamp() + $5 * interval '1 millisecond'), LEAST($6, clock_timestamp()), now())
 ON CONFLICT (peer_region, partition) DO UPDATE
 SET watermark  = GREATEST(replication_watermarks.watermark, EXCLUDED.watermark),
+    seen       = GREATEST(replication_watermarks.seen, EXCLUDED.seen),
     partitions = EXCLUDED.partitions,
     applied_at = now()`
 
-// apply applies a batch's events and heartbeat watermarks in one
-// transaction, and returns each event's outcome.
+// savePositionsSQL moves this region's position in partitions $2 of topic
+// $1 to offsets $3, never back: an instance that lost its partitions while
+// applying a batch must not undo what the instance that took them over has
+// applied since.
+const savePositionsSQL = `
+INSERT INTO replication_positions (topic, partition, next_offset)
+SELECT $1, p.partition, p.next_offset FROM unnest($2::int[], $3::bigint[]) AS p(partition, next_offset)
+ON CONFLICT (topic, partition) DO UPDATE
+SET next_offset = GREATEST(replication_positions.next_offset, EXCLUDED.next_offset)`
+
+// apply applies a batch's events in one transaction, and returns each
+// event's outcome.
 func (c *consumer) apply(ctx context.Context, b batch, partitions int32) ([]outcome, error) {
 	tx, err := c.db.BeginTx(ctx, nil)
 	if err != nil {
 		return nil, fmt.Errorf("apply batch: %w", err)
 	}
 	defer tx.Rollback()
-	outcomes, err := applyEvents(ctx, tx, b.events)
+	outcomes, err := applyEvents(ctx, tx, b.events, c.expiredBefore())
 	if err != nil {
 		return nil, fmt.Errorf("apply batch: %w", err)
 	}
-	for partition, w := range b.watermarks {
-		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, w, maxClockSkew.Milliseconds()); err != nil {
-			return nil, fmt.Errorf("apply batch: save watermark: %w", err)
+	if err := c.commit(ctx, tx, c.withExpired(b, outcomes), partitions); err != nil {
+		return nil, fmt.Errorf("apply batch: %w", err)
+	}
+	return outcomes, nil
+}
+
+// expiredBefore is the time before which a write for a listing with no row
+// here is not applied (retention.go).
+func (c *consumer) expiredBefore() time.Time { return time.Now().Add(-c.retention) }
+
+// withExpired returns b with a dead letter for each of its events that
+// outcomes says expired: kept there, with the reason, rather than dropped.
+func (c *consumer) withExpired(b batch, outcomes []outcome) batch {
+	dead := b.dead[:len(b.dead):len(b.dead)]
+	for i, o := range outcomes {
+		if o == expired {
+			dead = append(dead, c.deadLetter(b.sources[i], fmt.Errorf(
+				"older than RETENTION (%v) for a listing this region holds no row of: its tombstone may have been purged", c.retention)))
+		}
+	}
+	b.dead = dead
+	return b
+}
+
+// commit ends the transaction that applied b's events: it saves the
+// heartbeats' watermarks and the position after the batch, writes the dead
+// letters, and commits. The dead letters go to Kafka before the commit, so
+// that a poison record is never just dropped: once the position is past it,
+// nothing reads it again. A commit that fails after them re-delivers the
+// batch, and a dead letter may be written twice.
+func (c *consumer) commit(ctx context.Context, tx *sql.Tx, b batch, partitions int32) error {
+	partitions = max(partitions, b.partitions)
+	for partition, mk := range b.watermarks {
+		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, mk.watermark, maxClockSkew.Milliseconds(), mk.seen); err != nil {
+			return fmt.Errorf("save watermark: %w", err)
+		}
+	}
+	ps, offsets := make([]int32, 0, len(b.next)), make([]int64, 0, len(b.next))
+	for p, next := range b.next {
+		ps, offsets = append(ps, p), append(offsets, next)
+	}
+	if _, err := tx.ExecContext(ctx, savePositionsSQL, c.topic, ps, offsets); err != nil {
+		return fmt.Errorf("save position: %w", err)
+	}
+	if len(b.dead) > 0 {
+		if err := c.producer.ProduceSync(ctx, b.dead...).FirstErr(); err != nil {
+			return fmt.Errorf("dead letters: %w", err)
 		}
 	}
 	if err := tx.Commit(); err != nil {
-		return nil, fmt.Errorf("apply batch: commit: %w", err)
+		return fmt.Errorf("commit: %w", err)
 	}
-	return outcomes, nil
+	return nil
 }
 
 // count records the outcome of one applied event. Conflicts are logged: a
@@ -363,5 +504,10 @@ func (c *consumer) count(e event, o outcome) {
 			"outcome", o.String())
 	case stale:
 		c.stats.stale.Add(1)
+	case expired:
+		c.stats.expired.Add(1)
+		c.stats.deadLettered.Add(1)
+		c.logger.Error("an event older than RETENTION for a listing this region holds no row of: not applied, sent to the dead-letter queue",
+			"property", e.ID, "version", e.Version, "region_origin", e.RegionOrigin, "updated_at", e.UpdatedAt, "request_id", e.RequestID)
 	}
 }

@@ -42,7 +42,7 @@ func (c *consumer) applyEach(ctx context.Context, b *batch, partitions int32) ([
 		if _, err := tx.ExecContext(ctx, "SAVEPOINT event"); err != nil {
 			return nil, fmt.Errorf("apply events one by one: %w", err)
 		}
-		o, err := applyEvents(ctx, tx, []event{e})
+		o, err := applyEvents(ctx, tx, []event{e}, c.expiredBefore())
 		switch {
 		case refusedByDatabase(err):
 			if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT event"); err != nil {
@@ -57,16 +57,12 @@ func (c *consumer) applyEach(ctx context.Context, b *batch, partitions int32) ([
 			kept.sources = append(kept.sources, b.sources[i])
 		}
 	}
-	for partition, w := range b.watermarks {
-		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, w, maxClockSkew.Milliseconds()); err != nil {
-			return nil, fmt.Errorf("apply events one by one: save watermark: %w", err)
-		}
+	kept.watermarks, kept.partitions, kept.next = b.watermarks, b.partitions, b.next
+	kept.dead = append(b.dead, refused...)
+	if err := c.commit(ctx, tx, c.withExpired(kept, outcomes), partitions); err != nil {
+		return nil, fmt.Errorf("apply events one by one: %w", err)
 	}
-	if err := tx.Commit(); err != nil {
-		return nil, fmt.Errorf("apply events one by one: commit: %w", err)
-	}
-	b.events, b.sources = kept.events, kept.sources
-	b.dead = append(b.dead, refused...)
+	*b = kept
 	return outcomes, nil
 }
 

@@ -384,3 +384,59 @@ func TestFailoverAfterCommitIsNotRefused(t *testing.T) {
 		t.Errorf("the same DELETE in eu once replicated: %d from %q (%v) (-want +got):\n%s", status, h.Get("X-Served-By"), err, cmp.Diff(want, got))
 	}
 }
+
+// TestStandInIndependentOfClocks: whether a stand-in may refuse must not
+// depend on the two regions' clocks agreeing. US takes two writes of one
+// listing while Kafka is down and dies; EU's copy of US's watermark reads
+// 0.9 s ahead of EU's clock, as a US clock 0.9 s fast would send. The second
+// write, retried through /us/, reaches EU, whose copy is two versions
+// behind: a 409 would tell the client its committed write did not happen,
+// so EU must answer 503. And on a healthy stack a stand-in's refusal comes
+// within the stand-in's wait: it waits for a heartbeat of the other region
+// that echoes EU's own clock, not for the other clock to agree.
+func TestStandInIndependentOfClocks(t *testing.T) {
+	s := newStack(t)
+	eu := stackDB(t, "eu")
+	s.caughtUp(t, 30*time.Second)
+	const id = 250
+	p := s.current(t, "eu", id)
+
+	// US's clock fast, US down with writes EU has not seen.
+	s.stop(t, "kafka", false)
+	status, first := s.put(t, "us", id, newRequestID("clock-first"), 250250_01)
+	if status != http.StatusOK || first.Version != p.Version+1 {
+		t.Fatalf("first PUT in us: %d %+v", status, first)
+	}
+	second := newRequestID("clock-second")
+	body := fmt.Sprintf(`{"price": 250250.02, "version": %d}`, first.Version)
+	status, servedBy, _, err := s.do("PUT", fmt.Sprintf("/us/properties/%d", id), second, body)
+	if err != nil || status != http.StatusOK || servedBy != "us" {
+		t.Fatalf("second PUT in us: %d from %s, %v", status, servedBy, err)
+	}
+	s.stop(t, "backend-us", true)
+	if _, err := eu.Exec(`UPDATE replication_watermarks SET watermark = clock_timestamp() + interval '900 milliseconds' WHERE peer_region = 'us'`); err != nil {
+		t.Fatal(err)
+	}
+	status, servedBy, got, err := s.do("PUT", fmt.Sprintf("/us/properties/%d", id), second, body)
+	if err != nil || status != http.StatusServiceUnavailable || servedBy != "eu" {
+		t.Errorf("the second PUT retried through /us/ with us down and its clock fast: %d from %s %+v (%v); want 503 from eu", status, servedBy, got, err)
+	}
+	s.start(t, "backend-us")
+	s.start(t, "kafka")
+	s.caughtUp(t, 60*time.Second)
+
+	// Healthy: US's heartbeats echo EU's clock back within a round trip
+	// through Kafka, which is what lets a stand-in in EU refuse.
+	var now time.Time
+	if err := eu.QueryRow(`SELECT clock_timestamp()`).Scan(&now); err != nil {
+		t.Fatal(err)
+	}
+	took := waitFor(t, 5*time.Second, "a heartbeat of US in every partition echoing EU's clock", func() bool {
+		var caughtUp bool
+		err := eu.QueryRow(peerCaughtUpSQL, "us", now).Scan(&caughtUp)
+		return err == nil && caughtUp
+	})
+	if took >= standInWait {
+		t.Logf("the echo took %v, longer than a stand-in waits (%v)", took, standInWait)
+	}
+}

@@ -218,8 +218,8 @@ func parseWriteHeaders(r *http.Request) (id int64, requestID string, ifMatch tag
 // would then tell the client that a write which happened did not.
 //
 // So a stand-in refuses only on a copy that includes every write the other
-// region began before the request arrived here (the peer watermark,
-// lag.go): it judges the request again on that copy, where a first attempt
+// region began before the request arrived here (awaitPeer, lag.go, which
+// knows it without comparing the two regions' clocks): it judges the request again on that copy, where a first attempt
 // that committed is a 422 with its original response. If the copy does not
 // get there within standInWait (the other region is down, frozen or cut
 // off, and its writes cannot arrive), this region cannot tell, and says so:
@@ -237,12 +237,13 @@ var errCannotTell = errors.New("the other region's writes up to this request hav
 // the other region and write is refused on this region's copy, runs it
 // again once the copy has caught up with the request (see above).
 func standIn(ctx context.Context, db *sql.DB, region string, r *http.Request, write func() (Property, error)) (Property, error) {
-	arrived := time.Now()
 	p, err := write()
 	if err == nil || r.PathValue("region") == region || !refusedOnCopy(err) {
 		return p, err
 	}
-	if err := awaitPeer(ctx, db, peerOf(region), arrived, standInWait); err != nil {
+	// Every write the peer began before now (after this request arrived,
+	// so before it too), applied here: awaitPeer.
+	if err := awaitPeer(ctx, db, peerOf(region), standInWait); err != nil {
 		return Property{}, err
 	}
 	return write()

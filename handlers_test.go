@@ -504,15 +504,19 @@ func TestStandIn(t *testing.T) {
 	db := testDB(t)
 	ctx := context.Background()
 	eu := testServer(t, "eu", db)
-	setWatermark := func(w time.Time) {
+	// The heartbeats applied from the other region: their watermark (a time
+	// of the other region's clock) and their echo of this region's own (a
+	// time of this one's).
+	setMarks := func(watermark, seen time.Time) {
 		t.Helper()
 		if _, err := db.ExecContext(ctx, `DELETE FROM replication_watermarks`); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := db.ExecContext(ctx, `INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark) VALUES ('us', 0, 1, $1)`, w); err != nil {
+		if _, err := db.ExecContext(ctx, `INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, seen) VALUES ('us', 0, 1, $1, $2)`, watermark, seen); err != nil {
 			t.Fatal(err)
 		}
 	}
+	setWatermark := func(w time.Time) { setMarks(w, w) }
 	t.Cleanup(func() { db.ExecContext(ctx, `DELETE FROM replication_watermarks`) })
 	timed := func(method, path, requestID, body string) (int, response, time.Duration) {
 		t.Helper()
@@ -554,6 +558,20 @@ func TestStandIn(t *testing.T) {
 	if status, got, took := timed("PUT", "/us/properties/47", "stand-in-4", stale); status != 409 || !cmp.Equal(mismatch, got) || took >= standInWait {
 		t.Errorf("PUT standing in, caught up: %d %+v after %v; want 409 %+v at once", status, got, took, mismatch)
 	}
+	// The other region's clock 0.9 s fast: its watermark is past the
+	// moment the request arrived, but no heartbeat sent since has echoed
+	// it. The region cannot tell, whatever the other's clock says.
+	setMarks(time.Now().Add(900*time.Millisecond), time.Now().Add(-time.Hour))
+	if status, got, _ := timed("PUT", "/us/properties/47", "stand-in-5", stale); status != 503 || !cmp.Equal(cannotTell, got) {
+		t.Errorf("PUT standing in, the other clock fast and no echo: %d %+v; want 503 %+v", status, got, cannotTell)
+	}
+	// The other region's clock 0.9 s slow: its watermark is behind the
+	// moment the request arrived, but a heartbeat sent since has echoed
+	// it. The refusal stands, at once.
+	setMarks(time.Now().Add(-900*time.Millisecond), time.Now().Add(time.Minute))
+	if status, got, took := timed("PUT", "/us/properties/47", "stand-in-6", stale); status != 409 || !cmp.Equal(mismatch, got) || took >= standInWait {
+		t.Errorf("PUT standing in, the other clock slow and echoed: %d %+v after %v; want 409 %+v at once", status, got, took, mismatch)
+	}
 	if row := readRow(t, db, id); !cmp.Equal(seedProperty(id), row.Property) || row.Outbox != 0 || row.Requests != 0 {
 		t.Fatalf("the refusals changed the listing: %+v", row)
 	}
@@ -581,7 +599,7 @@ func TestStandIn(t *testing.T) {
 			_, err = applyEvents(ctx, tx, []event{
 				{Property: second, RequestID: "stand-in-other"},
 				{Property: third, RequestID: "first-attempt", fingerprint: requestFingerprint("PUT", "/properties/47", update)},
-			})
+			}, time.Time{})
 		}
 		if err == nil {
 			err = tx.Commit()

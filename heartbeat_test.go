@@ -77,8 +77,9 @@ func TestFullRelayRoundSendsHeartbeat(t *testing.T) {
 	// new topic waits for its metadata); a failed round may still have
 	// published, so the reader below counts at least, not exactly.
 	var full bool
+	rep.relay.partitions = partitions
 	waitFor(t, 30*time.Second, "a relay round to publish", func() bool {
-		full, err = rep.relay.publishRound(ctx, partitions)
+		full, err = rep.relay.publishRound(ctx)
 		return err == nil
 	})
 	if !full {

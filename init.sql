@@ -123,6 +123,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at    TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
+-- The relay's heartbeats (relay.go) read the oldest event waiting here, and
+-- the lag report how long it has waited: by this index, in O(log n),
+-- however long the backlog an outage of Kafka left.
+CREATE INDEX IF NOT EXISTS outbox_created_at_idx ON outbox (created_at);
+
 -- replication_watermarks records, per Kafka partition, the peer region's
 -- heartbeat time up to which everything the peer committed has been applied
 -- here. The replication lag is now() minus the smallest of them (see lag.go).
@@ -134,4 +139,23 @@ CREATE TABLE IF NOT EXISTS replication_watermarks (
     watermark   TIMESTAMPTZ NOT NULL,
     applied_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (peer_region, partition)
+);
+-- seen is the echo the peer's heartbeat carried: this region's own
+-- watermark as the peer had applied it when it sent the heartbeat, in this
+-- region's clock. A stand-in compares it with this database's clock, never
+-- with the peer's (handlers.go, standIn).
+ALTER TABLE replication_watermarks ADD COLUMN IF NOT EXISTS seen TIMESTAMPTZ;
+
+-- replication_positions is where this region stands in the topic: for each
+-- partition, the offset of the next record its consumer reads (consume.go).
+-- It is written in the same transaction as the events it moves past, so it
+-- is exactly as old as the rows: never ahead of what was applied (which a
+-- position kept only in Kafka could be after a restore from a backup), and
+-- never lost with a consumer group Kafka expired. No row for a partition:
+-- read it from its oldest retained record.
+CREATE TABLE IF NOT EXISTS replication_positions (
+    topic       TEXT NOT NULL,
+    partition   INTEGER NOT NULL,
+    next_offset BIGINT NOT NULL CHECK (next_offset >= 0),
+    PRIMARY KEY (topic, partition)
 );

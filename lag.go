@@ -51,8 +51,9 @@ type LagReport struct {
 	// RecordsBehind is how many records of the topic this region's consumer
 	// has yet to read, as of its last fetch.
 	RecordsBehind int64 `json:"records_behind"`
-	// OutboxBacklog is how many local writes wait to be published, and
-	// OldestOutboxSeconds how long the oldest of them has waited.
+	// OutboxBacklog is how many local writes wait to be published (at
+	// most: see readLagSQL), and OldestOutboxSeconds how long the oldest of
+	// them has waited.
 	OutboxBacklog       int64   `json:"outbox_backlog"`
 	OldestOutboxSeconds float64 `json:"oldest_outbox_seconds"`
 	// LastAppliedAt is when a peer write last changed a row here.
@@ -65,9 +66,13 @@ type LagReport struct {
 	// Replays counts requests written in both regions under one request id
 	// (a retry replayed in the other region before the first write arrived
 	// there): one write kept, and no conflict, since both were one request.
-	Replays      int64 `json:"replays"`
-	StaleEvents  int64 `json:"stale_events"`
-	DeadLettered int64 `json:"dead_lettered"`
+	Replays     int64 `json:"replays"`
+	StaleEvents int64 `json:"stale_events"`
+	// ExpiredEvents counts events older than RETENTION for a listing this
+	// region holds no row of: not applied, but sent to the dead-letter
+	// queue (retention.go). They are in DeadLettered too.
+	ExpiredEvents int64 `json:"expired_events"`
+	DeadLettered  int64 `json:"dead_lettered"`
 	// ReplicationStopped says why this region stopped applying the other
 	// region's writes, when it did: the broker no longer holds events it
 	// needs, and the region must be re-seeded (README). Absent while
@@ -82,6 +87,7 @@ type replicationStats struct {
 	conflicts    atomic.Int64
 	replays      atomic.Int64
 	stale        atomic.Int64
+	expired      atomic.Int64 // events not applied for their age (retention.go)
 	deadLettered atomic.Int64
 	lastApplied  atomic.Pointer[time.Time]
 	// stopped is why replication stopped for good (consumer.stop); nil
@@ -102,6 +108,16 @@ func (s *replicationStats) setBehind(p int32, n int64) {
 	s.behind[p] = n
 }
 
+// forgetBehind drops the figures of partitions this instance no longer
+// reads: another instance of the region reports them now.
+func (s *replicationStats) forgetBehind(partitions []int32) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, p := range partitions {
+		delete(s.behind, p)
+	}
+}
+
 // recordsBehind is the total of records the consumer has yet to read.
 func (s *replicationStats) recordsBehind() int64 {
 	s.mu.Lock()
@@ -116,30 +132,49 @@ func (s *replicationStats) recordsBehind() int64 {
 // readLagSQL reads the peer's watermark: the smallest over the partitions, and
 // only if every partition has one (a partition never heard from could hide any
 // amount of lag). It also reads the outbox backlog, and the clock, so that
-// both sides of the subtraction come from database clocks.
+// both sides of the subtraction come from database clocks. Every part costs
+// O(log n) in the outbox's size (its primary key and its created_at index):
+// the backlog is the span of its seqs, which counts a sequence value a
+// rolled-back write took as if it waited too, so it may read a little high,
+// never low, and it reads 0 exactly when the outbox is empty.
 const readLagSQL = `
 SELECT
     (SELECT CASE WHEN count(*) > 0 AND count(*) >= max(partitions) THEN min(watermark) END
      FROM replication_watermarks WHERE peer_region = $1),
-    (SELECT count(*) FROM outbox),
+    (SELECT coalesce(max(seq) - min(seq) + 1, 0) FROM outbox),
     (SELECT min(created_at) FROM outbox),
     clock_timestamp()`
 
-// peerCaughtUpSQL reads whether every write of the peer ($1) whose
-// transaction began before $2 is applied here: the watermark, as readLagSQL
-// reads it, is at or past $2.
+// peerCaughtUpSQL reads whether the peer ($1) has sent, in every partition,
+// a heartbeat that echoes this region's own watermark at or past $2, a time
+// of this database's clock, and whether this region has applied them.
 const peerCaughtUpSQL = `
-SELECT coalesce(CASE WHEN count(*) > 0 AND count(*) >= max(partitions) THEN min(watermark) >= $2 END, false)
+SELECT coalesce(CASE WHEN count(seen) > 0 AND count(seen) >= max(partitions) THEN min(seen) >= $2 END, false)
 FROM replication_watermarks WHERE peer_region = $1`
 
 // awaitPeer waits, for at most wait, until every write of peer whose
-// transaction began before t is applied here, and answers errCannotTell if
-// that does not happen. On a healthy link it takes a heartbeat or two.
-func awaitPeer(ctx context.Context, db *sql.DB, peer string, t time.Time, wait time.Duration) error {
+// transaction began before now is applied here, and answers errCannotTell
+// if that does not happen.
+//
+// "Before now" is judged without comparing two clocks. Now is this
+// database's clock. This region's relay stamps its heartbeats with
+// watermarks of that clock, never later than the moment it sends them; the
+// peer's relay echoes the one it has applied in each of its own heartbeats
+// (heartbeat.Seen), read in the same statement as its own watermark. So a
+// peer heartbeat that echoes a watermark at or past now was sent after now,
+// and it vouches for every write the peer began before it was sent (lag.go,
+// above). It takes a round trip through Kafka: on a healthy link about two
+// heartbeat intervals. Whatever the peer's clock says, a skewed one can
+// only make the lag read wrong, never this answer.
+func awaitPeer(ctx context.Context, db *sql.DB, peer string, wait time.Duration) error {
 	deadline := time.Now().Add(wait)
+	var now time.Time
+	if err := db.QueryRowContext(ctx, `SELECT clock_timestamp()`).Scan(&now); err != nil {
+		return fmt.Errorf("peer watermark: %w", err)
+	}
 	for {
 		var caughtUp bool
-		if err := db.QueryRowContext(ctx, peerCaughtUpSQL, peer, t).Scan(&caughtUp); err != nil {
+		if err := db.QueryRowContext(ctx, peerCaughtUpSQL, peer, now).Scan(&caughtUp); err != nil {
 			return fmt.Errorf("peer watermark: %w", err)
 		}
 		if caughtUp {
@@ -187,6 +222,7 @@ func readLag(ctx context.Context, db *sql.DB, region string, since time.Time, st
 	rep.Conflicts = stats.conflicts.Load()
 	rep.Replays = stats.replays.Load()
 	rep.StaleEvents = stats.stale.Load()
+	rep.ExpiredEvents = stats.expired.Load()
 	rep.DeadLettered = stats.deadLettered.Load()
 	if r := stats.stopped.Load(); r != nil {
 		rep.ReplicationStopped = *r

@@ -85,7 +85,7 @@ func deleteAllRecords(t *testing.T, kafka *kgo.Client) {
 	req := kmsg.NewPtrDeleteRecordsRequest()
 	rt := kmsg.NewDeleteRecordsRequestTopic()
 	rt.Topic = setting("KAFKA_TOPIC", "property-updates")
-	for p := range int32(topicPartitions) {
+	for p := range topicPartitionCount(t, kafka, rt.Topic) {
 		rp := kmsg.NewDeleteRecordsRequestTopicPartition()
 		rp.Partition, rp.Offset = p, -1
 		rt.Partitions = append(rt.Partitions, rp)
@@ -107,17 +107,16 @@ func deleteAllRecords(t *testing.T, kafka *kgo.Client) {
 
 // reseed re-seeds region from the other region, with its backend stopped,
 // as the README's procedure does: read the topic's end offsets; merge the
-// peer's listings and request records in by the conflict rule; forget the
-// old watermarks; move the region's consumer group to those offsets; start
-// the backend.
+// peer's listings and request records in by the conflict rule, forget the
+// old watermarks and store those offsets as the region's position, in one
+// transaction; start the backend.
 func reseed(t *testing.T, s *stack, kafka *kgo.Client, from, to *sql.DB, region string) {
 	t.Helper()
 	s.control(t, "stop", "backend-"+region)
 	topic := setting("KAFKA_TOPIC", "property-updates")
 	ends := endOffsets(t, kafka, topic)
 
-	mergeInto(t, from, to)
-	commitOffsets(t, kafka, "property-replicator-"+region, topic, ends)
+	mergeInto(t, from, to, topic, ends)
 	s.start(t, "backend-"+region)
 	s.caughtUp(t, 60*time.Second)
 	waitIdentical(t, from, to, 30*time.Second)
@@ -129,7 +128,7 @@ func endOffsets(t *testing.T, kafka *kgo.Client, topic string) map[int32]int64 {
 	req := kmsg.NewPtrListOffsetsRequest()
 	rt := kmsg.NewListOffsetsRequestTopic()
 	rt.Topic = topic
-	for p := range int32(topicPartitions) {
+	for p := range topicPartitionCount(t, kafka, topic) {
 		rp := kmsg.NewListOffsetsRequestTopicPartition()
 		rp.Partition, rp.Timestamp = p, -1 // -1: the end
 		rt.Partitions = append(rt.Partitions, rp)
@@ -152,9 +151,9 @@ func endOffsets(t *testing.T, kafka *kgo.Client, topic string) map[int32]int64 {
 }
 
 // mergeInto merges from's listings and request records into to by the
-// conflict rule, and forgets to's watermarks, which were about the events
-// before the re-seed.
-func mergeInto(t *testing.T, from, to *sql.DB) {
+// conflict rule, forgets to's watermarks, which were about the events
+// before the re-seed, and moves to's position in topic to positions.
+func mergeInto(t *testing.T, from, to *sql.DB, topic string, positions map[int32]int64) {
 	t.Helper()
 	ctx := context.Background()
 	tx, err := to.BeginTx(ctx, nil)
@@ -190,34 +189,25 @@ WHERE (EXCLUDED.version, EXCLUDED.updated_at, EXCLUDED.region_origin COLLATE "C"
 	if _, err := tx.ExecContext(ctx, `DELETE FROM replication_watermarks`); err != nil {
 		t.Fatal(err)
 	}
+	for p, next := range positions {
+		if _, err := tx.ExecContext(ctx, `
+INSERT INTO replication_positions (topic, partition, next_offset) VALUES ($1, $2, $3)
+ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset`, topic, p, next); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if err := tx.Commit(); err != nil {
 		t.Fatal(err)
 	}
 }
 
-// commitOffsets sets group's committed offsets of topic, a group with no
-// member.
-func commitOffsets(t *testing.T, kafka *kgo.Client, group, topic string, offsets map[int32]int64) {
+// topicPartitionCount is topic's partition count, which a test may have
+// raised (TestAddedPartitionSkipsNothing).
+func topicPartitionCount(t *testing.T, kafka *kgo.Client, topic string) int32 {
 	t.Helper()
-	commit := kmsg.NewPtrOffsetCommitRequest()
-	commit.Group, commit.Generation = group, -1
-	ct := kmsg.NewOffsetCommitRequestTopic()
-	ct.Topic = topic
-	for p, offset := range offsets {
-		cp := kmsg.NewOffsetCommitRequestTopicPartition()
-		cp.Partition, cp.Offset = p, offset
-		ct.Partitions = append(ct.Partitions, cp)
-	}
-	commit.Topics = append(commit.Topics, ct)
-	resp, err := commit.RequestWith(context.Background(), kafka)
+	n, err := partitionCount(context.Background(), kafka, topic)
 	if err != nil {
-		t.Fatalf("commit offsets of %s: %v", group, err)
+		t.Fatal(err)
 	}
-	for _, topic := range resp.Topics {
-		for _, p := range topic.Partitions {
-			if err := kerr.ErrorForCode(p.ErrorCode); err != nil {
-				t.Fatalf("commit offset of %s, partition %d: %v", group, p.Partition, err)
-			}
-		}
-	}
+	return n
 }

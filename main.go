@@ -303,7 +303,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	select {
 	case <-ctx.Done():
 	case err = <-serveErr:
-	case err = <-rep.fatal:
 	}
 	logger.Info("shutting down")
 	err = errors.Join(err, shutdown(srv, debugSrv, stopReplication, rep))

@@ -64,9 +64,22 @@ type relay struct {
 	// wake tells the relay that a local write committed. It has room for one
 	// signal: several writes in quick succession need only one publish round.
 	wake chan struct{}
-	// lastHeartbeat is when the relay last published heartbeats; only the
-	// relay's own goroutine uses it.
-	lastHeartbeat time.Time
+	// The rest belongs to the relay's own goroutine.
+	//
+	// lastHeartbeat is when the relay last published heartbeats, and
+	// heartbeatFailed whether the last round that tried to failed: the next
+	// round then publishes events alone, so that whatever makes a heartbeat
+	// fail can slow the events down, never stop them.
+	lastHeartbeat   time.Time
+	heartbeatFailed bool
+	// partitions is the topic's partition count as the relay last read it,
+	// at most metadataMaxAge ago (countedAt). The relay places every record
+	// itself (byKey for an event, each partition in turn for heartbeats),
+	// with one count per round: a round's heartbeats then cover every
+	// partition its events went to, even the round a partition is added.
+	partitions int32
+	countedAt  time.Time
+	byKey      kgo.TopicPartitioner
 	// failedRounds counts the rounds that failed, for the metrics.
 	failedRounds atomic.Int64
 }
@@ -80,6 +93,9 @@ func newRelay(logger *slog.Logger, db *sql.DB, producer *kgo.Client, region, top
 		region:   region,
 		topic:    topic,
 		wake:     make(chan struct{}, 1),
+		// Hashed by key as Kafka's own clients do, so that one property's
+		// events share a partition and stay in order.
+		byKey: kgo.StickyKeyPartitioner(nil).ForTopic(topic),
 	}
 }
 
@@ -95,14 +111,18 @@ func (r *relay) notify() {
 // is cancelled. It runs a round when a local write wakes it, and at least
 // every relayPollInterval.
 func (r *relay) run(ctx context.Context, partitions int32) {
+	r.partitions, r.countedAt = partitions, time.Now()
 	failures := 0
 	var lastRound time.Time
 	for {
 		if !sleep(ctx, relayMinGap-time.Since(lastRound)) {
 			return
 		}
+		if time.Since(r.countedAt) >= metadataMaxAge {
+			r.countPartitions(ctx)
+		}
 		lastRound = time.Now()
-		full, err := r.publishRound(ctx, partitions)
+		full, err := r.publishRound(ctx)
 		switch {
 		case err != nil:
 			r.failedRounds.Add(1)
@@ -119,7 +139,10 @@ func (r *relay) run(ctx context.Context, partitions int32) {
 			failures = 0
 		}
 		if full {
-			// More rows are waiting: go again at once.
+			// More rows are waiting: go again at once, without the gap,
+			// which is there to gather writes into rounds, and a full
+			// round has gathered all it can.
+			lastRound = time.Time{}
 			continue
 		}
 		select {
@@ -128,6 +151,26 @@ func (r *relay) run(ctx context.Context, partitions int32) {
 		case <-r.wake:
 		case <-time.After(relayPollInterval):
 		}
+	}
+}
+
+// countPartitions reads the topic's partition count again. A partition
+// added to the topic gets events and heartbeats from the next round on; the
+// producer is told to read the topic's metadata too, or it would refuse
+// records for a partition it does not know yet.
+func (r *relay) countPartitions(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	n, err := partitionCount(ctx, r.producer, r.topic)
+	if err != nil {
+		r.countedAt = time.Now().Add(-metadataMaxAge / 2) // again soon
+		return
+	}
+	r.countedAt = time.Now()
+	if n != r.partitions {
+		r.logger.Info("relay: the topic's partition count changed", "topic", r.topic, "from", r.partitions, "to", n)
+		r.partitions = n
+		r.producer.ForceMetadataRefresh()
 	}
 }
 
@@ -145,14 +188,21 @@ const lockRelaySQL = `SELECT pg_try_advisory_xact_lock($1)`
 // statement sees every transaction that committed before it began, so a
 // write is either in progress now (and bounds the watermark), or visible to
 // the outbox read that follows, or starts after now.
+//
+// The same statement reads the echo (heartbeat.Seen): the peer's watermark as
+// this region has applied it, every partition's, or null.
 const lockRelayWatermarkSQL = `
 SELECT pg_try_advisory_xact_lock($1),
        LEAST(now(), (SELECT min(xact_start) FROM pg_stat_activity
-                     WHERE datname = current_database() AND pid <> pg_backend_pid()))`
+                     WHERE datname = current_database() AND pid <> pg_backend_pid())),
+       (SELECT CASE WHEN count(*) > 0 AND count(*) >= max(partitions) THEN min(watermark) END
+        FROM replication_watermarks WHERE peer_region = $2)`
 
-// oldestLeftSQL is the earliest time carried by an event the round leaves in
-// the outbox (a full round leaves the rest for the next one).
-const oldestLeftSQL = `SELECT min(created_at) FROM outbox WHERE seq > $1`
+// oldestLeftSQL is no later than the earliest time carried by an event the
+// round leaves in the outbox (a full round leaves the rest for the next
+// one): the oldest in the whole outbox, this round's events included, read
+// from the outbox's index on created_at in O(log n), whatever the backlog.
+const oldestLeftSQL = `SELECT min(created_at) FROM outbox`
 
 // deleteOutboxSQL forgets the rows Kafka has acknowledged.
 const deleteOutboxSQL = `DELETE FROM outbox WHERE seq = ANY($1)`
@@ -170,7 +220,7 @@ const deleteOutboxSQL = `DELETE FROM outbox WHERE seq = ANY($1)`
 // lockRelayWatermarkSQL). A full round sends one too, with a watermark no
 // later than the oldest event it leaves behind, so that the other region's
 // lag stays true under a load that keeps every round full.
-func (r *relay) publishRound(ctx context.Context, partitions int32) (full bool, err error) {
+func (r *relay) publishRound(ctx context.Context) (full bool, err error) {
 	// The round finishes even if ctx is cancelled meanwhile: a publish must
 	// not be abandoned between Kafka's acknowledgement and the delete.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), relayRoundTimeout)
@@ -180,8 +230,14 @@ func (r *relay) publishRound(ctx context.Context, partitions int32) (full bool, 
 		return false, fmt.Errorf("relay: %w", err)
 	}
 	defer tx.Rollback()
-	heartbeatDue := time.Since(r.lastHeartbeat) >= heartbeatInterval
-	locked, watermark, err := r.lock(ctx, tx, heartbeatDue)
+	heartbeatDue := time.Since(r.lastHeartbeat) >= heartbeatInterval && !r.heartbeatFailed
+	r.heartbeatFailed = false
+	defer func() {
+		if err != nil && heartbeatDue {
+			r.heartbeatFailed = true
+		}
+	}()
+	locked, watermark, seen, err := r.lock(ctx, tx, heartbeatDue)
 	if err != nil || !locked {
 		return false, err // !locked: another instance is the relay
 	}
@@ -191,7 +247,7 @@ func (r *relay) publishRound(ctx context.Context, partitions int32) (full bool, 
 	}
 	full = len(seqs) == relayBatchSize
 	if heartbeatDue {
-		hb, err := r.heartbeats(ctx, tx, watermark, seqs, partitions)
+		hb, err := r.heartbeats(ctx, tx, heartbeat{Region: r.region, Watermark: watermark, Seen: seen}, full)
 		if err != nil {
 			return false, fmt.Errorf("relay: %w", err)
 		}
@@ -223,18 +279,23 @@ func (r *relay) publishRound(ctx context.Context, partitions int32) (full bool, 
 }
 
 // lock takes the relay's advisory lock in tx, and reports whether it got it.
-// With withWatermark, it also reads the heartbeats' watermark, in the same
-// first statement of the round (see lockRelayWatermarkSQL).
-func (r *relay) lock(ctx context.Context, tx *sql.Tx, withWatermark bool) (locked bool, watermark time.Time, err error) {
+// With withWatermark, it also reads the heartbeats' watermark and echo, in
+// the same first statement of the round (see lockRelayWatermarkSQL).
+func (r *relay) lock(ctx context.Context, tx *sql.Tx, withWatermark bool) (locked bool, watermark time.Time, seen *time.Time, err error) {
 	if withWatermark {
-		err = tx.QueryRowContext(ctx, lockRelayWatermarkSQL, relayLockKey).Scan(&locked, &watermark)
+		var echo sql.NullTime
+		err = tx.QueryRowContext(ctx, lockRelayWatermarkSQL, relayLockKey, peerOf(r.region)).Scan(&locked, &watermark, &echo)
+		if echo.Valid {
+			t := echo.Time.UTC()
+			seen = &t
+		}
 	} else {
 		err = tx.QueryRowContext(ctx, lockRelaySQL, relayLockKey).Scan(&locked)
 	}
 	if err != nil {
-		return false, time.Time{}, fmt.Errorf("relay: lock: %w", err)
+		return false, time.Time{}, nil, fmt.Errorf("relay: lock: %w", err)
 	}
-	return locked, watermark, nil
+	return locked, watermark, seen, nil
 }
 
 // readOutboxSQL reads the oldest events of the outbox. Rows with a lower seq
@@ -269,32 +330,33 @@ func (r *relay) readOutbox(ctx context.Context, tx *sql.Tx) ([]int64, []*kgo.Rec
 		if err != nil {
 			return nil, nil, err
 		}
+		rec.Partition = int32(r.byKey.Partition(rec, int(r.partitions)))
 		seqs = append(seqs, seq)
 		records = append(records, rec)
 	}
 	return seqs, records, rows.Err()
 }
 
-// heartbeats returns one heartbeat record for each of the topic's
-// partitions, to follow the round's events (seqs, in order). Their watermark
-// is the one lock read, or, when the round was full, the oldest time an
-// event it leaves behind carries, if that is earlier.
-func (r *relay) heartbeats(ctx context.Context, tx *sql.Tx, watermark time.Time, seqs []int64, partitions int32) ([]*kgo.Record, error) {
-	if len(seqs) == relayBatchSize {
+// heartbeats returns hb as one record for each of the topic's partitions,
+// to follow the round's events. Its watermark is the one lock read, or, when the round was full, the oldest time an event left behind
+// may carry, if that is earlier.
+func (r *relay) heartbeats(ctx context.Context, tx *sql.Tx, hb heartbeat, full bool) ([]*kgo.Record, error) {
+	if full {
 		var left sql.NullTime
-		if err := tx.QueryRowContext(ctx, oldestLeftSQL, seqs[len(seqs)-1]).Scan(&left); err != nil {
+		if err := tx.QueryRowContext(ctx, oldestLeftSQL).Scan(&left); err != nil {
 			return nil, fmt.Errorf("oldest event left: %w", err)
 		}
-		if left.Valid && left.Time.Before(watermark) {
-			watermark = left.Time
+		if left.Valid && left.Time.Before(hb.Watermark) {
+			hb.Watermark = left.Time
 		}
 	}
-	value, err := json.Marshal(heartbeat{Region: r.region, Watermark: watermark.UTC()})
+	hb.Watermark, hb.Partitions = hb.Watermark.UTC(), r.partitions
+	value, err := json.Marshal(hb)
 	if err != nil {
 		return nil, fmt.Errorf("encode heartbeat: %w", err)
 	}
-	records := make([]*kgo.Record, 0, partitions)
-	for p := range partitions {
+	records := make([]*kgo.Record, 0, r.partitions)
+	for p := range r.partitions {
 		records = append(records, &kgo.Record{
 			Topic:     r.topic,
 			Partition: p,

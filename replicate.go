@@ -69,6 +69,17 @@ type event struct {
 type heartbeat struct {
 	Region    string    `json:"region"`
 	Watermark time.Time `json:"watermark"`
+	// Partitions is how many partitions the relay sent this round's
+	// heartbeats to: the peer waits for a watermark from each of them
+	// before it reports any, so that a partition added to the topic cannot
+	// hide a write (lag.go).
+	Partitions int32 `json:"partitions,omitempty"`
+	// Seen echoes the other region's watermark as this region had applied
+	// it when the relay read Watermark (null before it has one): a time in
+	// the other region's own clock, which the other region can compare
+	// with its clock to know that this heartbeat was sent after a moment of
+	// its own, whatever the two clocks say (handlers.go, standIn).
+	Seen *time.Time `json:"seen,omitempty"`
 }
 
 // Kafka record headers. Every record on the topic says what it is and which
@@ -125,7 +136,16 @@ const (
 	// topicRetention is how long an event waits for a region that is down:
 	// a region away for longer must be re-seeded from the other one.
 	topicRetention = 7 * 24 * time.Hour
+	// topicSegment is how long a segment of the log stays open. Kafka
+	// deletes whole segments only, so an event may stay up to
+	// topicRetention + topicSegment; stated, so that the bound is known.
+	topicSegment = 24 * time.Hour
 )
+
+// metadataMaxAge is how often the clients and the relay read the topic's
+// metadata again: a partition added to the topic is consumed, and gets
+// events and heartbeats, within about this long.
+const metadataMaxAge = 10 * time.Second
 
 // maxBackoff caps the wait between retries while Kafka or the database is
 // down, so that recovery is noticed within this much time.
@@ -143,12 +163,8 @@ type replicator struct {
 	producer *kgo.Client
 	relay    *relay
 	consumer *consumer
-	// purger expires request ids and tombstones (retention.go); it starts
-	// once the topic's retention is known to be shorter than its own.
+	// purger expires request ids and tombstones (retention.go).
 	purger *purger
-	// fatal receives the reason the region must not run, if it finds one:
-	// a retention not longer than the topic's.
-	fatal chan error
 }
 
 // newReplicator creates the Kafka clients for region, replicating through
@@ -162,7 +178,10 @@ func newReplicator(logger *slog.Logger, db *sql.DB, region string, brokers []str
 		// replicas: a retried batch is written once, and an acknowledged
 		// record survives a broker failure.
 		kgo.RequiredAcks(kgo.AllISRAcks()),
-		kgo.RecordPartitioner(eventPartitioner()),
+		// Every record names its partition: the relay places them
+		// (relay.go), and a dead letter goes to the queue's only one.
+		kgo.RecordPartitioner(kgo.ManualPartitioner()),
+		kgo.MetadataMaxAge(metadataMaxAge),
 		// Send at once: the relay already batches, and latency matters.
 		kgo.ProducerLinger(0),
 		// Uncompressed: a round's records are a few hundred bytes of JSON
@@ -182,30 +201,14 @@ func newReplicator(logger *slog.Logger, db *sql.DB, region string, brokers []str
 		replicas: replicas,
 		producer: producer,
 		relay:    newRelay(logger, db, producer, region, topic),
-		purger:   newPurger(logger, db, retention),
-		fatal:    make(chan error, 1),
 	}
-	r.consumer, err = newConsumer(logger, db, producer, region, brokers, topic, r.dlqTopic)
+	r.purger = newPurger(logger, db, region, retention, r.topicKeeps)
+	r.consumer, err = newConsumer(logger, db, producer, region, brokers, topic, r.dlqTopic, retention)
 	if err != nil {
 		producer.Close()
 		return nil, err
 	}
 	return r, nil
-}
-
-// eventPartitioner sends an event to the partition of its key (the property
-// id), hashed as Kafka's own clients do, and a heartbeat, which has no key, to
-// the partition it names.
-func eventPartitioner() kgo.Partitioner {
-	return kgo.BasicConsistentPartitioner(func(topic string) func(*kgo.Record, int) int {
-		byKey := kgo.StickyKeyPartitioner(nil).ForTopic(topic)
-		return func(r *kgo.Record, n int) int {
-			if r.Key == nil {
-				return int(r.Partition) % n
-			}
-			return byKey.Partition(r, n)
-		}
-	})
 }
 
 // notify tells the relay that a local write committed. It never blocks.
@@ -225,22 +228,12 @@ func (r *replicator) produceErrors() int64 { return r.relay.failedRounds.Load() 
 // purgeStats is what the purge has done (retention.go).
 func (r *replicator) purgeStats() purgeStats { return r.purger.stats() }
 
-// run creates the topics (retrying until Kafka answers) and checks their
-// retention against the purge's, then relays, consumes and purges until ctx
-// is cancelled. Each loop finishes its current batch before it returns; run
-// returns when all have. A retention not longer than the topic's goes to
-// fatal instead, and nothing runs.
+// run creates the topics (retrying until Kafka answers), then relays,
+// consumes and purges until ctx is cancelled. Each loop finishes its current
+// batch before it returns; run returns when all have.
 func (r *replicator) run(ctx context.Context) {
 	partitions, ok := r.ensureTopics(ctx)
 	if !ok {
-		return
-	}
-	topic, ok := r.topicRetention(ctx)
-	if !ok {
-		return
-	}
-	if err := checkRetention(r.purger.retention, topic); err != nil {
-		r.fatal <- err
 		return
 	}
 	var wg sync.WaitGroup
@@ -250,52 +243,47 @@ func (r *replicator) run(ctx context.Context) {
 	wg.Wait()
 }
 
-// topicRetention reads the topic's retention.ms from the broker (negative:
-// forever), retrying until Kafka answers; false if ctx is cancelled first.
-func (r *replicator) topicRetention(ctx context.Context) (time.Duration, bool) {
-	for attempt := 0; ; attempt++ {
-		d, err := r.describeRetention(ctx)
-		if err == nil {
-			return d, true
-		}
-		if attempt%10 == 0 {
-			r.logger.Warn("cannot read the topic's retention yet", "err", err)
-		}
-		if !sleep(ctx, backoff(attempt)) {
-			return 0, false
-		}
-	}
-}
-
-// describeRetention asks the broker for the topic's retention.ms.
-func (r *replicator) describeRetention(ctx context.Context) (time.Duration, error) {
+// topicKeeps asks the broker how long the topic may keep an event:
+// retention.ms plus segment.ms, since Kafka deletes whole segments only (a
+// negative retention: forever).
+func (r *replicator) topicKeeps(ctx context.Context) (time.Duration, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	req := kmsg.NewPtrDescribeConfigsRequest()
 	res := kmsg.NewDescribeConfigsRequestResource()
 	res.ResourceType = kmsg.ConfigResourceTypeTopic
 	res.ResourceName = r.topic
-	res.ConfigNames = []string{"retention.ms"}
+	res.ConfigNames = []string{"retention.ms", "segment.ms"}
 	req.Resources = append(req.Resources, res)
 	resp, err := req.RequestWith(ctx, r.producer)
 	if err != nil {
 		return 0, fmt.Errorf("describe topic %s: %w", r.topic, err)
 	}
+	ms := map[string]int64{}
 	for _, rr := range resp.Resources {
 		if err := kerr.ErrorForCode(rr.ErrorCode); err != nil {
 			return 0, fmt.Errorf("describe topic %s: %w", r.topic, err)
 		}
 		for _, c := range rr.Configs {
-			if c.Name == "retention.ms" && c.Value != nil {
-				ms, err := strconv.ParseInt(*c.Value, 10, 64)
-				if err != nil {
-					return 0, fmt.Errorf("topic %s: retention.ms %q", r.topic, *c.Value)
-				}
-				return time.Duration(ms) * time.Millisecond, nil
+			if c.Value == nil {
+				continue
 			}
+			v, err := strconv.ParseInt(*c.Value, 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("topic %s: %s %q", r.topic, c.Name, *c.Value)
+			}
+			ms[c.Name] = v
 		}
 	}
-	return 0, fmt.Errorf("topic %s: no retention.ms", r.topic)
+	retention, ok1 := ms["retention.ms"]
+	segment, ok2 := ms["segment.ms"]
+	switch {
+	case !ok1 || !ok2:
+		return 0, fmt.Errorf("topic %s: retention.ms or segment.ms missing", r.topic)
+	case retention < 0:
+		return -1, nil
+	}
+	return time.Duration(retention+segment) * time.Millisecond, nil
 }
 
 // close flushes what the producer still holds, leaves the consumer group and
@@ -345,6 +333,7 @@ func (r *replicator) createTopics(ctx context.Context) (int32, error) {
 		for k, v := range map[string]string{
 			"cleanup.policy": "delete",
 			"retention.ms":   strconv.FormatInt(topicRetention.Milliseconds(), 10),
+			"segment.ms":     strconv.FormatInt(topicSegment.Milliseconds(), 10),
 			// A write is acknowledged (acks=all) once a majority of the
 			// replicas has it: with three, one broker may be lost without
 			// losing an acknowledged event or stopping the writes.
@@ -366,23 +355,28 @@ func (r *replicator) createTopics(ctx context.Context) (int32, error) {
 		}
 	}
 
+	return partitionCount(ctx, r.producer, r.topic)
+}
+
+// partitionCount asks the brokers how many partitions topic has.
+func partitionCount(ctx context.Context, client *kgo.Client, topic string) (int32, error) {
 	meta := kmsg.NewPtrMetadataRequest()
 	mt := kmsg.NewMetadataRequestTopic()
-	mt.Topic = kmsg.StringPtr(r.topic)
+	mt.Topic = kmsg.StringPtr(topic)
 	meta.Topics = append(meta.Topics, mt)
-	mresp, err := meta.RequestWith(ctx, r.producer)
+	mresp, err := meta.RequestWith(ctx, client)
 	if err != nil {
 		return 0, fmt.Errorf("topic metadata: %w", err)
 	}
 	for _, t := range mresp.Topics {
 		if err := kerr.ErrorForCode(t.ErrorCode); err != nil {
-			return 0, fmt.Errorf("topic metadata %s: %w", r.topic, err)
+			return 0, fmt.Errorf("topic metadata %s: %w", topic, err)
 		}
 		if len(t.Partitions) > 0 {
 			return int32(len(t.Partitions)), nil
 		}
 	}
-	return 0, fmt.Errorf("topic %s has no partitions yet", r.topic)
+	return 0, fmt.Errorf("topic %s has no partitions yet", topic)
 }
 
 // backoff is the wait before retry number attempt: 100ms doubling to

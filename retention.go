@@ -1,14 +1,42 @@
 package main
 
-// Retention: request ids and tombstones are kept for RETENTION, then purged.
+// Retention: request ids, tombstones and conflict records are kept for
+// RETENTION, then purged.
 //
-// Both exist for replication's sake. A request id lets a retry, in either
-// region, be recognised (idempotency.go); a tombstone keeps a deleted
-// listing from coming back by an older event (conflict.go). Neither is
-// needed once no event that could meet it can still arrive: Kafka deletes
-// events after the topic's retention, so RETENTION must be longer than that,
-// and the service refuses to run otherwise (checkRetention). Kept forever,
-// at a thousand writes a second, they would add 86 million rows a day.
+// Request ids and tombstones exist for replication's sake. A request id lets
+// a retry, in either region, be recognised (idempotency.go); a tombstone
+// keeps a deleted listing from coming back by an older event (conflict.go).
+// Neither is needed once no event that could meet it can still arrive. Kept
+// forever, at a thousand writes a second, they would add 86 million rows a
+// day.
+//
+// Age alone does not say that no such event can still arrive: an event may
+// wait in the other region's outbox through a week-long cut-off, and Kafka
+// keeps whole segments, up to retention.ms + segment.ms. So a row is purged
+// when it is older than RETENTION AND replication has moved past it in both
+// directions (purgeCutoffsSQL):
+//
+//   - a row stamped by this region's clock (a request record's processed_at,
+//     a tombstone this region wrote) once the other region has sent, in every
+//     partition, a heartbeat echoing a watermark of this region's past it
+//     (heartbeat.Seen): the other region had applied everything this region
+//     began before that time, the tombstone included, so it writes nothing
+//     on that listing any more; and everything it began before sending the
+//     heartbeat has been applied here;
+//   - a tombstone the other region wrote, once this region's watermark of
+//     the other region (its clock) is past it: every write the other region
+//     began before it has been applied here.
+//
+// While the other region is away, nothing of the time since it left is
+// purged. And the topic's settings are read again at every round: if
+// RETENTION is not longer than what the topic may keep, the purge pauses,
+// saying so in the log (at error level) and in the metrics, and the region
+// goes on serving; the setting can be fixed while it runs.
+//
+// An event that arrives older than RETENTION for a listing this region holds
+// no row of cannot be told from one whose tombstone was purged. It is not
+// applied: it goes to the dead-letter queue with the reason, and is counted
+// and logged (conflict.go, consume.go).
 //
 // The bound this puts on idempotency: a retry that comes more than
 // RETENTION after its request was applied is a new write.
@@ -34,10 +62,10 @@ import (
 )
 
 const (
-	// defaultRetention is RETENTION's default: a day longer than the
-	// topic's retention (topicRetention), so that an event published just
-	// before a record's expiry has a day to be delivered.
-	defaultRetention = topicRetention + 24*time.Hour
+	// defaultRetention is RETENTION's default: a day longer than the topic
+	// may keep an event (topicRetention + topicSegment), so that an event
+	// published just before a record's expiry has a day to be delivered.
+	defaultRetention = topicRetention + topicSegment + 24*time.Hour
 	// purgeInterval is how often the purge looks for expired rows.
 	purgeInterval = time.Minute
 	// purgeBatch is how many rows one purge transaction deletes at most.
@@ -71,38 +99,48 @@ func parseRetention(s string) (time.Duration, error) {
 	return d, nil
 }
 
-// checkRetention refuses a retention that is not longer than the topic's
-// (topic < 0: the topic keeps events forever).
-func checkRetention(retention, topic time.Duration) error {
-	if topic < 0 || retention <= topic {
+// unsafeRetention says why a retention is too short for what the topic
+// may keep (keeps < 0: forever), or "" if it is not.
+func unsafeRetention(retention, keeps time.Duration) string {
+	if keeps < 0 || retention <= keeps {
 		kept := "forever"
-		if topic >= 0 {
-			kept = topic.String()
+		if keeps >= 0 {
+			kept = keeps.String()
 		}
-		return fmt.Errorf("RETENTION %v must be longer than the topic's retention.ms (%s): an event Kafka still holds could find its request id or tombstone gone", retention, kept)
+		return fmt.Sprintf("RETENTION %v is not longer than the topic may keep an event (retention.ms + segment.ms: %s): "+
+			"an event Kafka still holds could find its request id or tombstone gone; the purge waits until one of them changes", retention, kept)
 	}
-	return nil
+	return ""
 }
 
 // purgeStats is what the purge has done, for the metrics.
 type purgeStats struct {
 	RequestIDs, Tombstones int64     // rows purged since the process started
 	OldestRequestID        time.Time // processed_at of the oldest request id kept; zero if none
+	// Paused says why the purge does not run, when a setting makes it
+	// unsafe; "" while it runs.
+	Paused string
 }
 
 // purger deletes expired request ids and tombstones of one region.
 type purger struct {
 	logger    *slog.Logger
 	db        *sql.DB
+	region    string
 	retention time.Duration
+	// keeps reads how long the topic may keep an event (negative:
+	// forever), at every round: the setting may change while the service
+	// runs.
+	keeps     func(context.Context) (time.Duration, error)
 	batchSize int // rows per transaction, purgeBatch
 
 	requestIDs, tombstones atomic.Int64
 	oldest                 atomic.Pointer[time.Time]
+	paused                 atomic.Pointer[string]
 }
 
-func newPurger(logger *slog.Logger, db *sql.DB, retention time.Duration) *purger {
-	return &purger{logger: logger, db: db, retention: retention, batchSize: purgeBatch}
+func newPurger(logger *slog.Logger, db *sql.DB, region string, retention time.Duration, keeps func(context.Context) (time.Duration, error)) *purger {
+	return &purger{logger: logger, db: db, region: region, retention: retention, keeps: keeps, batchSize: purgeBatch}
 }
 
 // stats returns what the purge has done so far.
@@ -111,7 +149,31 @@ func (p *purger) stats() purgeStats {
 	if t := p.oldest.Load(); t != nil {
 		s.OldestRequestID = *t
 	}
+	if why := p.paused.Load(); why != nil {
+		s.Paused = *why
+	}
 	return s
+}
+
+// safe reads the topic's settings and reports whether the purge may run:
+// it pauses, with an error in the log when it starts to, while RETENTION is
+// not longer than what the topic may keep.
+func (p *purger) safe(ctx context.Context) (bool, error) {
+	keeps, err := p.keeps(ctx)
+	if err != nil {
+		return false, fmt.Errorf("purge: read the topic's retention: %w", err)
+	}
+	why := unsafeRetention(p.retention, keeps)
+	if why == "" {
+		if p.paused.Swap(nil) != nil {
+			p.logger.Info("purge: the topic's retention is safe again; purging")
+		}
+		return true, nil
+	}
+	if old := p.paused.Swap(&why); old == nil || *old != why {
+		p.logger.Error("purge: paused", "reason", why)
+	}
+	return false, nil
 }
 
 // run purges every purgeInterval until ctx is cancelled.
@@ -137,10 +199,14 @@ func (p *purger) run(ctx context.Context) {
 // The rows are deleted by their place in the table (ctid), which the
 // locking read found them at and a locked row keeps: no second walk down
 // the primary key for each.
+//
+// $4 is how far replication has moved past this region's clock
+// (purgeCutoffsSQL); NULL purges nothing.
 const purgeRequestIDsSQL = `
 WITH expired AS (
     SELECT ctid, processed_at FROM processed_requests r
     WHERE processed_at < now() - make_interval(secs => $1)
+      AND processed_at < $4
       AND processed_at >= $3
       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.request_id = r.request_id)
     ORDER BY processed_at
@@ -153,11 +219,15 @@ WITH expired AS (
 SELECT count(*), max(processed_at) FROM gone`
 
 // purgeTombstonesSQL deletes a batch of expired tombstones, oldest first
-// from $3 on, as purgeRequestIDsSQL does request ids.
+// from $3 on, as purgeRequestIDsSQL does request ids. A tombstone this
+// region ($5) wrote carries its clock, and waits for $4 as a request id
+// does; one the other region wrote carries the other's clock, and waits for
+// this region's watermark of it ($6).
 const purgeTombstonesSQL = `
 WITH expired AS (
     SELECT ctid, updated_at FROM properties
     WHERE deleted AND updated_at < now() - make_interval(secs => $1)
+      AND CASE WHEN region_origin = $5 THEN updated_at < $4 ELSE updated_at < $6 END
       AND updated_at >= $3
     ORDER BY updated_at
     LIMIT $2
@@ -171,6 +241,16 @@ SELECT count(*), max(updated_at) FROM gone`
 // oldestRequestIDSQL reads the oldest request id kept (an index's first
 // entry).
 const oldestRequestIDSQL = `SELECT min(processed_at) FROM processed_requests`
+
+// purgeCutoffsSQL reads how far replication has moved past each region's
+// clock, as this region knows it (see the top of this file), for the other
+// region $1: the echo of this region's watermark in the other's heartbeats,
+// and this region's watermark of the other; each only if every partition
+// has one, else NULL, which purges nothing.
+const purgeCutoffsSQL = `
+SELECT CASE WHEN count(seen) > 0 AND count(seen) >= max(partitions) THEN min(seen) END,
+       CASE WHEN count(*) > 0 AND count(*) >= max(partitions) THEN min(watermark) END
+FROM replication_watermarks WHERE peer_region = $1`
 
 // round purges everything expired, batch after batch, unless another
 // instance of the region is purging. The round holds the region's purge
@@ -193,6 +273,13 @@ func (p *purger) round(ctx context.Context) error {
 		return nil
 	}
 	defer releasePurge(conn)
+	if ok, err := p.safe(ctx); !ok {
+		return err
+	}
+	var own, peer sql.NullTime
+	if err := conn.QueryRowContext(ctx, purgeCutoffsSQL, peerOf(p.region)).Scan(&own, &peer); err != nil {
+		return fmt.Errorf("purge: replication's progress: %w", err)
+	}
 	// The round's batches commit without waiting for their WAL to reach
 	// the disk: a purge lost in a crash is done again by the next round,
 	// and its writes reach the disk with the next write's commit. Set for
@@ -208,7 +295,7 @@ func (p *purger) round(ctx context.Context) error {
 		var from time.Time // where the next batch starts: at first, the start
 		for {
 			began := time.Now()
-			n, newest, err := p.batch(ctx, conn, job.query, from)
+			n, newest, err := p.batch(ctx, conn, job.query, from, own, peer)
 			if err != nil {
 				return err
 			}
@@ -248,12 +335,17 @@ func releasePurge(conn *sql.Conn) {
 }
 
 // batch runs one purge statement, a transaction of its own, from the
-// time from on, and returns how many rows it deleted and the time of the
+// time from on, as far as replication's progress allows (own, peer: see
+// purgeCutoffsSQL), and returns how many rows it deleted and the time of the
 // newest.
-func (p *purger) batch(ctx context.Context, conn *sql.Conn, query string, from time.Time) (int64, time.Time, error) {
+func (p *purger) batch(ctx context.Context, conn *sql.Conn, query string, from time.Time, own, peer sql.NullTime) (int64, time.Time, error) {
+	args := []any{p.retention.Seconds(), p.batchSize, from, own}
+	if query == purgeTombstonesSQL {
+		args = append(args, p.region, peer)
+	}
 	var n int64
 	var newest sql.NullTime
-	if err := conn.QueryRowContext(ctx, query, p.retention.Seconds(), p.batchSize, from).Scan(&n, &newest); err != nil {
+	if err := conn.QueryRowContext(ctx, query, args...).Scan(&n, &newest); err != nil {
 		return 0, from, fmt.Errorf("purge: %w", err)
 	}
 	if newest.Valid { // NULL when the batch deleted nothing

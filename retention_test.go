@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"database/sql"
 	"io"
 	"log/slog"
 	"net/http"
@@ -41,7 +42,8 @@ func TestPurge(t *testing.T) {
 	exec(`UPDATE properties SET deleted = true, updated_at = now() WHERE id = 91`)                      // a young one
 	exec(`UPDATE properties SET updated_at = now() - interval '2 hours' WHERE id = 92`)                 // old, but live
 
-	p := newPurger(slog.New(slog.NewTextHandler(io.Discard, nil)), db, time.Hour)
+	replicatedUntil(t, db, time.Now())
+	p := newTestPurger(db, time.Hour)
 	p.batchSize = 2
 
 	// Another instance purging: this one leaves everything.
@@ -103,8 +105,8 @@ INSERT INTO processed_requests (request_id, fingerprint, property_id, price, reg
 SELECT 'turns-' || g, 'f', 1, 1, 'us', 2, now(), now() - interval '2 hours' FROM generate_series(1, $1) g`, expired); err != nil {
 		t.Fatal(err)
 	}
-	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	first, second := newPurger(quiet, db, time.Hour), newPurger(quiet, db, time.Hour)
+	replicatedUntil(t, db, time.Now())
+	first, second := newTestPurger(db, time.Hour), newTestPurger(db, time.Hour)
 	first.batchSize, second.batchSize = 1, 1 // forty batches, each followed by a rest of purgePause at least
 	done := make(chan error, 1)
 	go func() { done <- first.round(ctx) }()
@@ -131,7 +133,7 @@ func TestPurgeLeavesItsConnectionAsFound(t *testing.T) {
 	// One connection: the round's, then the checks', is the same.
 	defer db.SetMaxOpenConns(db.Stats().MaxOpenConnections)
 	db.SetMaxOpenConns(1)
-	if err := newPurger(slog.New(slog.NewTextHandler(io.Discard, nil)), db, time.Hour).round(context.Background()); err != nil {
+	if err := newTestPurger(db, time.Hour).round(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	var commit string
@@ -164,7 +166,8 @@ func TestRetryAfterExpiry(t *testing.T) {
 	if _, err := db.Exec(`UPDATE processed_requests SET processed_at = now() - interval '2 hours' WHERE request_id = $1`, requestID); err != nil {
 		t.Fatal(err)
 	}
-	if err := newPurger(slog.New(slog.NewTextHandler(io.Discard, nil)), db, time.Hour).round(context.Background()); err != nil {
+	replicatedUntil(t, db, time.Now())
+	if err := newTestPurger(db, time.Hour).round(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	status, _, got := call(t, srv, "PUT", path, requestID, body)
@@ -173,20 +176,43 @@ func TestRetryAfterExpiry(t *testing.T) {
 	}
 }
 
-// TestCheckRetention: the retention must outlast the topic's.
-func TestCheckRetention(t *testing.T) {
+// newTestPurger is the purge of region us's database db, for a topic that
+// keeps events half as long as retention.
+func newTestPurger(db *sql.DB, retention time.Duration) *purger {
+	return newPurger(slog.New(slog.NewTextHandler(io.Discard, nil)), db, "us", retention,
+		func(context.Context) (time.Duration, error) { return retention / 2, nil })
+}
+
+// replicatedUntil records in db, region us's, that replication has moved
+// past at in both directions: EU's heartbeats in its one partition echo a
+// US watermark of at, and carry a watermark of their own of at.
+func replicatedUntil(t *testing.T, db *sql.DB, at time.Time) {
+	t.Helper()
+	if _, err := db.Exec(`
+INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, seen) VALUES ('eu', 0, 1, $1, $1)
+ON CONFLICT (peer_region, partition) DO UPDATE SET partitions = 1, watermark = $1, seen = $1`, at); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec(`DELETE FROM replication_watermarks WHERE peer_region = 'eu' AND partition <> 0`); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Exec(`DELETE FROM replication_watermarks WHERE peer_region = 'eu'`) })
+}
+
+// TestUnsafeRetention: the retention must outlast what the topic may keep.
+func TestUnsafeRetention(t *testing.T) {
 	day := 24 * time.Hour
 	for _, tt := range []struct {
-		retention, topic time.Duration
+		retention, keeps time.Duration
 		ok               bool
 	}{
-		{8 * day, 7 * day, true},
-		{7 * day, 7 * day, false},
-		{time.Hour, 7 * day, false},
-		{100 * day, -time.Millisecond, false}, // the topic keeps events forever
+		{9 * day, 8 * day, true},
+		{8 * day, 8 * day, false},
+		{time.Hour, 8 * day, false},
+		{100 * day, -1, false}, // the topic keeps events forever
 	} {
-		if err := checkRetention(tt.retention, tt.topic); (err == nil) != tt.ok {
-			t.Errorf("checkRetention(%v, %v) = %v, want ok = %v", tt.retention, tt.topic, err, tt.ok)
+		if why := unsafeRetention(tt.retention, tt.keeps); (why == "") != tt.ok {
+			t.Errorf("unsafeRetention(%v, %v) = %q, want ok = %v", tt.retention, tt.keeps, why, tt.ok)
 		}
 	}
 }

@@ -237,7 +237,8 @@ func shortenRetention(t *testing.T, s *stack) {
 		s.caughtUp(t, 60*time.Second)
 		for _, region := range []string{"us", "eu"} {
 			db := stackDB(t, region)
-			p := newPurger(slog.New(slog.NewTextHandler(io.Discard, nil)), db, time.Millisecond)
+			p := newPurger(slog.New(slog.NewTextHandler(io.Discard, nil)), db, region, time.Millisecond,
+				func(context.Context) (time.Duration, error) { return 0, nil })
 			waitFor(t, 30*time.Second, region+" purged of its tombstones", func() bool {
 				var left int
 				err := p.round(context.Background())

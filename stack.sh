@@ -178,6 +178,17 @@ init_db() {
 	done
 }
 
+# migrate_db SERVICE: the schema and the role's grants again, on a cluster
+# made by an older version (both files change nothing when run twice).
+migrate_db() {
+	local svc=$1
+	local psql=("$pgbin/psql" -q -v ON_ERROR_STOP=1 -h "$state/pg" -p "$(port_of "$svc")" -U "$POSTGRES_USER" -d "$POSTGRES_DB")
+	for f in init.sql service_role.sql; do
+		as_pg "${psql[@]}" -f - <"$root/$f" >/dev/null 2>>"$state/logs/$svc-migrate.log" ||
+			die "applying $f to $svc failed: see $state/logs/$svc-migrate.log"
+	done
+}
+
 start_db() {
 	local svc=$1
 	running "$svc" && return
@@ -226,6 +237,7 @@ start_kafka() {
 		transaction.state.log.min.isr=$((replicas / 2 + 1))
 		min.insync.replicas=$((replicas / 2 + 1))
 		group.initial.rebalance.delay.ms=0
+		offsets.retention.minutes=12960
 		auto.create.topics.enable=false
 	EOF
 	cat >"$dir/log4j2.yaml" <<-EOF
@@ -279,7 +291,7 @@ start_backend() {
 	[ "$(id -u)" = 0 ] && as=(setpriv --reuid="$(backend_uid "$region")" --regid="$(backend_uid "$region")" --clear-groups)
 	spawn "$svc" "${as[@]}" env REGION="$region" PORT="$(port_of "$svc")" \
 		DATABASE_URL="$(service_db_url "db-$region")" \
-		KAFKA_BROKER="$(kafka_brokers)" KAFKA_REPLICATION_FACTOR=$replicas KAFKA_TOPIC=property-updates RETENTION="${RETENTION:-8d}" \
+		KAFKA_BROKER="$(kafka_brokers)" KAFKA_REPLICATION_FACTOR=$replicas KAFKA_TOPIC=property-updates RETENTION="${RETENTION:-9d}" \
 		DEBUG_ADDR="127.0.0.1:$debug" \
 		"$state/bin/property-listing"
 }
@@ -484,6 +496,7 @@ cmd_up() {
 	for db in db-us db-eu; do
 		init_db "$db"
 		start_db "$db"
+		migrate_db "$db"
 	done
 	local kafkas=() rest=()
 	for svc in "${services[@]}"; do

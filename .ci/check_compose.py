@@ -39,6 +39,13 @@ DATABASE_PARTS = ["DB_HOST", "DB_USER", "DB_PASSWORD", "DB_NAME"]
 
 PUBLIC = {"nginx"}
 
+# The topic keeps whole segments up to retention.ms + segment.ms (the
+# service creates it with 7 days and 1 day: topicRetention and topicSegment
+# in replicate.go). A consumer group's offsets must outlive that, though the
+# service keeps its position in its own database: an operator's tools read
+# the group's.
+TOPIC_KEEPS_MINUTES = (7 + 1) * 24 * 60
+
 
 def volume_targets(service):
     """The container paths that are mounted from a volume or the host."""
@@ -74,6 +81,10 @@ def problems(config):
         if data_dir not in volume_targets(service):
             yield f"{name}: its data directory {data_dir} is not on a volume"
     for name, service in services.items():
+        if name.startswith("kafka"):
+            minutes = int(service.get("environment", {}).get("KAFKA_OFFSETS_RETENTION_MINUTES", 7 * 24 * 60))
+            if minutes <= TOPIC_KEEPS_MINUTES:
+                yield f"{name}: offsets.retention.minutes {minutes} is not above the topic's retention.ms + segment.ms ({TOPIC_KEEPS_MINUTES} minutes)"
         for port in service.get("ports", []):
             if name not in PUBLIC and host_ip(port) != "127.0.0.1":
                 yield f"{name}: port {port} is published beyond 127.0.0.1"
