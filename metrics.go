@@ -153,6 +153,12 @@ func writeReplication(ctx context.Context, e *exposition, r replication) {
 		e.family("listing_retention_oldest_request_id_seconds", "gauge", "Age of the oldest request id kept, as of the last purge: at most the retention plus the purge interval.")
 		e.sample("listing_retention_oldest_request_id_seconds", time.Since(ps.OldestRequestID).Seconds())
 	}
+	paused := 0.0
+	if ps.Paused != "" {
+		paused = 1
+	}
+	e.family("listing_purge_paused", "gauge", "1 if the purge is paused because RETENTION is not longer than the topic may keep an event (the log says why), else 0.")
+	e.sample("listing_purge_paused", paused)
 	e.family("listing_replication_produce_errors_total", "counter", "Relay rounds that failed to publish their events (Kafka unreachable, or the outbox unreadable); the events wait in the outbox.")
 	e.sample("listing_replication_produce_errors_total", float64(r.produceErrors()))
 	rep, err := r.lagReport(ctx)
@@ -180,6 +186,7 @@ func writeReplication(ctx context.Context, e *exposition, r replication) {
 		{"listing_replication_replays_total", "counter", "One request written in both regions, resolved by the conflict rule (nothing lost).", float64(rep.Replays)},
 		{"listing_replication_stale_events_total", "counter", "Events older than the row here, ignored.", float64(rep.StaleEvents)},
 		{"listing_replication_dead_letters_total", "counter", "Records sent to the dead-letter topic.", float64(rep.DeadLettered)},
+		{"listing_replication_expired_events_total", "counter", "Events older than RETENTION for a listing with no row here: not applied, sent to the dead-letter topic.", float64(rep.ExpiredEvents)},
 	} {
 		e.family(f.name, f.kind, f.help)
 		e.sample(f.name, f.value)

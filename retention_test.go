@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -214,5 +215,96 @@ func TestUnsafeRetention(t *testing.T) {
 		if why := unsafeRetention(tt.retention, tt.keeps); (why == "") != tt.ok {
 			t.Errorf("unsafeRetention(%v, %v) = %q, want ok = %v", tt.retention, tt.keeps, why, tt.ok)
 		}
+	}
+}
+
+// TestPurgeWaitsForReplication: a tombstone older than RETENTION is not
+// purged while an event that could revive it may still arrive. Here US's
+// database: its own tombstone waits until EU's heartbeats echo a US
+// watermark past it (EU had applied the delete, and everything EU began
+// before has arrived here); one EU wrote waits until US's watermark of EU
+// is past it. Purged before, the tombstone lets an older concurrent write,
+// still on its way, bring the listing back in one region only.
+func TestPurgeWaitsForReplication(t *testing.T) {
+	db := testDB(t)
+	ctx := context.Background()
+	deleted := time.Now().Add(-2 * time.Hour).UTC().Truncate(time.Microsecond)
+	for id, region := range map[int64]string{94: "us", 95: "eu"} {
+		if _, err := db.ExecContext(ctx, `UPDATE properties SET deleted = true, version = 2, region_origin = $2, updated_at = $3 WHERE id = $1`, id, region, deleted); err != nil {
+			t.Fatal(err)
+		}
+	}
+	kept := func() []int64 {
+		t.Helper()
+		var ids []int64
+		rows, err := db.QueryContext(ctx, `SELECT id FROM properties WHERE id IN (94, 95) ORDER BY id`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var id int64
+			rows.Scan(&id)
+			ids = append(ids, id)
+		}
+		return ids
+	}
+	p := newTestPurger(db, time.Hour)
+
+	// EU has been cut off since before the deletes.
+	replicatedUntil(t, db, deleted.Add(-time.Minute))
+	if err := p.round(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := kept(); !cmp.Equal([]int64{94, 95}, got) {
+		t.Fatalf("tombstones kept while replication is behind them: %v, want both", got)
+	}
+	// A write of 95 that EU made before its delete arrives late: it loses
+	// to the tombstone, which is still here.
+	late := seedProperty(95)
+	late.Version, late.RegionOrigin, late.UpdatedAt = 2, "eu", deleted.Add(-time.Second)
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	outcomes, err := applyEvents(ctx, tx, []event{{Property: late, RequestID: "late-write", fingerprint: strings.Repeat("0", 64)}}, time.Now().Add(-time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if outcomes[0] != conflictLost {
+		t.Errorf("the late write against the tombstone: %v, want conflict lost", outcomes[0])
+	}
+
+	// Replication has moved past both: both go.
+	replicatedUntil(t, db, time.Now())
+	if err := p.round(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := kept(); len(got) != 0 {
+		t.Errorf("tombstones kept once replication moved past them: %v, want none", got)
+	}
+
+	// Were the late write to arrive now, older than RETENTION for a listing
+	// with no row, it is not applied: it cannot be told from one that
+	// would revive a purged tombstone.
+	tx, err = db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	outcomes, err = applyEvents(ctx, tx, []event{{Property: late, RequestID: "late-write-2", fingerprint: strings.Repeat("0", 64)}}, time.Now().Add(-time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if outcomes[0] != expired {
+		t.Errorf("a write older than the retention for a purged listing: %v, want expired", outcomes[0])
+	}
+	var rows int
+	tx.QueryRowContext(ctx, `SELECT count(*) FROM properties WHERE id = 95`).Scan(&rows)
+	if rows != 0 {
+		t.Errorf("the expired write made %d rows of listing 95, want none", rows)
 	}
 }

@@ -48,9 +48,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
-	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
-	"github.com/twmb/franz-go/pkg/kmsg"
 )
 
 const (
@@ -252,48 +250,15 @@ func shortenRetention(t *testing.T, s *stack) {
 }
 
 // setTopicRetention sets the replication topic's retention.ms, and its
-// segment.ms to as long (at most Kafka's default week): Kafka deletes only
+// segment.ms to as long (at most topicSegment, as the service creates it): Kafka deletes only
 // whole segments, so with week-long segments a minute's retention would
 // delete nothing and the log would grow through the soak.
 func setTopicRetention(t *testing.T, kafka *kgo.Client, d time.Duration) {
 	t.Helper()
 	alterTopic(t, kafka, setting("KAFKA_TOPIC", "property-updates"), map[string]*string{
 		"retention.ms": millis(d),
-		"segment.ms":   millis(min(d, 7*24*time.Hour)),
+		"segment.ms":   millis(min(d, topicSegment)),
 	})
-}
-
-// millis is a duration as a topic config's value: whole milliseconds.
-func millis(d time.Duration) *string {
-	return kmsg.StringPtr(strconv.FormatInt(d.Milliseconds(), 10))
-}
-
-// alterTopic sets a topic's own configs; a nil value removes the topic's
-// own, and the broker's default applies again.
-func alterTopic(t *testing.T, kafka *kgo.Client, topic string, configs map[string]*string) {
-	t.Helper()
-	req := kmsg.NewPtrIncrementalAlterConfigsRequest()
-	res := kmsg.NewIncrementalAlterConfigsRequestResource()
-	res.ResourceType = kmsg.ConfigResourceTypeTopic
-	res.ResourceName = topic
-	for name, value := range configs {
-		c := kmsg.NewIncrementalAlterConfigsRequestResourceConfig()
-		c.Name, c.Value = name, value
-		if value == nil {
-			c.Op = kmsg.IncrementalAlterConfigOpDelete
-		}
-		res.Configs = append(res.Configs, c)
-	}
-	req.Resources = append(req.Resources, res)
-	resp, err := kafka.Request(context.Background(), req)
-	if err != nil {
-		t.Fatalf("alter %s's configs %v: %v", topic, slices.Sorted(maps.Keys(configs)), err)
-	}
-	for _, r := range resp.(*kmsg.IncrementalAlterConfigsResponse).Resources {
-		if err := kerr.ErrorForCode(r.ErrorCode); err != nil {
-			t.Fatalf("alter %s's configs %v: %v", topic, slices.Sorted(maps.Keys(configs)), err)
-		}
-	}
 }
 
 // soakFigures lists what the soak samples: each process's memory, open
