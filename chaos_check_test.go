@@ -8,8 +8,13 @@ package main
 // every request, by six rules:
 //
 //  1. both regions hold identical rows, every listing;
-//  2. every acknowledged write is the final row or ordered below it by the
-//     conflict rule (compareWrites): none was lost;
+//  2. every acknowledged write is the final row, or built upon by it (on
+//     the chain of writes, each built on the last, that the request records
+//     follow back from the final row), or recorded lost at /{region}/conflicts
+//     in either region: none was lost without a trace. (Ordered below the
+//     final row by the conflict rule is not enough: EU's A, US's B, both
+//     from version 1, and EU's C on A leave C, greater than B and not built
+//     on it);
 //  3. every final row is a value some client wrote (acknowledged or unknown)
 //     or the one the campaign began from: nothing invented, nothing refused
 //     took effect;
@@ -46,6 +51,7 @@ type chaosFinal struct {
 	outbox    map[string]int             // region: events not yet published
 	stopped   map[string]string          // region: why replication stopped, if it did
 	conflicts map[string]int64           // region: conflicts resolved (since the backend started)
+	lost      map[string]bool            // request ids recorded lost, in either region
 	dlqAdded  int64
 	converged bool
 }
@@ -60,6 +66,7 @@ type requestRecord struct {
 	Version                int64
 	UpdatedAt              time.Time
 	Deleted                bool
+	Parent                 string // the state the write was built on; "" for a create
 }
 
 // settle heals nothing: it waits for the healed stack to converge. Both
@@ -115,18 +122,18 @@ func finalState(t *testing.T, s *stack, dbs map[string]*sql.DB, requestPrefix st
 	t.Helper()
 	f := chaosFinal{
 		requests: map[string][]requestRecord{}, outbox: map[string]int{},
-		stopped: map[string]string{}, conflicts: map[string]int64{},
+		stopped: map[string]string{}, conflicts: map[string]int64{}, lost: map[string]bool{},
 	}
 	f.us, f.eu = allProperties(t, dbs["us"]), allProperties(t, dbs["eu"])
 	for region, db := range dbs {
-		rows, err := db.Query(`SELECT request_id, fingerprint, property_id, price::text, region_origin, version, updated_at, deleted
+		rows, err := db.Query(`SELECT request_id, fingerprint, property_id, price::text, region_origin, version, updated_at, deleted, coalesce(parent, '')
 FROM processed_requests WHERE starts_with(request_id, $1) ORDER BY request_id`, requestPrefix)
 		if err != nil {
 			t.Fatalf("read %s's request records: %v", region, err)
 		}
 		for rows.Next() {
 			var r requestRecord
-			if err := rows.Scan(&r.RequestID, &r.Fingerprint, &r.PropertyID, &r.Price, &r.RegionOrigin, &r.Version, &r.UpdatedAt, &r.Deleted); err != nil {
+			if err := rows.Scan(&r.RequestID, &r.Fingerprint, &r.PropertyID, &r.Price, &r.RegionOrigin, &r.Version, &r.UpdatedAt, &r.Deleted, &r.Parent); err != nil {
 				t.Fatalf("read %s's request records: %v", region, err)
 			}
 			r.UpdatedAt = r.UpdatedAt.UTC()
@@ -136,6 +143,18 @@ FROM processed_requests WHERE starts_with(request_id, $1) ORDER BY request_id`, 
 			t.Fatalf("read %s's request records: %v", region, err)
 		}
 		rows.Close()
+		lost, err := db.Query(`SELECT lost_request_id FROM conflicts WHERE starts_with(lost_request_id, $1)`, requestPrefix)
+		if err != nil {
+			t.Fatalf("read %s's conflict records: %v", region, err)
+		}
+		for lost.Next() {
+			var id string
+			if err := lost.Scan(&id); err != nil {
+				t.Fatalf("read %s's conflict records: %v", region, err)
+			}
+			f.lost[id] = true
+		}
+		lost.Close()
 		var n int
 		if err := db.QueryRow(`SELECT count(*) FROM outbox`).Scan(&n); err != nil {
 			t.Fatalf("read %s's outbox: %v", region, err)
@@ -203,7 +222,7 @@ func check(history []op, initial map[int64]Property, f chaosFinal, samples []lag
 	writes := func(id int64) string { return describeWrites(byListing[id]) }
 	return []ruleResult{
 		ruleIdentical(f, writes),
-		ruleNoneLost(history, final, writes),
+		ruleNoneLost(history, final, f, writes),
 		ruleNothingInvented(history, initial, final, writes),
 		ruleRequestIDs(history, f),
 		ruleNothingStuck(f),
@@ -248,26 +267,58 @@ func ruleIdentical(f chaosFinal, writes func(int64) string) ruleResult {
 	return r
 }
 
-func ruleNoneLost(history []op, final map[int64]Property, writes func(int64) string) ruleResult {
-	r := ruleResult{rule: 2, name: "no acknowledged write lost", pass: true}
-	n, below := 0, 0
+func ruleNoneLost(history []op, final map[int64]Property, f chaosFinal, writes func(int64) string) ruleResult {
+	r := ruleResult{rule: 2, name: "no acknowledged write lost without a trace", pass: true}
+	// Each listing's writes by tag, from both regions' request records: the
+	// request that made it and the state it was built on.
+	type made struct{ requestID, parent string }
+	byTag := map[int64]map[string]made{}
+	for _, records := range f.requests {
+		for _, rec := range records {
+			if byTag[rec.PropertyID] == nil {
+				byTag[rec.PropertyID] = map[string]made{}
+			}
+			byTag[rec.PropertyID][tagValue(rec.Version, rec.RegionOrigin)] = made{rec.RequestID, rec.Parent}
+		}
+	}
+	// The requests on the chain the final row was built on, itself first.
+	chain := func(p Property) map[string]bool {
+		requests := map[string]bool{}
+		for tag := tagValue(p.Version, p.RegionOrigin); tag != "" && len(requests) < 100_000; {
+			m, ok := byTag[p.ID][tag]
+			if !ok {
+				break
+			}
+			requests[m.requestID] = true
+			tag = m.parent
+		}
+		return requests
+	}
+	chains := map[int64]map[string]bool{}
+	n, builtOn, recorded := 0, 0, 0
 	for _, o := range history {
 		if o.Outcome != opOK || o.Row == nil || o.Kind == "GET" {
 			continue
 		}
 		n++
 		got, ok := final[o.Row.ID]
-		if !ok || compareWrites(*o.Row, got) > 0 {
+		if ok && chains[o.Row.ID] == nil {
+			chains[o.Row.ID] = chain(got)
+		}
+		switch {
+		case ok && o.Row.Version == got.Version && o.Row.RegionOrigin == got.RegionOrigin:
+		case ok && chains[o.Row.ID][o.RequestID]:
+			builtOn++
+		case f.lost[o.RequestID]:
+			recorded++
+		default:
 			r.pass = false
-			r.counterexample = fmt.Sprintf("%s %s (request %s) acknowledged %s at %s, but the final row is %s; writes: %s",
+			r.counterexample = fmt.Sprintf("%s %s (request %s) acknowledged %s at %s, but the final row is %s, not built on it, and no region recorded it lost; writes: %s",
 				o.Kind, o.path(), o.RequestID, rowString(o.Row), o.End.Format(time.TimeOnly), rowString(ptrIf(got, ok)), writes(o.Row.ID))
 			return r
 		}
-		if compareWrites(*o.Row, got) < 0 {
-			below++
-		}
 	}
-	r.detail = fmt.Sprintf("%d acknowledged writes: %d final, %d below a final row by the rule", n, n-below, below)
+	r.detail = fmt.Sprintf("%d acknowledged writes: %d final, %d built upon by the final row, %d recorded lost", n, n-builtOn-recorded, builtOn, recorded)
 	return r
 }
 
@@ -768,7 +819,7 @@ func TestCheckerCatches(t *testing.T) {
 		unseen.Deleted = true
 		h = append(h, op{Kind: "DELETE", Prefix: prefix, ID: 601, RequestID: "d1", Start: at(13), End: at(18), Status: 200, Outcome: opOK, Row: &ack})
 		f.us, f.eu = []Property{unseen}, []Property{unseen}
-		record := requestRecord{RequestID: "d1", PropertyID: 601, Price: "1000000.01", RegionOrigin: "eu", Version: 3, UpdatedAt: at(19), Deleted: true}
+		record := requestRecord{RequestID: "d1", PropertyID: 601, Price: "1000000.01", RegionOrigin: "eu", Version: 3, UpdatedAt: at(19), Deleted: true, Parent: "2-eu"}
 		f.requests["us"] = append(f.requests["us"], record)
 		f.requests["eu"] = append(f.requests["eu"], record)
 		return verdicts(h, f, s)
@@ -790,6 +841,26 @@ func TestCheckerCatches(t *testing.T) {
 	if failed := verdicts(h, f, s); len(failed) > 0 {
 		t.Fatalf("samples that only read what was pending failed rules %v", failed)
 	}
+	// A write the final row is built on, and one lost but recorded, are
+	// not lost without a trace.
+	h, f, s = clean()
+	on := row(3, "us", 11, 100_000_002)
+	h = append(h, op{Kind: "PUT", Prefix: "us", ID: 601, RequestID: "r3", Price: 100_000_002, Start: at(11), End: at(11), Status: 200, Outcome: opOK, Row: &on})
+	f.us, f.eu = []Property{on}, []Property{on}
+	r3 := requestRecord{RequestID: "r3", PropertyID: 601, Price: "1000000.02", RegionOrigin: "us", Version: 3, UpdatedAt: at(11), Parent: "2-eu"}
+	f.requests["us"] = append(f.requests["us"], r3)
+	f.requests["eu"] = append(f.requests["eu"], r3)
+	if failed := verdicts(h, f, s); slices.Contains(failed, 2) {
+		t.Fatalf("a write the final row is built on: failed rules %v", failed)
+	}
+	f.requests["us"][1].Parent, f.requests["eu"][1].Parent = "2-us", "2-us"
+	if failed := verdicts(h, f, s); !slices.Contains(failed, 2) {
+		t.Fatalf("a write the final row is not built on, not recorded: failed rules %v, want 2", failed)
+	}
+	f.lost = map[string]bool{"r1": true}
+	if failed := verdicts(h, f, s); slices.Contains(failed, 2) {
+		t.Fatalf("a write recorded lost: failed rules %v", failed)
+	}
 	for _, tc := range []struct {
 		name  string
 		spoil func(h []op, f *chaosFinal, s []lagSample) []op
@@ -798,6 +869,18 @@ func TestCheckerCatches(t *testing.T) {
 		{"regions differ", func(h []op, f *chaosFinal, s []lagSample) []op { f.eu = []Property{start}; return h }, 1},
 		{"an acknowledged write lost", func(h []op, f *chaosFinal, s []lagSample) []op {
 			f.us, f.eu = []Property{start}, []Property{start}
+			return h
+		}, 2},
+		{"an acknowledged write below the final row by the rule, but not built upon", func(h []op, f *chaosFinal, s []lagSample) []op {
+			// US's B (r1 here, 2-eu) and EU's C (3-us) built on another
+			// version 2, A (2-us): C is greater than B, yet B is gone.
+			a := requestRecord{RequestID: "a1", PropertyID: 601, Price: "1.00", RegionOrigin: "us", Version: 2, UpdatedAt: at(9), Parent: "1-us"}
+			c := requestRecord{RequestID: "c1", PropertyID: 601, Price: "1.00", RegionOrigin: "us", Version: 3, UpdatedAt: at(11), Parent: "2-us"}
+			final := row(3, "us", 11, 1_00)
+			f.us, f.eu = []Property{final}, []Property{final}
+			for _, region := range []string{"us", "eu"} {
+				f.requests[region] = append(f.requests[region], a, c)
+			}
 			return h
 		}, 2},
 		{"a refused write took effect", func(h []op, f *chaosFinal, s []lagSample) []op {

@@ -531,14 +531,34 @@ func faultKinds(topology string) []faultKind {
 	command := func(verb string) func(string) []string {
 		return func(target string) []string { return []string{verb, target} }
 	}
-	return []faultKind{
+	kinds := []faultKind{
 		{"kill a backend", backends, command("kill"), command("start")},
 		{"pause a backend", backends, command("pause"), command("unpause")},
 		{"kill a broker", brokers, command("kill"), command("start")},
 		{"pause a broker", brokers, command("pause"), command("unpause")},
 		{"kill a database", []string{"db-us", "db-eu"}, command("kill"), command("start")},
 		{"partition from kafka", []string{"us", "eu"}, command("partition"), command("heal")},
+		// A region's clock ahead or behind by 0.9 s, as its database (where
+		// the service takes every time it compares) sees it; restarting
+		// the database to shift it is an outage of its own.
+		{"a clock 0.9 s fast", []string{"db-us", "db-eu"},
+			func(db string) []string { return []string{"skew", db, "+0.9"} }, command("unskew")},
+		{"a clock 0.9 s slow", []string{"db-us", "db-eu"},
+			func(db string) []string { return []string{"skew", db, "-0.9"} }, command("unskew")},
+		// An operator scales the topic out; nothing to heal.
+		{"add a partition", []string{"topic"},
+			func(string) []string { return []string{"add-partition"} }, func(string) []string { return []string{"ps"} }},
 	}
+	if topology != "ha" {
+		// The state Kafka's offset expiry leaves: the region's group gone
+		// while it is down. (Under "ha" the region's other instance keeps
+		// the group alive.)
+		// Its target is the backend, whose other faults wait their turn.
+		kinds = append(kinds, faultKind{"lose a consumer group", []string{"backend-us", "backend-eu"},
+			func(backend string) []string { return []string{"forget-group", strings.TrimPrefix(backend, "backend-")} },
+			command("start")})
+	}
+	return kinds
 }
 
 // fault is one entry of the schedule.
@@ -646,7 +666,7 @@ func (n *nemesis) control(args ...string) error {
 // the links, and starts what is stopped. It is safe to call at any time.
 func (n *nemesis) healAll() {
 	// Resumed first: starting a paused service would wait for its health.
-	for _, verb := range []string{"unpause", "heal", "start"} {
+	for _, verb := range []string{"unpause", "heal", "unskew", "start"} {
 		for _, k := range n.kinds {
 			for _, target := range k.targets {
 				// Healing what is not broken is harmless: unpausing what

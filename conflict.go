@@ -18,7 +18,11 @@ import (
 	"cmp"
 	"context"
 	"database/sql"
+	"encoding/json"
+	"errors"
 	"fmt"
+	"net/url"
+	"strconv"
 	"time"
 )
 
@@ -123,7 +127,8 @@ func resolve(local *Property, incoming Property) outcome {
 // order (the same order every batch locks in), so that a concurrent local PUT
 // of one of them waits for the batch, or the batch for the PUT.
 const lockForApplySQL = `
-SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted
+SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted,
+       coalesce(request_id, ''), coalesce(parent, '')
 FROM properties
 WHERE id = ANY($1)
 ORDER BY id
@@ -132,8 +137,10 @@ FOR UPDATE`
 // upsertPropertiesSQL writes the winning rows of a batch, one array per
 // column (propertyColumns).
 const upsertPropertiesSQL = `
-INSERT INTO properties (id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted)
-SELECT * FROM unnest($1::bigint[], $2::numeric[], $3::integer[], $4::integer[], $5::varchar[], $6::bigint[], $7::timestamptz[], $8::boolean[])
+INSERT INTO properties (id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, request_id, parent)
+SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, nullif(request_id, ''), nullif(parent, '')
+FROM unnest($1::bigint[], $2::numeric[], $3::integer[], $4::integer[], $5::varchar[], $6::bigint[], $7::timestamptz[], $8::boolean[], $9::text[], $10::text[])
+     AS w(id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, request_id, parent)
 ON CONFLICT (id) DO UPDATE
 SET price         = EXCLUDED.price,
     bedrooms      = EXCLUDED.bedrooms,
@@ -141,71 +148,209 @@ SET price         = EXCLUDED.price,
     region_origin = EXCLUDED.region_origin,
     version       = EXCLUDED.version,
     updated_at    = EXCLUDED.updated_at,
-    deleted       = EXCLUDED.deleted`
+    deleted       = EXCLUDED.deleted,
+    request_id    = EXCLUDED.request_id,
+    parent        = EXCLUDED.parent`
+
+// write is one write of a listing: the row it made, the request that made it
+// and the state it was built on ("" where unknown: a seed, or a row older
+// than the columns that say).
+type write struct {
+	Property
+	requestID, parent string
+}
+
+// tag names the state w made, as its ETag does.
+func (w write) tag() string { return tagValue(w.Version, w.RegionOrigin) }
+
+// ConflictWrite is a write as a conflict record shows it: the listing's
+// state it made, as GET shows a listing ("deleted": true for a delete), the
+// request that made it (null where unknown: a seed), and the state it was
+// built on (null for a create or where unknown).
+type ConflictWrite struct {
+	Property
+	RequestID *string `json:"request_id"`
+	Parent    *string `json:"parent"`
+}
+
+// shown is w as a conflict record shows it.
+func (w write) shown() ConflictWrite {
+	c := ConflictWrite{Property: w.Property}
+	if w.requestID != "" {
+		c.RequestID = &w.requestID
+	}
+	if w.parent != "" {
+		c.Parent = &w.parent
+	}
+	return c
+}
+
+// lostWrite is an acknowledged write found lost, and the write that won.
+type lostWrite struct {
+	lost, won write
+}
+
+// A write is lost when the listing ends with a write not built on it: the
+// conflict rule replaced it by a write of the other region that never saw
+// it, or it arrived here after such a write won. Equal versions are the
+// common case, but not the only one: EU writes A (1 to 2), US writes B (1 to
+// 2) and EU then C (2 to 3) on A; in EU, B arrives after C and is merely
+// old, yet nothing built on B survives. The events say what each write was
+// built on (event.Parent), and the rows too (properties.parent), so:
+//
+//   - an incoming write that replaces the local one without naming it as
+//     its parent loses the local one;
+//   - an incoming write that does not replace the local one is lost, unless
+//     the local one names it as its parent, or this region has seen its
+//     request before (a redelivery, judged the first time; or a replay of
+//     one request in both regions, which loses nothing the client meant).
+//
+// A later write may still turn out to be built on a write recorded as lost
+// here (B, and then B's successor arriving after A won): its record goes.
+// The lost write's request id is the record's key, so a redelivery records
+// nothing twice. A region records what it finds; the other region may find
+// the same loss from its side, and records it too.
 
 // applyEvents applies a batch of remote writes inside tx and returns what
-// the conflict rule did with each. A write older than expiredBefore for a
-// listing with no row here is expired, and neither it nor its request id
-// is written (retention.go); a zero expiredBefore expires nothing. The rule itself runs in Go (resolve), over
-// the locked local rows, event after event; the database then receives the
+// the conflict rule did with each, and the writes it found lost, which it
+// has recorded (see above). The rule itself runs in Go (resolve), over the
+// locked local rows, event after event; the database then receives the
 // winners in one statement and all request ids in another, instead of three
 // statements per event. Every request id is recorded, the losers' too: it
 // was consumed in the other region whoever won. No outbox row is written: a
-// replicated write is not replicated back.
-func applyEvents(ctx context.Context, tx *sql.Tx, events []event, expiredBefore time.Time) ([]outcome, error) {
+// replicated write is not replicated back. A write older than expiredBefore
+// for a listing with no row here is expired, and neither it nor its request
+// id is written (retention.go); a zero expiredBefore expires nothing.
+func applyEvents(ctx context.Context, tx *sql.Tx, events []event, expiredBefore time.Time) ([]outcome, []lostWrite, error) {
 	if len(events) == 0 {
-		return nil, nil
+		return nil, nil, nil
 	}
 	local, err := lockForApply(ctx, tx, events)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	replayed, err := twins(ctx, tx, events)
+	replayed, known, err := twins(ctx, tx, events)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	outcomes := make([]outcome, len(events))
-	winners := map[int64]Property{}
+	winners := map[int64]write{}
+	var lost []lostWrite
+	var builtOn []write // writes recorded lost that a later one turned out to be built on
 	kept := events[:0:0]
 	for i, e := range events {
-		var current *Property
-		if p, ok := local[e.ID]; ok {
-			current = &p
-		}
-		if current == nil && e.UpdatedAt.Before(expiredBefore) {
+		incoming := write{e.Property, e.RequestID, e.Parent}
+		current, ok := local[e.ID]
+		if !ok && e.UpdatedAt.Before(expiredBefore) {
 			outcomes[i] = expired
 			continue
 		}
 		kept = append(kept, e)
-		outcomes[i] = resolve(current, e.Property)
+		if !ok {
+			outcomes[i] = applied
+		} else {
+			outcomes[i] = resolve(&current.Property, e.Property)
+		}
 		if replayed[e.RequestID] {
 			outcomes[i] = outcomes[i].asReplay()
 		}
-		if outcomes[i].replaces() {
-			local[e.ID] = e.Property
-			winners[e.ID] = e.Property
+		switch o := outcomes[i]; {
+		case o.replaces():
+			if ok && e.Parent != current.tag() {
+				if o != replayWon && current.requestID != "" {
+					lost = append(lost, lostWrite{lost: current, won: incoming})
+				}
+				if e.Parent != "" {
+					builtOn = append(builtOn, write{Property: Property{ID: e.ID}, parent: e.Parent})
+				}
+			}
+			local[e.ID] = incoming
+			winners[e.ID] = incoming
+		case o == stale || o == conflictLost:
+			if current.parent != incoming.tag() && !known[e.RequestID] {
+				lost = append(lost, lostWrite{lost: incoming, won: current})
+			}
 		}
 	}
 	if len(winners) > 0 {
 		var c propertyColumns
-		for _, p := range winners {
-			c.add(p)
+		for _, w := range winners {
+			c.addWrite(w.Property, w.requestID, w.parent)
 		}
 		if _, err := tx.ExecContext(ctx, upsertPropertiesSQL, c.args()...); err != nil {
-			return nil, fmt.Errorf("upsert rows: %w", err)
+			return nil, nil, fmt.Errorf("upsert rows: %w", err)
 		}
 	}
 	if len(kept) > 0 {
 		if err := recordReplicatedRequests(ctx, tx, kept); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
-	return outcomes, nil
+	// The events are the other region's: this one found what they lost.
+	if err := recordConflicts(ctx, tx, peerOf(events[0].RegionOrigin), lost, builtOn); err != nil {
+		return nil, nil, err
+	}
+	return outcomes, lost, nil
+}
+
+// recordConflictsSQL records lost writes, each once; found_in is the region
+// that found them, the one the events came to ($6).
+const recordConflictsSQL = `
+INSERT INTO conflicts (property_id, lost_request_id, lost_tag, lost, won, found_in)
+SELECT property_id, lost_request_id, lost_tag, lost, won, $6
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[])
+     AS c(property_id, lost_request_id, lost_tag, lost, won)
+ON CONFLICT (lost_request_id) DO NOTHING`
+
+// forgetBuiltOnSQL deletes the records of writes, by listing and tag, that a
+// later write was built on after all.
+const forgetBuiltOnSQL = `
+DELETE FROM conflicts
+WHERE (property_id, lost_tag) IN (SELECT * FROM unnest($1::bigint[], $2::text[]))`
+
+// recordConflicts records the lost writes of a batch, found in region, and
+// forgets the records of writes a write of the batch was built on.
+func recordConflicts(ctx context.Context, tx *sql.Tx, region string, lost []lostWrite, builtOn []write) error {
+	if len(builtOn) > 0 {
+		ids, tags := make([]int64, len(builtOn)), make([]string, len(builtOn))
+		for i, w := range builtOn {
+			ids[i], tags[i] = w.ID, w.parent
+		}
+		if _, err := tx.ExecContext(ctx, forgetBuiltOnSQL, ids, tags); err != nil {
+			return fmt.Errorf("forget conflicts built on: %w", err)
+		}
+	}
+	if len(lost) == 0 {
+		return nil
+	}
+	var (
+		ids               []int64
+		requestIDs, tags  []string
+		lostJSON, wonJSON []string
+	)
+	for _, l := range lost {
+		ids = append(ids, l.lost.ID)
+		requestIDs = append(requestIDs, l.lost.requestID)
+		tags = append(tags, l.lost.tag())
+		lostB, err := json.Marshal(l.lost.shown())
+		if err != nil {
+			return fmt.Errorf("record conflicts: %w", err)
+		}
+		wonB, err := json.Marshal(l.won.shown())
+		if err != nil {
+			return fmt.Errorf("record conflicts: %w", err)
+		}
+		lostJSON, wonJSON = append(lostJSON, string(lostB)), append(wonJSON, string(wonB))
+	}
+	if _, err := tx.ExecContext(ctx, recordConflictsSQL, ids, requestIDs, tags, lostJSON, wonJSON, region); err != nil {
+		return fmt.Errorf("record conflicts: %w", err)
+	}
+	return nil
 }
 
 // lockForApply locks and returns the local rows of the events' properties,
 // by id.
-func lockForApply(ctx context.Context, tx *sql.Tx, events []event) (map[int64]Property, error) {
+func lockForApply(ctx context.Context, tx *sql.Tx, events []event) (map[int64]write, error) {
 	ids := make([]int64, 0, len(events))
 	for _, e := range events {
 		ids = append(ids, e.ID)
@@ -215,16 +360,103 @@ func lockForApply(ctx context.Context, tx *sql.Tx, events []event) (map[int64]Pr
 		return nil, fmt.Errorf("lock rows: %w", err)
 	}
 	defer rows.Close()
-	local := map[int64]Property{}
+	local := map[int64]write{}
 	for rows.Next() {
-		p, err := scanProperty(rows)
-		if err != nil {
+		var w write
+		if w.Property, err = scanProperty(rows, &w.requestID, &w.parent); err != nil {
 			return nil, fmt.Errorf("lock rows: %w", err)
 		}
-		local[p.ID] = p
+		local[w.ID] = w
 	}
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("lock rows: %w", err)
 	}
 	return local, nil
+}
+
+// Conflict is one lost write as GET /{region}/conflicts shows it: the
+// write lost, the write that won, and where and when it was found.
+type Conflict struct {
+	ID         int64         `json:"id"`
+	PropertyID int64         `json:"property_id"`
+	Lost       ConflictWrite `json:"lost"`
+	Won        ConflictWrite `json:"won"`
+	FoundIn    string        `json:"found_in"`
+	FoundAt    time.Time     `json:"found_at"`
+}
+
+// ConflictPage is the body of GET /{region}/conflicts: newest first;
+// NextCursor is null on the last page.
+type ConflictPage struct {
+	Items      []Conflict `json:"items"`
+	NextCursor *string    `json:"next_cursor"`
+}
+
+// parseConflictQuery reads the page size and the cursor (the record after
+// which the page starts, newest first), as parseListQuery does for
+// listings; 0 for no cursor.
+func parseConflictQuery(q url.Values) (limit int, before int64, err error) {
+	limit = defaultPageSize
+	for name, values := range q {
+		if len(values) > 1 {
+			return 0, 0, &validationError{fmt.Sprintf("%s is given more than once", name)}
+		}
+		v := values[0]
+		switch name {
+		case "limit":
+			limit, err = strconv.Atoi(v)
+			if err != nil || limit < 1 || limit > maxPageSize || strconv.Itoa(limit) != v {
+				err = fmt.Errorf("limit must be an integer from 1 to %d", maxPageSize)
+			}
+		case "cursor":
+			before, err = decodeCursor(v)
+		default:
+			err = fmt.Errorf("unknown parameter %q (limit, cursor)", name)
+		}
+		if err != nil {
+			return 0, 0, &validationError{err.Error()}
+		}
+	}
+	return limit, before, nil
+}
+
+// listConflictsSQL reads one page of records newest first, before seq $1
+// (0: from the newest), one more than asked for ($2).
+const listConflictsSQL = `
+SELECT seq, property_id, lost, won, found_in, found_at
+FROM conflicts
+WHERE $1 = 0 OR seq < $1
+ORDER BY seq DESC
+LIMIT $2`
+
+// listConflicts returns the page of conflict records before the record
+// before (0: the newest page).
+func listConflicts(ctx context.Context, db *sql.DB, limit int, before int64) (ConflictPage, error) {
+	rows, err := db.QueryContext(ctx, listConflictsSQL, before, limit+1)
+	if err != nil {
+		return ConflictPage{}, fmt.Errorf("list conflicts: %w", err)
+	}
+	defer rows.Close()
+	page := ConflictPage{Items: []Conflict{}}
+	for rows.Next() {
+		var c Conflict
+		var lost, won []byte
+		if err := rows.Scan(&c.ID, &c.PropertyID, &lost, &won, &c.FoundIn, &c.FoundAt); err != nil {
+			return ConflictPage{}, fmt.Errorf("list conflicts: %w", err)
+		}
+		if err := errors.Join(json.Unmarshal(lost, &c.Lost), json.Unmarshal(won, &c.Won)); err != nil {
+			return ConflictPage{}, fmt.Errorf("list conflicts: record %d: %w", c.ID, err)
+		}
+		c.FoundAt = c.FoundAt.UTC()
+		page.Items = append(page.Items, c)
+	}
+	if err := rows.Err(); err != nil {
+		return ConflictPage{}, fmt.Errorf("list conflicts: %w", err)
+	}
+	if len(page.Items) > limit {
+		page.Items = page.Items[:limit]
+		next := encodeCursor(page.Items[limit-1].ID)
+		page.NextCursor = &next
+	}
+	return page, nil
 }

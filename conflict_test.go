@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
@@ -13,9 +16,9 @@ import (
 
 var t0 = time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
 
-// write is a Property that differs from others only where the conflict rule
+// aWrite is a Property that differs from others only where the conflict rule
 // looks, plus a price to tell writes apart.
-func write(version int64, at time.Duration, region string, price Money) Property {
+func aWrite(version int64, at time.Duration, region string, price Money) Property {
 	return Property{ID: 1, Price: price, RegionOrigin: region, Version: version, UpdatedAt: t0.Add(at)}
 }
 
@@ -26,16 +29,16 @@ func TestResolve(t *testing.T) {
 		incoming Property
 		want     outcome
 	}{
-		{"no_local_row", nil, write(1, 0, "us", 1), applied},
-		{"next_version", ptr(write(1, 0, "us", 1)), write(2, time.Second, "eu", 2), applied},
-		{"skipped_versions", ptr(write(1, 0, "us", 1)), write(5, time.Second, "eu", 2), applied},
-		{"higher_version_older_clock", ptr(write(1, time.Hour, "us", 1)), write(2, 0, "eu", 2), applied},
-		{"same_write_again", ptr(write(3, 0, "eu", 7)), write(3, 0, "eu", 7), duplicate},
-		{"older_version", ptr(write(3, 0, "us", 1)), write(2, time.Hour, "eu", 2), stale},
-		{"same_version_later_clock_wins", ptr(write(2, 0, "us", 1)), write(2, time.Microsecond, "eu", 2), conflictWon},
-		{"same_version_earlier_clock_loses", ptr(write(2, time.Microsecond, "us", 1)), write(2, 0, "eu", 2), conflictLost},
-		{"same_version_same_clock_us_beats_eu", ptr(write(2, 0, "eu", 1)), write(2, 0, "us", 2), conflictWon},
-		{"same_version_same_clock_eu_loses_to_us", ptr(write(2, 0, "us", 1)), write(2, 0, "eu", 2), conflictLost},
+		{"no_local_row", nil, aWrite(1, 0, "us", 1), applied},
+		{"next_version", ptr(aWrite(1, 0, "us", 1)), aWrite(2, time.Second, "eu", 2), applied},
+		{"skipped_versions", ptr(aWrite(1, 0, "us", 1)), aWrite(5, time.Second, "eu", 2), applied},
+		{"higher_version_older_clock", ptr(aWrite(1, time.Hour, "us", 1)), aWrite(2, 0, "eu", 2), applied},
+		{"same_write_again", ptr(aWrite(3, 0, "eu", 7)), aWrite(3, 0, "eu", 7), duplicate},
+		{"older_version", ptr(aWrite(3, 0, "us", 1)), aWrite(2, time.Hour, "eu", 2), stale},
+		{"same_version_later_clock_wins", ptr(aWrite(2, 0, "us", 1)), aWrite(2, time.Microsecond, "eu", 2), conflictWon},
+		{"same_version_earlier_clock_loses", ptr(aWrite(2, time.Microsecond, "us", 1)), aWrite(2, 0, "eu", 2), conflictLost},
+		{"same_version_same_clock_us_beats_eu", ptr(aWrite(2, 0, "eu", 1)), aWrite(2, 0, "us", 2), conflictWon},
+		{"same_version_same_clock_eu_loses_to_us", ptr(aWrite(2, 0, "us", 1)), aWrite(2, 0, "eu", 2), conflictLost},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -72,7 +75,7 @@ func TestResolveConverges(t *testing.T) {
 			seen[key{version, region}] = true
 			// Few distinct clock values, so that ties on version and clock
 			// are common.
-			writes = append(writes, write(version, time.Duration(rng.IntN(3))*time.Microsecond, region, Money(i+1)))
+			writes = append(writes, aWrite(version, time.Duration(rng.IntN(3))*time.Microsecond, region, Money(i+1)))
 		}
 		n := len(writes)
 		var want *Property
@@ -122,7 +125,7 @@ func TestApplyEventsBatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := applyEvents(ctx, tx, batch, time.Time{})
+	got, _, err := applyEvents(ctx, tx, batch, time.Time{})
 	if err != nil {
 		tx.Rollback()
 		t.Fatalf("applyEvents: %v", err)
@@ -194,7 +197,7 @@ func TestApplyEvent(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		got, err := applyEvents(ctx, tx, []event{step.event}, time.Time{})
+		got, _, err := applyEvents(ctx, tx, []event{step.event}, time.Time{})
 		if err != nil {
 			tx.Rollback()
 			t.Fatalf("%s: applyEvents(%+v): %v", step.name, step.event, err)
@@ -227,4 +230,110 @@ func TestApplyEvent(t *testing.T) {
 	if diff := cmp.Diff(response{Error: "request id reused for a different request", RequestID: "apply-3"}, got); status != http.StatusUnprocessableEntity || diff != "" {
 		t.Errorf("PUT %s with replicated request id apply-3 and another body = %d, want 422 (-want +got):\n%s", path, status, diff)
 	}
+}
+
+// TestLostWriteIsRecorded: an acknowledged write replaced by a write not
+// built on it is recorded, naming its request, whichever way the loss shows.
+// In EU: EU writes A (1 to 2) and C (2 to 3, on A); US's B (1 to 2),
+// acknowledged there, arrives after C. It is merely old by the rule (C has
+// the higher version), yet nothing built on it survives: lost. In US: B is
+// the local row when A arrives, and A, the greater of the two, replaces it
+// without being built on it: lost again, seen from the other side; C then
+// follows A and loses nothing. Before the events said what a write was built
+// on, only the equal versions of the second case were even counted, and B
+// vanished from EU without a trace.
+func TestLostWriteIsRecorded(t *testing.T) {
+	db := testDB(t)
+	ctx := context.Background()
+	us, eu := testServer(t, "us", db), testServer(t, "eu", db)
+	apply := func(e event) ([]outcome, []lostWrite) {
+		t.Helper()
+		tx, err := db.BeginTx(ctx, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tx.Rollback()
+		outcomes, lost, err := applyEvents(ctx, tx, []event{e}, time.Time{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := tx.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		return outcomes, lost
+	}
+	put := func(h http.Handler, region string, id, version int64, requestID string) Property {
+		t.Helper()
+		status, _, got := call(t, h, "PUT", fmt.Sprintf("/%s/properties/%d", region, id), requestID, fmt.Sprintf(`{"price": %d, "version": %d}`, 1000+version, version))
+		if status != http.StatusOK {
+			t.Fatalf("PUT %s %d: %d %+v", region, id, status, got)
+		}
+		return got.Property
+	}
+	// otherRegion is the event of a write the other region made of id.
+	otherRegion := func(p Property, requestID, parent string) event {
+		return event{Property: p, RequestID: requestID, Parent: parent, fingerprint: strings.Repeat("0", 64)}
+	}
+
+	// EU's side, on listing 461.
+	put(eu, "eu", 461, 1, "lost-a")
+	c := put(eu, "eu", 461, 2, "lost-c")
+	b := seedProperty(461)
+	b.Version, b.RegionOrigin, b.UpdatedAt, b.Price = 2, "us", c.UpdatedAt.Add(time.Second), 777_00
+	outcomes, lost := apply(otherRegion(b, "lost-b", "1-us"))
+	if outcomes[0] != stale || len(lost) != 1 || lost[0].lost.requestID != "lost-b" || lost[0].won.requestID != "lost-c" {
+		t.Fatalf("B arriving in EU after C: %v, lost %+v; want stale, B lost to C", outcomes, lost)
+	}
+	if _, again := apply(otherRegion(b, "lost-b", "1-us")); len(again) != 0 {
+		t.Errorf("B delivered again: lost %+v, want nothing new", again)
+	}
+
+	// US's side, on listing 462.
+	bUS := put(us, "us", 462, 1, "lost-b-us")
+	a := seedProperty(462)
+	a.Version, a.RegionOrigin, a.UpdatedAt, a.Price = 2, "eu", bUS.UpdatedAt.Add(time.Second), 888_00
+	outcomes, lost = apply(otherRegion(a, "lost-a-us", "1-us"))
+	if outcomes[0] != conflictWon || len(lost) != 1 || lost[0].lost.requestID != "lost-b-us" {
+		t.Fatalf("A arriving in US over B: %v, lost %+v; want conflict won, B lost", outcomes, lost)
+	}
+	cUS := a
+	cUS.Version, cUS.UpdatedAt = 3, a.UpdatedAt.Add(time.Second)
+	if outcomes, lost = apply(otherRegion(cUS, "lost-c-us", "2-eu")); outcomes[0] != applied || len(lost) != 0 {
+		t.Errorf("C arriving in US on A: %v, lost %+v; want applied, nothing lost", outcomes, lost)
+	}
+
+	// Both served, newest first, a page at a time.
+	var page ConflictPage
+	status := getJSON(t, eu, "/eu/conflicts?limit=1", &page)
+	if status != http.StatusOK || len(page.Items) != 1 || page.NextCursor == nil {
+		t.Fatalf("GET /eu/conflicts?limit=1: %d %+v, want one record and a cursor", status, page)
+	}
+	newest := page.Items[0]
+	if newest.PropertyID != 462 || *newest.Lost.RequestID != "lost-b-us" || *newest.Won.RequestID != "lost-a-us" || newest.FoundIn != "us" ||
+		newest.Lost.Version != 2 || newest.Lost.RegionOrigin != "us" || *newest.Lost.Parent != "1-us" {
+		t.Errorf("the newest record: %+v, want B lost to A on 462, found in us", newest)
+	}
+	status = getJSON(t, eu, "/eu/conflicts?limit=1&cursor="+*page.NextCursor, &page)
+	if status != http.StatusOK || len(page.Items) != 1 {
+		t.Fatalf("the second page: %d %+v", status, page)
+	}
+	if r := page.Items[0]; r.PropertyID != 461 || *r.Lost.RequestID != "lost-b" || *r.Won.RequestID != "lost-c" || r.FoundIn != "eu" || r.Won.Version != 3 {
+		t.Errorf("the older record: %+v, want B lost to C on 461, found in eu", r)
+	}
+	for _, bad := range []string{"?limit=0", "?limit=201", "?cursor=nope", "?region_origin=us", "?limit=1&limit=2"} {
+		if status := getJSON(t, eu, "/eu/conflicts"+bad, &struct{}{}); status != http.StatusBadRequest {
+			t.Errorf("GET /eu/conflicts%s: %d, want 400", bad, status)
+		}
+	}
+}
+
+// getJSON GETs path from h and decodes the answer's body into v.
+func getJSON(t *testing.T, h http.Handler, path string, v any) int {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
+	if err := json.Unmarshal(rec.Body.Bytes(), v); err != nil {
+		t.Fatalf("GET %s: %d, body %q: %v", path, rec.Code, rec.Body.String(), err)
+	}
+	return rec.Code
 }

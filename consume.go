@@ -328,14 +328,17 @@ func (c *consumer) sortRecords(records []*kgo.Record) batch {
 // queue with the reason, alone. It returns false if ctx was cancelled first.
 func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions int32) bool {
 	b := c.sortRecords(records)
-	var outcomes []outcome
+	var (
+		outcomes []outcome
+		lost     []lostWrite
+	)
 	refusals := 0
 	ok := c.retry(ctx, "apply", true, func(ctx context.Context) error {
 		var err error
 		if refusals < maxRefusals {
-			outcomes, err = c.apply(ctx, b, partitions)
+			outcomes, lost, err = c.apply(ctx, b, partitions)
 		} else {
-			outcomes, err = c.applyEach(ctx, &b, partitions)
+			outcomes, lost, err = c.applyEach(ctx, &b, partitions)
 		}
 		if refusedByDatabase(err) {
 			refusals++
@@ -349,6 +352,12 @@ func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions
 	// Counted and logged only once committed, so a retried batch counts once.
 	for i, e := range b.events {
 		c.count(e, outcomes[i])
+	}
+	for _, l := range lost {
+		c.stats.lostWrites.Add(1)
+		c.logger.Warn("replication conflict: an acknowledged write was lost, recorded at /{region}/conflicts",
+			"property", l.lost.ID, "lost_request_id", l.lost.requestID, "lost", l.lost.tag(),
+			"won_request_id", l.won.requestID, "won", l.won.tag())
 	}
 	return true
 }
@@ -412,21 +421,21 @@ ON CONFLICT (topic, partition) DO UPDATE
 SET next_offset = GREATEST(replication_positions.next_offset, EXCLUDED.next_offset)`
 
 // apply applies a batch's events in one transaction, and returns each
-// event's outcome.
-func (c *consumer) apply(ctx context.Context, b batch, partitions int32) ([]outcome, error) {
+// event's outcome and the writes found lost.
+func (c *consumer) apply(ctx context.Context, b batch, partitions int32) ([]outcome, []lostWrite, error) {
 	tx, err := c.db.BeginTx(ctx, nil)
 	if err != nil {
-		return nil, fmt.Errorf("apply batch: %w", err)
+		return nil, nil, fmt.Errorf("apply batch: %w", err)
 	}
 	defer tx.Rollback()
-	outcomes, err := applyEvents(ctx, tx, b.events, c.expiredBefore())
+	outcomes, lost, err := applyEvents(ctx, tx, b.events, c.expiredBefore())
 	if err != nil {
-		return nil, fmt.Errorf("apply batch: %w", err)
+		return nil, nil, fmt.Errorf("apply batch: %w", err)
 	}
 	if err := c.commit(ctx, tx, c.withExpired(b, outcomes), partitions); err != nil {
-		return nil, fmt.Errorf("apply batch: %w", err)
+		return nil, nil, fmt.Errorf("apply batch: %w", err)
 	}
-	return outcomes, nil
+	return outcomes, lost, nil
 }
 
 // expiredBefore is the time before which a write for a listing with no row

@@ -27,32 +27,33 @@ const maxRefusals = 3
 // (refusedByDatabase) is rolled back and moved from b's events to its dead
 // letters, with the database's reason. The rest, and the watermarks, commit
 // together as apply's would.
-func (c *consumer) applyEach(ctx context.Context, b *batch, partitions int32) ([]outcome, error) {
+func (c *consumer) applyEach(ctx context.Context, b *batch, partitions int32) ([]outcome, []lostWrite, error) {
 	tx, err := c.db.BeginTx(ctx, nil)
 	if err != nil {
-		return nil, fmt.Errorf("apply events one by one: %w", err)
+		return nil, nil, fmt.Errorf("apply events one by one: %w", err)
 	}
 	defer tx.Rollback()
 	var (
 		outcomes []outcome
+		lost     []lostWrite
 		kept     batch
 		refused  []*kgo.Record
 	)
 	for i, e := range b.events {
 		if _, err := tx.ExecContext(ctx, "SAVEPOINT event"); err != nil {
-			return nil, fmt.Errorf("apply events one by one: %w", err)
+			return nil, nil, fmt.Errorf("apply events one by one: %w", err)
 		}
-		o, err := applyEvents(ctx, tx, []event{e}, c.expiredBefore())
+		o, l, err := applyEvents(ctx, tx, []event{e}, c.expiredBefore())
 		switch {
 		case refusedByDatabase(err):
 			if _, err := tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT event"); err != nil {
-				return nil, fmt.Errorf("apply events one by one: %w", err)
+				return nil, nil, fmt.Errorf("apply events one by one: %w", err)
 			}
 			refused = append(refused, c.deadLetter(b.sources[i], fmt.Errorf("refused by the database: %w", err)))
 		case err != nil:
-			return nil, fmt.Errorf("apply events one by one: %w", err)
+			return nil, nil, fmt.Errorf("apply events one by one: %w", err)
 		default:
-			outcomes = append(outcomes, o...)
+			outcomes, lost = append(outcomes, o...), append(lost, l...)
 			kept.events = append(kept.events, e)
 			kept.sources = append(kept.sources, b.sources[i])
 		}
@@ -60,10 +61,10 @@ func (c *consumer) applyEach(ctx context.Context, b *batch, partitions int32) ([
 	kept.watermarks, kept.partitions, kept.next = b.watermarks, b.partitions, b.next
 	kept.dead = append(b.dead, refused...)
 	if err := c.commit(ctx, tx, c.withExpired(kept, outcomes), partitions); err != nil {
-		return nil, fmt.Errorf("apply events one by one: %w", err)
+		return nil, nil, fmt.Errorf("apply events one by one: %w", err)
 	}
 	*b = kept
-	return outcomes, nil
+	return outcomes, lost, nil
 }
 
 // refusedByDatabase reports whether err is PostgreSQL refusing what an event

@@ -40,6 +40,14 @@ func tagValue(version int64, region string) string {
 	return strconv.FormatInt(version, 10) + "-" + region
 }
 
+// validTag reports whether s is a tagValue: a positive version, a dash and
+// a region.
+func validTag(s string) bool {
+	v, region, ok := strings.Cut(s, "-")
+	n, err := strconv.ParseInt(v, 10, 64)
+	return ok && err == nil && n >= 1 && strconv.FormatInt(n, 10) == v && validRegion(region)
+}
+
 // preconditionFailedError is an If-Match that names another state than the
 // current one, which it carries (for its ETag and version).
 type preconditionFailedError struct {

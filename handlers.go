@@ -77,6 +77,7 @@ func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.D
 	mux.Handle("POST /{region}/properties", knownRegion(logger, handleCreateProperty(logger, region, db, notify)))
 	mux.Handle("GET /{region}/properties", knownRegion(logger, handleListProperties(logger, db)))
 	mux.Handle("GET /{region}/replication-lag", knownRegion(logger, handleReplicationLag(logger, lag)))
+	mux.Handle("GET /{region}/conflicts", knownRegion(logger, handleListConflicts(logger, db)))
 }
 
 // handleHealth answers 200 when the database answers, and 503 otherwise so
@@ -331,6 +332,31 @@ func handleListProperties(logger *slog.Logger, db *sql.DB) http.Handler {
 		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
 		defer cancel()
 		page, err := listProperties(ctx, db, lq)
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		encode(w, http.StatusOK, page)
+	})
+}
+
+// handleListConflicts answers one page of the writes this region found
+// lost, newest first (conflict.go).
+func handleListConflicts(logger *slog.Logger, db *sql.DB) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		q, err := url.ParseQuery(r.URL.RawQuery)
+		if err != nil {
+			encodeError(w, r, logger, &validationError{"the query string is not valid"})
+			return
+		}
+		limit, before, err := parseConflictQuery(q)
+		if err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
+		defer cancel()
+		page, err := listConflicts(ctx, db, limit, before)
 		if err != nil {
 			encodeError(w, r, logger, err)
 			return

@@ -596,7 +596,7 @@ func TestStandIn(t *testing.T) {
 		time.Sleep(standInWait / 4)
 		tx, err := db.BeginTx(ctx, nil)
 		if err == nil {
-			_, err = applyEvents(ctx, tx, []event{
+			_, _, err = applyEvents(ctx, tx, []event{
 				{Property: second, RequestID: "stand-in-other"},
 				{Property: third, RequestID: "first-attempt", fingerprint: requestFingerprint("PUT", "/properties/47", update)},
 			}, time.Time{})

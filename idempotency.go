@@ -164,8 +164,10 @@ func duplicateRequest(ctx context.Context, db *sql.DB, requestID, fingerprint st
 // bytewise as compareWrites does.
 const recordReplicatedRequestsSQL = `
 INSERT INTO processed_requests
-    (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::numeric[], $5::integer[], $6::integer[], $7::varchar[], $8::bigint[], $9::timestamptz[], $10::boolean[])
+    (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, parent)
+SELECT request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, nullif(parent, '')
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::numeric[], $5::integer[], $6::integer[], $7::varchar[], $8::bigint[], $9::timestamptz[], $10::boolean[], $11::text[])
+     AS r(request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, parent)
 ON CONFLICT (request_id) DO UPDATE
 SET fingerprint   = EXCLUDED.fingerprint,
     property_id   = EXCLUDED.property_id,
@@ -175,7 +177,8 @@ SET fingerprint   = EXCLUDED.fingerprint,
     region_origin = EXCLUDED.region_origin,
     version       = EXCLUDED.version,
     updated_at    = EXCLUDED.updated_at,
-    deleted       = EXCLUDED.deleted
+    deleted       = EXCLUDED.deleted,
+    parent        = EXCLUDED.parent
 WHERE (EXCLUDED.version, EXCLUDED.updated_at, EXCLUDED.region_origin COLLATE "C")
     > (processed_requests.version, processed_requests.updated_at, processed_requests.region_origin COLLATE "C")`
 
@@ -191,16 +194,15 @@ func recordReplicatedRequests(ctx context.Context, tx *sql.Tx, events []event) e
 			greatest[e.RequestID] = e
 		}
 	}
-	var requestIDs, fingerprints []string
+	var fingerprints []string
 	var c propertyColumns
 	for _, e := range greatest {
-		requestIDs = append(requestIDs, e.RequestID)
 		fingerprints = append(fingerprints, e.fingerprint)
-		c.add(e.Property)
+		c.addWrite(e.Property, e.RequestID, e.Parent)
 	}
-	args := append([]any{requestIDs, fingerprints}, c.args()...)
+	args := []any{c.requestIDs, fingerprints, c.ids, c.prices, c.bedrooms, c.bathrooms, c.regions, c.versions, c.updatedAt, c.deleted, c.parents}
 	if _, err := tx.ExecContext(ctx, recordReplicatedRequestsSQL, args...); err != nil {
-		return fmt.Errorf("record %d replicated request ids: %w", len(requestIDs), err)
+		return fmt.Errorf("record %d replicated request ids: %w", len(c.requestIDs), err)
 	}
 	return nil
 }
@@ -214,15 +216,16 @@ WHERE request_id = ANY($1)`
 // twins returns the request ids of the events that this region also wrote:
 // the same request (id and fingerprint) applied to the same version of the
 // same property here. Such a pair is one request replayed in both regions,
-// not two concurrent writers.
-func twins(ctx context.Context, tx *sql.Tx, events []event) (map[string]bool, error) {
+// not two concurrent writers. It also returns every request id of the
+// events this region already holds a record of, whatever write it made.
+func twins(ctx context.Context, tx *sql.Tx, events []event) (replayed, known map[string]bool, err error) {
 	ids := make([]string, 0, len(events))
 	for _, e := range events {
 		ids = append(ids, e.RequestID)
 	}
 	rows, err := tx.QueryContext(ctx, twinsSQL, ids)
 	if err != nil {
-		return nil, fmt.Errorf("read request records: %w", err)
+		return nil, nil, fmt.Errorf("read request records: %w", err)
 	}
 	defer rows.Close()
 	type record struct {
@@ -234,19 +237,20 @@ func twins(ctx context.Context, tx *sql.Tx, events []event) (map[string]bool, er
 		var id string
 		var r record
 		if err := rows.Scan(&id, &r.propertyID, &r.version, &r.fingerprint); err != nil {
-			return nil, fmt.Errorf("read request records: %w", err)
+			return nil, nil, fmt.Errorf("read request records: %w", err)
 		}
 		local[id] = r
 	}
 	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("read request records: %w", err)
+		return nil, nil, fmt.Errorf("read request records: %w", err)
 	}
-	found := map[string]bool{}
+	replayed, known = map[string]bool{}, map[string]bool{}
 	for _, e := range events {
 		r, ok := local[e.RequestID]
+		known[e.RequestID] = ok
 		if ok && r.fingerprint == e.fingerprint && r.propertyID == e.ID && r.version == e.Version {
-			found[e.RequestID] = true
+			replayed[e.RequestID] = true
 		}
 	}
-	return found, nil
+	return replayed, known, nil
 }

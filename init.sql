@@ -56,6 +56,15 @@ CREATE TABLE IF NOT EXISTS properties (
 
 CREATE INDEX IF NOT EXISTS properties_region_origin_idx ON properties (region_origin);
 
+-- What the current version of a row was written by and built on: the
+-- request id of its write, and the tag (version-region, as the ETag names
+-- it) of the state that write replaced; NULL for a seed or a create. With
+-- them a region that replaces a write by one not built on it, or receives a
+-- write its row was not built on, knows an acknowledged write was lost and
+-- records it (conflict.go).
+ALTER TABLE properties ADD COLUMN IF NOT EXISTS request_id TEXT;
+ALTER TABLE properties ADD COLUMN IF NOT EXISTS parent TEXT;
+
 -- The ids of new listings. Each region allocates from a sequence of its own,
 -- US the odd ids and EU the even ones from 1001 on (the seeds hold 1-1000),
 -- so the two can never hand out the same id, even while they cannot talk to
@@ -90,6 +99,10 @@ CREATE TABLE IF NOT EXISTS processed_requests (
     processed_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
+-- The state the request's write was built on (properties.parent), so that
+-- the chain of writes a row was built on can be followed.
+ALTER TABLE processed_requests ADD COLUMN IF NOT EXISTS parent TEXT;
+
 -- The purge (retention.go) finds expired request ids and tombstones by these,
 -- oldest first. The tombstones' index is partial: only deletes enter it.
 CREATE INDEX IF NOT EXISTS processed_requests_processed_at_idx ON processed_requests (processed_at);
@@ -122,6 +135,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     deleted       BOOLEAN NOT NULL DEFAULT false,
     created_at    TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- An event carries the state its write was built on (properties.parent).
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS parent TEXT;
 
 -- The relay's heartbeats (relay.go) read the oldest event waiting here, and
 -- the lag report how long it has waited: by this index, in O(log n),
@@ -159,3 +175,23 @@ CREATE TABLE IF NOT EXISTS replication_positions (
     next_offset BIGINT NOT NULL CHECK (next_offset >= 0),
     PRIMARY KEY (topic, partition)
 );
+
+-- conflicts records every acknowledged write this region found lost: replaced
+-- by a write not built on it, or arriving after a write that was not built
+-- on it won (conflict.go). lost and won are the two writes as the API shows
+-- a listing, with their request ids; lost_tag names the lost write, so that
+-- its record goes if a later write turns out to be built on it after all.
+-- Kept for RETENTION, like request ids (retention.go), and served newest
+-- first at GET /{region}/conflicts.
+CREATE TABLE IF NOT EXISTS conflicts (
+    seq             BIGSERIAL PRIMARY KEY,
+    property_id     BIGINT NOT NULL,
+    lost_request_id TEXT NOT NULL UNIQUE,
+    lost_tag        TEXT NOT NULL,
+    lost            JSONB NOT NULL,
+    won             JSONB NOT NULL,
+    found_in        VARCHAR(2) NOT NULL,
+    found_at        TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS conflicts_property_idx ON conflicts (property_id);
+CREATE INDEX IF NOT EXISTS conflicts_found_at_idx ON conflicts (found_at);

@@ -63,6 +63,9 @@ type LagReport struct {
 	// events ignored, and undecodable records sent to the dead-letter queue.
 	Applied   int64 `json:"applied"`
 	Conflicts int64 `json:"conflicts"`
+	// LostWrites counts the acknowledged writes this region found lost and
+	// recorded at GET /{region}/conflicts.
+	LostWrites int64 `json:"lost_writes"`
 	// Replays counts requests written in both regions under one request id
 	// (a retry replayed in the other region before the first write arrived
 	// there): one write kept, and no conflict, since both were one request.
@@ -88,6 +91,7 @@ type replicationStats struct {
 	replays      atomic.Int64
 	stale        atomic.Int64
 	expired      atomic.Int64 // events not applied for their age (retention.go)
+	lostWrites   atomic.Int64 // acknowledged writes found lost and recorded (conflict.go)
 	deadLettered atomic.Int64
 	lastApplied  atomic.Pointer[time.Time]
 	// stopped is why replication stopped for good (consumer.stop); nil
@@ -220,6 +224,7 @@ func readLag(ctx context.Context, db *sql.DB, region string, since time.Time, st
 	rep.RecordsBehind = stats.recordsBehind()
 	rep.Applied = stats.applied.Load()
 	rep.Conflicts = stats.conflicts.Load()
+	rep.LostWrites = stats.lostWrites.Load()
 	rep.Replays = stats.replays.Load()
 	rep.StaleEvents = stats.stale.Load()
 	rep.ExpiredEvents = stats.expired.Load()

@@ -37,7 +37,7 @@ func TestReplicationLagReport(t *testing.T) {
 		}
 		for p := range n {
 			w := time.Now().Add(-age - time.Duration(p)*time.Second)
-			if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, w, maxClockSkew.Milliseconds()); err != nil {
+			if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, w, maxClockSkew.Milliseconds(), nil); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -74,7 +74,7 @@ func TestFutureWatermarkIsClamped(t *testing.T) {
 	t.Cleanup(func() { db.ExecContext(ctx, `DELETE FROM replication_watermarks`) })
 	for p := range 3 {
 		future := time.Date(3000, 1, 1, 0, 0, 0, 0, time.UTC)
-		if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, future, maxClockSkew.Milliseconds()); err != nil {
+		if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, future, maxClockSkew.Milliseconds(), nil); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -146,9 +146,10 @@ func (m *requestMetrics) write(e *exposition) {
 // writeReplication adds the lag report's figures.
 func writeReplication(ctx context.Context, e *exposition, r replication) {
 	ps := r.purgeStats()
-	e.family("listing_retention_purged_total", "counter", "Expired request ids and tombstones deleted, by what they were.")
+	e.family("listing_retention_purged_total", "counter", "Expired request ids, tombstones and conflict records deleted, by what they were.")
 	e.sample("listing_retention_purged_total", float64(ps.RequestIDs), "what", "request_ids")
 	e.sample("listing_retention_purged_total", float64(ps.Tombstones), "what", "tombstones")
+	e.sample("listing_retention_purged_total", float64(ps.Conflicts), "what", "conflicts")
 	if !ps.OldestRequestID.IsZero() {
 		e.family("listing_retention_oldest_request_id_seconds", "gauge", "Age of the oldest request id kept, as of the last purge: at most the retention plus the purge interval.")
 		e.sample("listing_retention_oldest_request_id_seconds", time.Since(ps.OldestRequestID).Seconds())
@@ -183,6 +184,7 @@ func writeReplication(ctx context.Context, e *exposition, r replication) {
 		{"listing_replication_stopped", "gauge", "1 if replication stopped for good (events lost: re-seed the region), else 0.", stopped},
 		{"listing_replication_applied_total", "counter", "Writes of the peer region applied here.", float64(rep.Applied)},
 		{"listing_replication_conflicts_total", "counter", "Concurrent writes of one version in both regions, resolved by the conflict rule (one lost).", float64(rep.Conflicts)},
+		{"listing_replication_lost_writes_total", "counter", "Acknowledged writes found lost (replaced by a write not built on them) and recorded at /{region}/conflicts.", float64(rep.LostWrites)},
 		{"listing_replication_replays_total", "counter", "One request written in both regions, resolved by the conflict rule (nothing lost).", float64(rep.Replays)},
 		{"listing_replication_stale_events_total", "counter", "Events older than the row here, ignored.", float64(rep.StaleEvents)},
 		{"listing_replication_dead_letters_total", "counter", "Records sent to the dead-letter topic.", float64(rep.DeadLettered)},

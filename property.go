@@ -170,13 +170,13 @@ func getProperty(ctx context.Context, db *sql.DB, id int64) (Property, error) {
 const recordAndQueueSQL = `
 , recorded AS (
     INSERT INTO processed_requests
-        (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted)
-    SELECT $1, $2, id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted FROM written
+        (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, parent)
+    SELECT $1, $2, id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, parent FROM written
     RETURNING request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted
 ), queued AS (
     INSERT INTO outbox
-        (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted)
-    SELECT * FROM recorded
+        (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, parent)
+    SELECT recorded.*, written.parent FROM recorded, written
 )
 SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted FROM written`
 
@@ -225,10 +225,12 @@ WITH written AS (
         bathrooms     = COALESCE($7, bathrooms),
         region_origin = $8,
         version       = version + 1,
-        updated_at    = now()
+        updated_at    = now(),
+        request_id    = $1,
+        parent        = version::text || '-' || region_origin
     WHERE id = $3 AND version = $4 AND NOT deleted
       AND ($9::text[] IS NULL OR version::text || '-' || region_origin = ANY ($9))
-    RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted
+    RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, parent
 )` + recordAndQueueSQL
 
 // newProperty is a validated POST body: a new listing's values.
@@ -255,9 +257,9 @@ func createProperty(ctx context.Context, db *sql.DB, region, requestID, fingerpr
 // insert back: its id is skipped, as the sequence does not go back.
 const createPropertySQL = `
 WITH written AS (
-    INSERT INTO properties (id, price, bedrooms, bathrooms, region_origin, version, updated_at)
-    VALUES (nextval(('property_ids_' || $6::varchar)::regclass), $3, $4, $5, $6::varchar, 1, now())
-    RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted
+    INSERT INTO properties (id, price, bedrooms, bathrooms, region_origin, version, updated_at, request_id)
+    VALUES (nextval(('property_ids_' || $6::varchar)::regclass), $3, $4, $5, $6::varchar, 1, now(), $1)
+    RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, parent
 )` + recordAndQueueSQL
 
 // deleteProperty deletes a listing whose state is one that ifMatch names
@@ -287,10 +289,12 @@ WITH written AS (
     SET deleted       = true,
         region_origin = $4,
         version       = version + 1,
-        updated_at    = now()
+        updated_at    = now(),
+        request_id    = $1,
+        parent        = version::text || '-' || region_origin
     WHERE id = $3 AND NOT deleted
       AND ($5::text[] IS NULL OR version::text || '-' || region_origin = ANY ($5))
-    RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted
+    RETURNING id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, parent
 )` + recordAndQueueSQL
 
 // explainNoWrite finds out why a write statement changed no row, checking
@@ -353,10 +357,17 @@ type propertyColumns struct {
 	bedrooms, bathrooms []*int32
 	updatedAt           []time.Time
 	deleted             []bool
+	// The request that wrote each row and the state it was built on
+	// (properties.request_id and parent); "" for NULL.
+	requestIDs, parents []string
 }
 
 // add appends p as one more row.
-func (c *propertyColumns) add(p Property) {
+func (c *propertyColumns) add(p Property) { c.addWrite(p, "", "") }
+
+// addWrite appends p as one more row, written by requestID on the state
+// parent.
+func (c *propertyColumns) addWrite(p Property, requestID, parent string) {
 	c.ids = append(c.ids, p.ID)
 	c.prices = append(c.prices, p.Price.String())
 	c.bedrooms = append(c.bedrooms, p.Bedrooms)
@@ -365,9 +376,11 @@ func (c *propertyColumns) add(p Property) {
 	c.versions = append(c.versions, p.Version)
 	c.updatedAt = append(c.updatedAt, p.UpdatedAt)
 	c.deleted = append(c.deleted, p.Deleted)
+	c.requestIDs = append(c.requestIDs, requestID)
+	c.parents = append(c.parents, parent)
 }
 
 // args are the columns in the order of the properties table.
 func (c *propertyColumns) args() []any {
-	return []any{c.ids, c.prices, c.bedrooms, c.bathrooms, c.regions, c.versions, c.updatedAt, c.deleted}
+	return []any{c.ids, c.prices, c.bedrooms, c.bathrooms, c.regions, c.versions, c.updatedAt, c.deleted, c.requestIDs, c.parents}
 }

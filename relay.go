@@ -121,6 +121,16 @@ func (r *relay) run(ctx context.Context, partitions int32) {
 		if time.Since(r.countedAt) >= metadataMaxAge {
 			r.countPartitions(ctx)
 		}
+		if failures > 0 && !r.brokerAnswers(ctx) {
+			// Cut off from the brokers: leave the round's lock to an
+			// instance that can publish, instead of holding it through a
+			// produce that can only time out.
+			failures++
+			if !sleep(ctx, backoff(failures)) {
+				return
+			}
+			continue
+		}
 		lastRound = time.Now()
 		full, err := r.publishRound(ctx)
 		switch {
@@ -152,6 +162,22 @@ func (r *relay) run(ctx context.Context, partitions int32) {
 		case <-time.After(relayPollInterval):
 		}
 	}
+}
+
+// brokerProbeTimeout bounds how long the relay waits for a broker's answer
+// before it competes for a round after a failed one.
+const brokerProbeTimeout = 500 * time.Millisecond
+
+// brokerAnswers reports whether a broker answers a metadata request within
+// brokerProbeTimeout. After a failed round the relay asks it first, outside
+// any transaction: in a region of several instances, one cut off from
+// Kafka would otherwise keep winning the round's lock and hold it through
+// relayRoundTimeout, and the instance that can publish would seldom get to.
+func (r *relay) brokerAnswers(ctx context.Context) bool {
+	ctx, cancel := context.WithTimeout(ctx, brokerProbeTimeout)
+	defer cancel()
+	_, err := partitionCount(ctx, r.producer, r.topic)
+	return err == nil
 }
 
 // countPartitions reads the topic's partition count again. A partition
@@ -305,7 +331,7 @@ func (r *relay) lock(ctx context.Context, tx *sql.Tx, withWatermark bool) (locke
 // serialized by the row lock.
 const readOutboxSQL = `
 SELECT property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted,
-       seq, request_id, fingerprint
+       seq, request_id, fingerprint, coalesce(parent, '')
 FROM outbox
 ORDER BY seq
 LIMIT $1`
@@ -323,7 +349,7 @@ func (r *relay) readOutbox(ctx context.Context, tx *sql.Tx) ([]int64, []*kgo.Rec
 	for rows.Next() {
 		var e event
 		var seq int64
-		if e.Property, err = scanProperty(rows, &seq, &e.RequestID, &e.fingerprint); err != nil {
+		if e.Property, err = scanProperty(rows, &seq, &e.RequestID, &e.fingerprint, &e.Parent); err != nil {
 			return nil, nil, err
 		}
 		rec, err := eventRecord(r.topic, e)

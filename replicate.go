@@ -57,6 +57,10 @@ import (
 type event struct {
 	Property
 	RequestID string `json:"request_id"`
+	// Parent names the state the write was built on, as its ETag would
+	// ("2-eu"); empty for a create. A region that keeps or takes a write
+	// not built on the one it replaces knows a write was lost (conflict.go).
+	Parent string `json:"parent,omitempty"`
 	// fingerprint names the request (requestFingerprint). It travels in the
 	// record's headerFingerprint, beside the event rather than in it.
 	fingerprint string
@@ -463,6 +467,8 @@ func (e event) validate() error {
 		return errors.New("invalid request_id")
 	case !validFingerprint(e.fingerprint):
 		return fmt.Errorf("missing or invalid %q header", headerFingerprint)
+	case e.Parent != "" && !validTag(e.Parent):
+		return errors.New("parent is not a state's tag")
 	}
 	return checkValues(e.Price, e.Bedrooms, e.Bathrooms)
 }

@@ -477,3 +477,58 @@ func TestCreateStorm(t *testing.T) {
 	}
 	t.Logf("%d listings created in both regions at once; all %d rows identical in both", len(created), len(final))
 }
+
+// TestOvertakenWriteIsRecorded is the loss that equal versions alone do not
+// show: with Kafka down, EU writes A on version v, US writes B on v
+// (acknowledged), and EU writes C on A. Both regions end with C, the
+// greater write, and B is gone: it must be recorded lost, naming its
+// request, at GET /{region}/conflicts of a region that found it.
+func TestOvertakenWriteIsRecorded(t *testing.T) {
+	s := newStack(t)
+	us, eu := stackDB(t, "us"), stackDB(t, "eu")
+	s.caughtUp(t, 30*time.Second)
+	const id = 260
+	base := s.current(t, "us", id)
+	s.stop(t, "kafka", false)
+	put := func(region string, version int64, requestID string, price int) response {
+		t.Helper()
+		status, servedBy, got, err := s.do("PUT", fmt.Sprintf("/%s/properties/%d", region, id), requestID, fmt.Sprintf(`{"price": %d, "version": %d}`, price, version))
+		if err != nil || status != http.StatusOK || servedBy != region {
+			t.Fatalf("PUT /%s/properties/%d: %d from %s %+v (%v)", region, id, status, servedBy, got, err)
+		}
+		return got
+	}
+	put("eu", base.Version, newRequestID("overtaken-a"), 260001)
+	b := newRequestID("overtaken-b")
+	put("us", base.Version, b, 260002)
+	c := put("eu", base.Version+1, newRequestID("overtaken-c"), 260003)
+	s.start(t, "kafka")
+	s.caughtUp(t, 60*time.Second)
+	waitIdentical(t, us, eu, 30*time.Second)
+	if got := s.current(t, "us", id); got.Version != c.Version || got.RegionOrigin != "eu" {
+		t.Fatalf("listing %d after replication: %+v, want C (%d-eu)", id, got.Property, c.Version)
+	}
+	var regions []string
+	for _, region := range []string{"us", "eu"} {
+		var page ConflictPage
+		resp, err := s.client.Get(fmt.Sprintf("%s/%s/conflicts?limit=200", s.url, region))
+		if err == nil {
+			err = decodeJSON(resp, &page)
+			resp.Body.Close()
+		}
+		if err != nil {
+			t.Fatalf("GET /%s/conflicts: %v", region, err)
+		}
+		for _, r := range page.Items {
+			if r.Lost.RequestID != nil && *r.Lost.RequestID == b {
+				regions = append(regions, r.FoundIn)
+				if r.PropertyID != id || r.Lost.RegionOrigin != "us" || r.Won.Version < base.Version+1 {
+					t.Errorf("the record of B: %+v", r)
+				}
+			}
+		}
+	}
+	if len(regions) == 0 {
+		t.Errorf("B (request %s) was lost and no region recorded it", b)
+	}
+}

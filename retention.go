@@ -115,8 +115,8 @@ func unsafeRetention(retention, keeps time.Duration) string {
 
 // purgeStats is what the purge has done, for the metrics.
 type purgeStats struct {
-	RequestIDs, Tombstones int64     // rows purged since the process started
-	OldestRequestID        time.Time // processed_at of the oldest request id kept; zero if none
+	RequestIDs, Tombstones, Conflicts int64     // rows purged since the process started
+	OldestRequestID                   time.Time // processed_at of the oldest request id kept; zero if none
 	// Paused says why the purge does not run, when a setting makes it
 	// unsafe; "" while it runs.
 	Paused string
@@ -134,9 +134,9 @@ type purger struct {
 	keeps     func(context.Context) (time.Duration, error)
 	batchSize int // rows per transaction, purgeBatch
 
-	requestIDs, tombstones atomic.Int64
-	oldest                 atomic.Pointer[time.Time]
-	paused                 atomic.Pointer[string]
+	requestIDs, tombstones, conflicts atomic.Int64
+	oldest                            atomic.Pointer[time.Time]
+	paused                            atomic.Pointer[string]
 }
 
 func newPurger(logger *slog.Logger, db *sql.DB, region string, retention time.Duration, keeps func(context.Context) (time.Duration, error)) *purger {
@@ -145,7 +145,7 @@ func newPurger(logger *slog.Logger, db *sql.DB, region string, retention time.Du
 
 // stats returns what the purge has done so far.
 func (p *purger) stats() purgeStats {
-	s := purgeStats{RequestIDs: p.requestIDs.Load(), Tombstones: p.tombstones.Load()}
+	s := purgeStats{RequestIDs: p.requestIDs.Load(), Tombstones: p.tombstones.Load(), Conflicts: p.conflicts.Load()}
 	if t := p.oldest.Load(); t != nil {
 		s.OldestRequestID = *t
 	}
@@ -238,6 +238,23 @@ WITH expired AS (
 )
 SELECT count(*), max(updated_at) FROM gone`
 
+// purgeConflictsSQL deletes a batch of conflict records found more than
+// the retention ago, oldest first from $3 on. Nothing can revive them, so
+// they wait for no replication.
+const purgeConflictsSQL = `
+WITH expired AS (
+    SELECT ctid, found_at FROM conflicts
+    WHERE found_at < now() - make_interval(secs => $1)
+      AND found_at >= $3
+    ORDER BY found_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM conflicts c USING expired e WHERE c.ctid = e.ctid
+    RETURNING e.found_at
+)
+SELECT count(*), max(found_at) FROM gone`
+
 // oldestRequestIDSQL reads the oldest request id kept (an index's first
 // entry).
 const oldestRequestIDSQL = `SELECT min(processed_at) FROM processed_requests`
@@ -291,7 +308,7 @@ func (p *purger) round(ctx context.Context) error {
 	for _, job := range []struct {
 		query   string
 		counter *atomic.Int64
-	}{{purgeRequestIDsSQL, &p.requestIDs}, {purgeTombstonesSQL, &p.tombstones}} {
+	}{{purgeRequestIDsSQL, &p.requestIDs}, {purgeTombstonesSQL, &p.tombstones}, {purgeConflictsSQL, &p.conflicts}} {
 		var from time.Time // where the next batch starts: at first, the start
 		for {
 			began := time.Now()
@@ -339,9 +356,12 @@ func releasePurge(conn *sql.Conn) {
 // purgeCutoffsSQL), and returns how many rows it deleted and the time of the
 // newest.
 func (p *purger) batch(ctx context.Context, conn *sql.Conn, query string, from time.Time, own, peer sql.NullTime) (int64, time.Time, error) {
-	args := []any{p.retention.Seconds(), p.batchSize, from, own}
-	if query == purgeTombstonesSQL {
-		args = append(args, p.region, peer)
+	args := []any{p.retention.Seconds(), p.batchSize, from}
+	switch query {
+	case purgeRequestIDsSQL:
+		args = append(args, own)
+	case purgeTombstonesSQL:
+		args = append(args, own, p.region, peer)
 	}
 	var n int64
 	var newest sql.NullTime

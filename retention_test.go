@@ -267,7 +267,7 @@ func TestPurgeWaitsForReplication(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	outcomes, err := applyEvents(ctx, tx, []event{{Property: late, RequestID: "late-write", fingerprint: strings.Repeat("0", 64)}}, time.Now().Add(-time.Hour))
+	outcomes, _, err := applyEvents(ctx, tx, []event{{Property: late, RequestID: "late-write", fingerprint: strings.Repeat("0", 64)}}, time.Now().Add(-time.Hour))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -295,7 +295,7 @@ func TestPurgeWaitsForReplication(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer tx.Rollback()
-	outcomes, err = applyEvents(ctx, tx, []event{{Property: late, RequestID: "late-write-2", fingerprint: strings.Repeat("0", 64)}}, time.Now().Add(-time.Hour))
+	outcomes, _, err = applyEvents(ctx, tx, []event{{Property: late, RequestID: "late-write-2", fingerprint: strings.Repeat("0", 64)}}, time.Now().Add(-time.Hour))
 	if err != nil {
 		t.Fatal(err)
 	}

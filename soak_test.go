@@ -53,7 +53,8 @@ import (
 
 const (
 	// soakRetention is the service's retention during the soak, and
-	// soakTopicRetention the topic's, which must be shorter.
+	// soakTopicRetention the topic's, which with its segments (half as
+	// long: setTopicRetention) must be shorter.
 	soakRetention      = 2 * time.Minute
 	soakTopicRetention = time.Minute
 	// soakSampleEvery is how often everything is sampled.
@@ -250,14 +251,16 @@ func shortenRetention(t *testing.T, s *stack) {
 }
 
 // setTopicRetention sets the replication topic's retention.ms, and its
-// segment.ms to as long (at most topicSegment, as the service creates it): Kafka deletes only
-// whole segments, so with week-long segments a minute's retention would
-// delete nothing and the log would grow through the soak.
+// segment.ms to half as long (at most topicSegment, as the service creates
+// it): Kafka deletes only whole segments, so with week-long segments a
+// minute's retention would delete nothing and the log would grow through
+// the soak. The topic then keeps an event at most 1.5 times d, which the
+// service's RETENTION must exceed, or its purge pauses (retention.go).
 func setTopicRetention(t *testing.T, kafka *kgo.Client, d time.Duration) {
 	t.Helper()
 	alterTopic(t, kafka, setting("KAFKA_TOPIC", "property-updates"), map[string]*string{
 		"retention.ms": millis(d),
-		"segment.ms":   millis(min(d, topicSegment)),
+		"segment.ms":   millis(min(d/2, topicSegment)),
 	})
 }
 

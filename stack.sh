@@ -11,7 +11,8 @@
 #
 # Usage: ./stack.sh up [single|ha] | down | ps | logs SERVICE | stop SERVICE | start SERVICE
 #                  | kill SERVICE | pause SERVICE | unpause SERVICE
-#                  | partition REGION | heal REGION
+#                  | partition REGION | heal REGION | skew DATABASE OFFSET | unskew DATABASE
+#                  | forget-group REGION | add-partition
 #                  | test | bench | soak [DURATION [RATE]] | chaos [DURATION [SEED]]
 #
 # The subcommands mirror docker compose's, over the same service names, so the
@@ -184,7 +185,7 @@ migrate_db() {
 	local svc=$1
 	local psql=("$pgbin/psql" -q -v ON_ERROR_STOP=1 -h "$state/pg" -p "$(port_of "$svc")" -U "$POSTGRES_USER" -d "$POSTGRES_DB")
 	for f in init.sql service_role.sql; do
-		as_pg "${psql[@]}" -f - <"$root/$f" >/dev/null 2>>"$state/logs/$svc-migrate.log" ||
+		PGOPTIONS='-c client_min_messages=warning' as_pg "${psql[@]}" -f - <"$root/$f" >/dev/null 2>>"$state/logs/$svc-migrate.log" ||
 			die "applying $f to $svc failed: see $state/logs/$svc-migrate.log"
 	done
 }
@@ -194,10 +195,85 @@ start_db() {
 	running "$svc" && return
 	mkdir -p "$state/logs"
 	if [ "$(id -u)" = 0 ]; then chown postgres "$state/logs"; touch "$state/logs/$svc.log"; chown postgres "$state/logs/$svc.log"; fi
+	# A skewed clock (cmd_skew): the cluster's processes see their time
+	# shifted by libfaketime, fractions of a second included.
+	local env=()
+	if [ -s "$state/run/$svc.skew" ]; then
+		env=(env "FAKETIME=$(cat "$state/run/$svc.skew")" "LD_PRELOAD=$(faketime_lib)")
+	fi
 	# max_connections leaves room for both services' pools, the tests and
 	# pgbench; the socket lives in .stack/pg so that nothing outside is touched.
-	as_pg "$pgbin/pg_ctl" -D "$state/pg/$svc" -l "$state/logs/$svc.log" -w -t 60 \
+	as_pg "${env[@]}" "$pgbin/pg_ctl" -D "$state/pg/$svc" -l "$state/logs/$svc.log" -w -t 60 \
 		-o "-p $(port_of "$svc") -c listen_addresses=127.0.0.1 -k $state/pg -c max_connections=200" start >/dev/null
+}
+
+# faketime_lib is libfaketime's multi-threaded library, installed if need be.
+faketime_lib() {
+	local lib=/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1
+	if [ ! -f "$lib" ]; then
+		[ "$(id -u)" = 0 ] || die "a skewed clock needs libfaketime: apt-get install faketime"
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; } >&2
+	fi
+	echo "$lib"
+}
+
+# cmd_skew DATABASE OFFSET restarts a regional database with its clock
+# shifted by OFFSET seconds (e.g. +0.9 or -0.9), as a region whose clock
+# runs ahead or behind; unskew DATABASE restarts it on the true clock. The
+# backends take every time they compare from their database (Go reads the
+# clock without libc, so libfaketime would not reach them anyway). A
+# restart is an immediate shutdown: a database outage too.
+cmd_skew() {
+	local svc=${1:?usage: stack.sh skew db-us|db-eu OFFSET} offset=${2:?usage: stack.sh skew db-us|db-eu OFFSET}
+	case "$svc" in db-us | db-eu) ;; *) die "only a database's clock can be skewed, not $svc" ;; esac
+	mkdir -p "$state/run"
+	faketime_lib >/dev/null
+	echo "$offset" >"$state/run/$svc.skew"
+	stop_service "$svc" KILL
+	start_db "$svc"
+}
+
+cmd_unskew() {
+	local svc=${1:?usage: stack.sh unskew db-us|db-eu}
+	[ -s "$state/run/$svc.skew" ] || { running "$svc" || start_db "$svc"; return 0; }
+	rm -f "$state/run/$svc.skew"
+	stop_service "$svc" KILL
+	start_db "$svc"
+}
+
+# kafka_tool CLASS ARGS... runs one of Kafka's command-line tools against
+# the stack's brokers.
+kafka_tool() {
+	local class=$1
+	shift
+	java -cp "$(cat "$state/kafka/classpath-$kafka_version")" "$class" --bootstrap-server "$(kafka_brokers)" "$@"
+}
+
+# cmd_forget_group REGION stops the region's backend and deletes its
+# consumer group, as Kafka does with a group's offsets a week after it went
+# away (offsets.retention.minutes); start the backend to heal.
+cmd_forget_group() {
+	local region=${1:?usage: stack.sh forget-group REGION}
+	stop_service "backend-$region" TERM
+	[ "$(topology)" = ha ] && stop_service "backend-$region-2" TERM
+	local tries
+	for tries in $(seq 1 30); do
+		kafka_tool org.apache.kafka.tools.consumer.group.ConsumerGroupCommand --delete --group "property-replicator-$region" \
+			>"$state/logs/forget-group.log" 2>&1 && return 0
+		grep -q "does not exist" "$state/logs/forget-group.log" && return 0
+		sleep 1
+	done
+	die "could not delete property-replicator-$region: see $state/logs/forget-group.log"
+}
+
+# cmd_add_partition adds one partition to the replication topic, as an
+# operator scaling it out would.
+cmd_add_partition() {
+	local n
+	n=$(kafka_tool org.apache.kafka.tools.TopicCommand --describe --topic property-updates 2>/dev/null |
+		sed -n 's/.*PartitionCount: *\([0-9]*\).*/\1/p' | head -n 1)
+	[ -n "$n" ] || die "could not read property-updates' partition count"
+	kafka_tool org.apache.kafka.tools.TopicCommand --alter --topic property-updates --partitions $((n + 1)) >/dev/null
 }
 
 # kafka_brokers: the brokers' client addresses, as KAFKA_BROKER lists them.
@@ -404,9 +480,20 @@ start_prometheus() {
 	running prometheus && return
 	local dir="$state/prometheus"
 	mkdir -p "$dir/data" "$state/logs"
-	sed -e "s|backend-us:8000|127.0.0.1:$(port_of backend-us)|" \
-		-e "s|backend-eu:8000|127.0.0.1:$(port_of backend-eu)|" \
-		"$root/prometheus/prometheus.yml" >"$dir/prometheus.yml"
+	# prometheus.yml's settings and rules, and the local instances of each
+	# region as static targets (compose finds them by DNS).
+	local region svc targets
+	{
+		sed -n '1,/^scrape_configs:/p' "$root/prometheus/prometheus.yml"
+		printf '  - job_name: listing-backend\n    static_configs:\n'
+		for region in us eu; do
+			targets=()
+			for svc in "${services[@]}"; do
+				case "$svc" in "backend-$region" | "backend-$region-2") targets+=("\"127.0.0.1:$(port_of "$svc")\"") ;; esac
+			done
+			printf '      - targets: [%s]\n        labels:\n          region: %s\n' "$(IFS=,; echo "${targets[*]}")" "$region"
+		done
+	} >"$dir/prometheus.yml"
 	cp "$root/prometheus/alerts.yml" "$dir/alerts.yml"
 	spawn prometheus prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/data" \
 		--storage.tsdb.retention.time=1d --web.listen-address="127.0.0.1:$(port_of prometheus)"
@@ -721,6 +808,10 @@ main() {
 	unpause) signal_service "${1:?usage: stack.sh unpause SERVICE}" CONT ;;
 	partition) cmd_partition "$@" ;;
 	heal) cmd_heal "$@" ;;
+	skew) cmd_skew "$@" ;;
+	unskew) cmd_unskew "$@" ;;
+	forget-group) cmd_forget_group "$@" ;;
+	add-partition) cmd_add_partition ;;
 	bench) exec "$root/bench.sh" ;;
 	*) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 	esac
