@@ -555,7 +555,9 @@ func faultKinds(topology string) []faultKind {
 		// the group alive.)
 		// Its target is the backend, whose other faults wait their turn.
 		kinds = append(kinds, faultKind{"lose a consumer group", []string{"backend-us", "backend-eu"},
-			func(backend string) []string { return []string{"forget-group", strings.TrimPrefix(backend, "backend-")} },
+			func(backend string) []string {
+				return []string{"forget-group", strings.TrimPrefix(backend, "backend-")}
+			},
 			command("start")})
 	}
 	return kinds
