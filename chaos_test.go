@@ -53,6 +53,7 @@ import (
 	"time"
 
 	gocmp "github.com/google/go-cmp/cmp"
+	"github.com/twmb/franz-go/pkg/kgo"
 )
 
 // chaosSettings are the campaign's knobs, from the environment.
@@ -517,6 +518,10 @@ type faultKind struct {
 	targets []string
 	apply   func(target string) []string
 	heal    func(target string) []string
+	// then, if set, finishes the fault after apply's command, from here
+	// (what ./stack.sh cannot do without Kafka's own tools: the broker's
+	// admin requests).
+	then func(target string) error
 }
 
 // faultKinds returns the nemesis's faults for a topology: under "ha" the
@@ -532,33 +537,59 @@ func faultKinds(topology string) []faultKind {
 		return func(target string) []string { return []string{verb, target} }
 	}
 	kinds := []faultKind{
-		{"kill a backend", backends, command("kill"), command("start")},
-		{"pause a backend", backends, command("pause"), command("unpause")},
-		{"kill a broker", brokers, command("kill"), command("start")},
-		{"pause a broker", brokers, command("pause"), command("unpause")},
-		{"kill a database", []string{"db-us", "db-eu"}, command("kill"), command("start")},
-		{"partition from kafka", []string{"us", "eu"}, command("partition"), command("heal")},
+		{"kill a backend", backends, command("kill"), command("start"), nil},
+		{"pause a backend", backends, command("pause"), command("unpause"), nil},
+		{"kill a broker", brokers, command("kill"), command("start"), nil},
+		{"pause a broker", brokers, command("pause"), command("unpause"), nil},
+		{"kill a database", []string{"db-us", "db-eu"}, command("kill"), command("start"), nil},
+		{"partition from kafka", []string{"us", "eu"}, command("partition"), command("heal"), nil},
 		// A region's clock ahead or behind by 0.9 s, as its database (where
 		// the service takes every time it compares) sees it; restarting
 		// the database to shift it is an outage of its own.
 		{"a clock 0.9 s fast", []string{"db-us", "db-eu"},
-			func(db string) []string { return []string{"skew", db, "+0.9"} }, command("unskew")},
+			func(db string) []string { return []string{"skew", db, "+0.9"} }, command("unskew"), nil},
 		{"a clock 0.9 s slow", []string{"db-us", "db-eu"},
-			func(db string) []string { return []string{"skew", db, "-0.9"} }, command("unskew")},
+			func(db string) []string { return []string{"skew", db, "-0.9"} }, command("unskew"), nil},
 		// An operator scales the topic out; nothing to heal.
-		{"add a partition", []string{"topic"},
-			func(string) []string { return []string{"add-partition"} }, func(string) []string { return []string{"ps"} }},
+		{name: "add a partition", targets: []string{"topic"},
+			apply: func(string) []string { return []string{"ps"} }, heal: func(string) []string { return []string{"ps"} },
+			then: func(string) error {
+				kafka, err := kgo.NewClient(kgo.SeedBrokers(strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")...))
+				if err != nil {
+					return err
+				}
+				defer kafka.Close()
+				topic := setting("KAFKA_TOPIC", "property-updates")
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				n, err := partitionCount(ctx, kafka, topic)
+				if err != nil {
+					return err
+				}
+				return setPartitionCount(kafka, topic, n+1)
+			}},
 	}
 	if topology != "ha" {
 		// The state Kafka's offset expiry leaves: the region's group gone
 		// while it is down. (Under "ha" the region's other instance keeps
-		// the group alive.)
-		// Its target is the backend, whose other faults wait their turn.
-		kinds = append(kinds, faultKind{"lose a consumer group", []string{"backend-us", "backend-eu"},
-			func(backend string) []string {
-				return []string{"forget-group", strings.TrimPrefix(backend, "backend-")}
-			},
-			command("start")})
+		// the group alive.) Its target is the backend, whose other faults
+		// wait their turn.
+		kinds = append(kinds, faultKind{name: "lose a consumer group", targets: []string{"backend-us", "backend-eu"},
+			apply: command("stop"), heal: command("start"),
+			then: func(backend string) error {
+				kafka, err := kgo.NewClient(kgo.SeedBrokers(strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")...))
+				if err != nil {
+					return err
+				}
+				defer kafka.Close()
+				group := "property-replicator-" + strings.TrimPrefix(backend, "backend-")
+				for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(time.Second) {
+					// A member that just left may count for a moment.
+					if err = deleteGroupOnce(kafka, group); err == nil || time.Now().After(deadline) {
+						return err
+					}
+				}
+			}})
 	}
 	return kinds
 }
@@ -639,7 +670,10 @@ func (n *nemesis) run(schedule []fault) {
 			n.mu.Lock()
 			n.active[f.target] = f.kind
 			n.mu.Unlock()
-			if r.err = n.control(f.kind.apply(f.target)...); r.err == nil {
+			if r.err = n.control(f.kind.apply(f.target)...); r.err == nil && f.kind.then != nil {
+				r.err = f.kind.then(f.target)
+			}
+			if r.err == nil {
 				time.Sleep(f.hold)
 			}
 			if err := n.control(f.kind.heal(f.target)...); err != nil && r.err == nil {

@@ -159,39 +159,56 @@ func TestAddedPartitionSkipsNothing(t *testing.T) {
 func deleteGroup(t *testing.T, kafka *kgo.Client, group string) {
 	t.Helper()
 	waitFor(t, 30*time.Second, "consumer group "+group+" to be deleted", func() bool {
-		req := kmsg.NewPtrDeleteGroupsRequest()
-		req.Groups = []string{group}
-		resp, err := req.RequestWith(context.Background(), kafka)
-		if err != nil {
-			return false
-		}
-		for _, g := range resp.Groups {
-			err := kerr.ErrorForCode(g.ErrorCode)
-			if err != nil && err != kerr.GroupIDNotFound {
-				return false
-			}
-		}
-		return true
+		return deleteGroupOnce(kafka, group) == nil
 	})
+}
+
+// deleteGroupOnce asks the broker to delete group; a group that does not
+// exist is deleted already.
+func deleteGroupOnce(kafka *kgo.Client, group string) error {
+	req := kmsg.NewPtrDeleteGroupsRequest()
+	req.Groups = []string{group}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := req.RequestWith(ctx, kafka)
+	if err != nil {
+		return err
+	}
+	for _, g := range resp.Groups {
+		if err := kerr.ErrorForCode(g.ErrorCode); err != nil && err != kerr.GroupIDNotFound {
+			return fmt.Errorf("delete group %s: %w", group, err)
+		}
+	}
+	return nil
 }
 
 // addPartitions raises topic's partition count to n.
 func addPartitions(t *testing.T, kafka *kgo.Client, topic string, n int32) {
 	t.Helper()
+	if err := setPartitionCount(kafka, topic, n); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// setPartitionCount raises topic's partition count to n.
+func setPartitionCount(kafka *kgo.Client, topic string, n int32) error {
 	req := kmsg.NewPtrCreatePartitionsRequest()
 	rt := kmsg.NewCreatePartitionsRequestTopic()
 	rt.Topic, rt.Count = topic, n
 	req.Topics = append(req.Topics, rt)
 	req.TimeoutMillis = 10000
-	resp, err := req.RequestWith(context.Background(), kafka)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	resp, err := req.RequestWith(ctx, kafka)
 	if err != nil {
-		t.Fatalf("create partitions: %v", err)
+		return fmt.Errorf("create partitions: %w", err)
 	}
 	for _, r := range resp.Topics {
 		if err := kerr.ErrorForCode(r.ErrorCode); err != nil {
-			t.Fatalf("create partitions of %s: %v", r.Topic, err)
+			return fmt.Errorf("create partitions of %s: %w", r.Topic, err)
 		}
 	}
+	return nil
 }
 
 // eventsIn counts the event records in one partition of topic.

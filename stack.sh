@@ -12,7 +12,6 @@
 # Usage: ./stack.sh up [single|ha] | down | ps | logs SERVICE | stop SERVICE | start SERVICE
 #                  | kill SERVICE | pause SERVICE | unpause SERVICE
 #                  | partition REGION | heal REGION | skew DATABASE OFFSET | unskew DATABASE
-#                  | forget-group REGION | add-partition
 #                  | test | bench | soak [DURATION [RATE]] | chaos [DURATION [SEED]]
 #
 # The subcommands mirror docker compose's, over the same service names, so the
@@ -239,41 +238,6 @@ cmd_unskew() {
 	rm -f "$state/run/$svc.skew"
 	stop_service "$svc" KILL
 	start_db "$svc"
-}
-
-# kafka_tool CLASS ARGS... runs one of Kafka's command-line tools against
-# the stack's brokers.
-kafka_tool() {
-	local class=$1
-	shift
-	java -cp "$(cat "$state/kafka/classpath-$kafka_version")" "$class" --bootstrap-server "$(kafka_brokers)" "$@"
-}
-
-# cmd_forget_group REGION stops the region's backend and deletes its
-# consumer group, as Kafka does with a group's offsets a week after it went
-# away (offsets.retention.minutes); start the backend to heal.
-cmd_forget_group() {
-	local region=${1:?usage: stack.sh forget-group REGION}
-	stop_service "backend-$region" TERM
-	[ "$(topology)" = ha ] && stop_service "backend-$region-2" TERM
-	local tries
-	for tries in $(seq 1 30); do
-		kafka_tool org.apache.kafka.tools.consumer.group.ConsumerGroupCommand --delete --group "property-replicator-$region" \
-			>"$state/logs/forget-group.log" 2>&1 && return 0
-		grep -q "does not exist" "$state/logs/forget-group.log" && return 0
-		sleep 1
-	done
-	die "could not delete property-replicator-$region: see $state/logs/forget-group.log"
-}
-
-# cmd_add_partition adds one partition to the replication topic, as an
-# operator scaling it out would.
-cmd_add_partition() {
-	local n
-	n=$(kafka_tool org.apache.kafka.tools.TopicCommand --describe --topic property-updates 2>/dev/null |
-		sed -n 's/.*PartitionCount: *\([0-9]*\).*/\1/p' | head -n 1)
-	[ -n "$n" ] || die "could not read property-updates' partition count"
-	kafka_tool org.apache.kafka.tools.TopicCommand --alter --topic property-updates --partitions $((n + 1)) >/dev/null
 }
 
 # kafka_brokers: the brokers' client addresses, as KAFKA_BROKER lists them.
@@ -810,8 +774,6 @@ main() {
 	heal) cmd_heal "$@" ;;
 	skew) cmd_skew "$@" ;;
 	unskew) cmd_unskew "$@" ;;
-	forget-group) cmd_forget_group "$@" ;;
-	add-partition) cmd_add_partition ;;
 	bench) exec "$root/bench.sh" ;;
 	*) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 	esac
