@@ -25,6 +25,7 @@ import (
 	"net/url"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -761,4 +762,73 @@ func (d *delayTracker) check(ctx context.Context, db *sql.DB, ids []int64) {
 		}
 		d.mu.Unlock()
 	}
+}
+
+// BenchmarkRelayDrain is the relay after a long outage of Kafka: a backlog
+// of a million events in the outbox (hours of writes), and then the relay
+// publishes to a topic of its own on the stack's broker until the outbox is
+// empty. It reports the drain rate, and the delay of a write made when the
+// drain began: the outbox is first in, first out, so a new write waits for
+// the whole backlog before it leaves. On a scratch database, so that the
+// stack's regions see nothing of it.
+func BenchmarkRelayDrain(b *testing.B) {
+	const backlog = 1_000_000
+	if scratchURL == "" {
+		b.Fatal("no scratch database: start the stack (./stack.sh up)")
+	}
+	// Without a statement timeout: the backlog takes a while to write.
+	db, err := openDB(scratchURL, 2, sessionLimits{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { db.Close() })
+	fillOutbox(b, db, backlog)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if _, err := db.ExecContext(ctx, `ANALYZE outbox`); err != nil {
+		b.Fatal(err)
+	}
+	relayDB, err := openDB(scratchURL, replicationConns, replicationLimits)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { relayDB.Close() })
+	topic := fmt.Sprintf("bench-drain-%d", time.Now().UnixNano())
+	brokers := strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")
+	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), relayDB, "us", brokers, topic, 1, defaultRetention)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { rep.close(context.Background()) })
+	partitions, ok := rep.ensureTopics(ctx)
+	if !ok {
+		b.Fatal("ensureTopics gave up")
+	}
+	// The new write, as a PUT's statement queues it: after the backlog.
+	if _, err := db.ExecContext(ctx, `
+INSERT INTO outbox (request_id, fingerprint, property_id, price, region_origin, version, updated_at)
+VALUES ('drain-probe', repeat('0', 64), 1, 1000, 'us', 999999999, now())`); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	start := time.Now()
+	var wg sync.WaitGroup
+	wg.Go(func() { rep.relay.run(ctx, partitions) })
+	defer wg.Wait()
+	defer cancel()
+	var probeLeft time.Duration
+	waitFor(b, 10*time.Minute, "the backlog to drain", func() bool {
+		var left, probe int
+		if err := db.QueryRow(`SELECT count(*), count(*) FILTER (WHERE request_id = 'drain-probe') FROM outbox`).Scan(&left, &probe); err != nil {
+			b.Fatal(err)
+		}
+		if probe == 0 && probeLeft == 0 {
+			probeLeft = time.Since(start)
+		}
+		return left == 0
+	})
+	elapsed := time.Since(start)
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(float64(backlog+1)/elapsed.Seconds(), "events/s")
+	b.ReportMetric(probeLeft.Seconds(), "new_write_delay_s")
 }

@@ -122,7 +122,7 @@ func TestFullRelayRoundSendsHeartbeat(t *testing.T) {
 // fillOutbox replaces the scratch database's outbox (other tests leave their
 // writes there) with n events of old writes, each a millisecond after the
 // last from 2026-06-01, and their request records.
-func fillOutbox(t *testing.T, db *sql.DB, n int) {
+func fillOutbox(t testing.TB, db *sql.DB, n int) {
 	t.Helper()
 	ctx := context.Background()
 	if _, err := db.ExecContext(ctx, `DELETE FROM outbox`); err != nil {
