@@ -273,24 +273,40 @@ func ruleNoneLost(history []op, final map[int64]Property, f chaosFinal, writes f
 	// request that made it and the state it was built on.
 	type made struct{ requestID, parent string }
 	byTag := map[int64]map[string]made{}
+	byVersion := map[int64]map[int64][]made{}
 	for _, records := range f.requests {
 		for _, rec := range records {
 			if byTag[rec.PropertyID] == nil {
-				byTag[rec.PropertyID] = map[string]made{}
+				byTag[rec.PropertyID], byVersion[rec.PropertyID] = map[string]made{}, map[int64][]made{}
 			}
-			byTag[rec.PropertyID][tagValue(rec.Version, rec.RegionOrigin)] = made{rec.RequestID, rec.Parent}
+			tag := tagValue(rec.Version, rec.RegionOrigin)
+			if _, dup := byTag[rec.PropertyID][tag]; !dup {
+				byVersion[rec.PropertyID][rec.Version] = append(byVersion[rec.PropertyID][rec.Version], made{rec.RequestID, rec.Parent})
+			}
+			byTag[rec.PropertyID][tag] = made{rec.RequestID, rec.Parent}
 		}
 	}
-	// The requests on the chain the final row was built on, itself first.
+	// The requests on the chain the final row was built on, itself first. A
+	// request written in both regions (a replay) keeps one record, the
+	// greater write's; a write built on the other one finds no record of
+	// its parent's tag, and the chain goes on from the record of the same
+	// version, which is that request's.
 	chain := func(p Property) map[string]bool {
 		requests := map[string]bool{}
-		for tag := tagValue(p.Version, p.RegionOrigin); tag != "" && len(requests) < 100_000; {
+		for tag, version := tagValue(p.Version, p.RegionOrigin), p.Version; tag != "" && len(requests) < 100_000; {
 			m, ok := byTag[p.ID][tag]
 			if !ok {
-				break
+				twins := byVersion[p.ID][version]
+				if len(twins) != 1 {
+					break
+				}
+				m = twins[0]
 			}
 			requests[m.requestID] = true
 			tag = m.parent
+			if v, _, ok := strings.Cut(tag, "-"); ok {
+				version, _ = strconv.ParseInt(v, 10, 64)
+			}
 		}
 		return requests
 	}
