@@ -560,13 +560,19 @@ func faultKinds(topology string) []faultKind {
 				}
 				defer kafka.Close()
 				topic := setting("KAFKA_TOPIC", "property-updates")
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				defer cancel()
-				n, err := partitionCount(ctx, kafka, topic)
-				if err != nil {
-					return err
+				// Kafka may be down under another fault: try until it is
+				// back, as an operator would.
+				for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(time.Second) {
+					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+					n, err := partitionCount(ctx, kafka, topic)
+					cancel()
+					if err == nil {
+						err = setPartitionCount(kafka, topic, n+1)
+					}
+					if err == nil || time.Now().After(deadline) {
+						return err
+					}
 				}
-				return setPartitionCount(kafka, topic, n+1)
 			}},
 	}
 	if topology != "ha" {

@@ -59,6 +59,9 @@ type consumer struct {
 	// retention is RETENTION: an older write for a listing with no row
 	// here is not applied (retention.go).
 	retention time.Duration
+	// declared is the most partitions the peer's heartbeats have declared
+	// as this consumer knows (commit); only the consumer's goroutine uses it.
+	declared int32
 
 	stats replicationStats
 }
@@ -464,6 +467,14 @@ func (c *consumer) withExpired(b batch, outcomes []outcome) batch {
 // batch, and a dead letter may be written twice.
 func (c *consumer) commit(ctx context.Context, tx *sql.Tx, b batch, partitions int32) error {
 	partitions = max(partitions, b.partitions)
+	if partitions > c.declared {
+		// More partitions than this region holds watermarks of: hold
+		// the new ones where the old ones stood, before this batch moves
+		// them (holdNewPartitionsSQL).
+		if _, err := tx.ExecContext(ctx, holdNewPartitionsSQL, c.peer, partitions); err != nil {
+			return fmt.Errorf("hold new partitions: %w", err)
+		}
+	}
 	for partition, mk := range b.watermarks {
 		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, mk.watermark, maxClockSkew.Milliseconds(), mk.seen); err != nil {
 			return fmt.Errorf("save watermark: %w", err)
@@ -484,8 +495,27 @@ func (c *consumer) commit(ctx context.Context, tx *sql.Tx, b batch, partitions i
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("commit: %w", err)
 	}
+	c.declared = max(c.declared, partitions)
 	return nil
 }
+
+// holdNewPartitionsSQL gives each partition the peer declares ($2) and this
+// region has no watermark of a watermark: the smallest of the others, as
+// they stood before the heartbeats that declared it. Every write the peer
+// began before that time was published to the old partitions, ahead of the
+// heartbeats that vouched for it (the relay places a round's records with
+// one count), so the new partitions can only hold later ones. Without it,
+// a partition never heard from would leave the lag to a fallback (the time
+// since the process started), which understates it for a process restarted
+// with a backlog (seen in the fault campaign: 2 s reported, a write 15 s
+// old missing). With no watermark at all, nothing is held.
+const holdNewPartitionsSQL = `
+INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, applied_at)
+SELECT $1, p, $2, w.watermark, now()
+FROM generate_series(0, $2 - 1) AS p,
+     (SELECT min(watermark) AS watermark FROM replication_watermarks WHERE peer_region = $1) AS w
+WHERE w.watermark IS NOT NULL
+ON CONFLICT (peer_region, partition) DO NOTHING`
 
 // count records the outcome of one applied event. Conflicts are logged: a
 // concurrent write was lost, and somebody may want to know which.
