@@ -535,12 +535,14 @@ cmd_up() {
 	mkdir -p "$state"
 	local want=${1:-$(topology)} svc
 	case "$want" in single | ha) ;; *) die "unknown topology $want (single or ha)" ;; esac
+	local switched=""
 	if [ "$want" != "$(topology)" ]; then
 		for svc in "${services[@]}"; do
 			running "$svc" && die "the stack runs as $(topology): ./stack.sh down first"
 		done
 		echo "$want" >"$state/topology"
 		set_services
+		switched=1
 	fi
 	install_missing
 	build_backend
@@ -548,6 +550,19 @@ cmd_up() {
 		init_db "$db"
 		start_db "$db"
 		migrate_db "$db"
+		# The two topologies have Kafka clusters of their own (their own
+		# data directories) over the same databases. A region's position
+		# in one cluster's topic means nothing in the other's: read there,
+		# it is a position the broker does not hold, which stops
+		# replication loudly (consume.go). The watermarks are per
+		# partition too, and the two topics need not have as many.
+		# Switching is an operator's deliberate move to another cluster, so
+		# both are forgotten, and each region reads the new cluster's topic
+		# from its start.
+		if [ -n "$switched" ]; then
+			as_pg "$pgbin/psql" -q -v ON_ERROR_STOP=1 -h "$state/pg" -p "$(port_of "$db")" -U "$POSTGRES_USER" -d "$POSTGRES_DB" \
+				-c "DELETE FROM replication_positions" -c "DELETE FROM replication_watermarks" >/dev/null
+		fi
 	done
 	local kafkas=() rest=()
 	for svc in "${services[@]}"; do
