@@ -286,18 +286,27 @@ func ruleNoneLost(history []op, final map[int64]Property, f chaosFinal, writes f
 			byTag[rec.PropertyID][tag] = made{rec.RequestID, rec.Parent}
 		}
 	}
+	// A request written in both regions is one that was retried or failed
+	// over: sent more than once, or once without a definite answer.
+	sends := map[string]int{}
+	for _, o := range history {
+		sends[o.RequestID]++
+		if o.Outcome != opOK && o.Outcome != opFail {
+			sends[o.RequestID]++
+		}
+	}
 	// The requests on the chain the final row was built on, itself first. A
 	// request written in both regions (a replay) keeps one record, the
 	// greater write's; a write built on the other one finds no record of
 	// its parent's tag, and the chain goes on from the record of the same
-	// version, which is that request's.
+	// version, if that is such a request's.
 	chain := func(p Property) map[string]bool {
 		requests := map[string]bool{}
 		for tag, version := tagValue(p.Version, p.RegionOrigin), p.Version; tag != "" && len(requests) < 100_000; {
 			m, ok := byTag[p.ID][tag]
 			if !ok {
 				twins := byVersion[p.ID][version]
-				if len(twins) != 1 {
+				if len(twins) != 1 || sends[twins[0].requestID] < 2 {
 					break
 				}
 				m = twins[0]
