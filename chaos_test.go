@@ -5,7 +5,7 @@ package main
 // The fault campaign: many clients write through NGINX while faults come and
 // go at random, in combination, and a checker then reads the final state and
 // the history of every operation (chaos_check_test.go). It is how the claim
-// of CONTRACT.md, "Faults the system survives", is tested as a whole rather
+// that the system survives its faults (README, "Fault campaign") is tested as a whole rather
 // than one fault at a time: no combination of those faults may lose an
 // acknowledged write, invent a value, or leave the regions different.
 //

@@ -227,7 +227,7 @@ func parseWriteHeaders(r *http.Request) (id int64, requestID string, ifMatch tag
 // a 503, to be retried with the same request id. A write that succeeds here
 // needs no wait: if the first attempt committed too, the two are one
 // request written in both regions, which the conflict rule settles
-// (CONTRACT.md, "Idempotency across regions").
+// (README, "Decisions": one request written in both regions).
 const standInWait = time.Second
 
 // errCannotTell is a stand-in's refusal that the other region's writes
