@@ -95,11 +95,6 @@ func TestPurgePausesOnUnsafeTopic(t *testing.T) {
 	db := testDB(t)
 	ctx := context.Background()
 	replicatedUntil(t, db, time.Now())
-	if _, err := db.ExecContext(ctx, `
-INSERT INTO processed_requests (request_id, fingerprint, property_id, price, region_origin, version, updated_at, processed_at)
-VALUES ('pause-old', 'f', 1, 1, 'us', 2, now(), now() - interval '20 days')`); err != nil {
-		t.Fatal(err)
-	}
 	topic := fmt.Sprintf("test-purge-pause-%d", time.Now().UnixNano())
 	brokers := strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")
 	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), db, "us", brokers, topic, 1, defaultRetention)
@@ -115,6 +110,17 @@ VALUES ('pause-old', 'f', 1, 1, 'us', 2, now(), now() - interval '20 days')`); e
 	waitFor(t, 10*time.Second, "the purge to pause", func() bool {
 		return rep.purger.round(ctx) == nil && rep.purgeStats().Paused != ""
 	})
+	// The old request id is written only once the broker answers with the
+	// new setting (it applies an altered config a moment later), so that a
+	// round that still read the old one cannot have purged it.
+	if _, err := db.ExecContext(ctx, `
+INSERT INTO processed_requests (request_id, fingerprint, property_id, price, region_origin, version, updated_at, processed_at)
+VALUES ('pause-old', 'f', 1, 1, 'us', 2, now(), now() - interval '20 days')`); err != nil {
+		t.Fatal(err)
+	}
+	if err := rep.purger.round(ctx); err != nil {
+		t.Fatal(err)
+	}
 	if got := rep.purgeStats(); got.RequestIDs != 0 || !strings.Contains(got.Paused, "RETENTION") {
 		t.Errorf("paused purge: %+v, want nothing purged and why", got)
 	}
