@@ -134,6 +134,9 @@ func TestChaos(t *testing.T) {
 	final.dlqAdded = deadLetters(t) - dlqBefore
 	final.converged = converged
 	results := check(w.history(), w.initial, final, samples)
+	if topology == "single" {
+		results = append(results, longOutage(t, s, us, eu))
+	}
 
 	r := report{
 		settings: cfg, topology: topology, kinds: kinds, ops: w.history(), faults: n.log(), results: results, final: final,
@@ -157,6 +160,101 @@ func TestChaos(t *testing.T) {
 	for _, res := range results {
 		if !res.pass {
 			t.Errorf("rule %d (%s) FAILED: %s", res.rule, res.name, res.counterexample)
+		}
+	}
+}
+
+// longOutage is the campaign's last scene, the fault of days compressed
+// into seconds: EU cut off from Kafka for longer than the topic keeps an
+// event. EU is cut off, US writes, and the broker deletes every record US
+// has read (DeleteRecords: the state retention leaves once its time has
+// passed, without waiting days or for the broker's five-minute retention
+// check). When EU can reach the broker again, the
+// events it needs are gone, and it must stop, loudly (rule 7): say so in its
+// lag report, never read about 0, and never apply what came after the gap as
+// if nothing were missing. Then it is re-seeded from US, as the README's
+// procedure says, and the regions are identical again.
+func longOutage(t *testing.T, s *stack, us, eu *sql.DB) ruleResult {
+	t.Helper()
+	r := ruleResult{rule: 7, name: "a region the broker left behind stops loudly", pass: true}
+	kafka := kafkaAdmin(t)
+	s.caughtUp(t, 2*time.Minute)
+	s.control(t, "partition", "eu")
+	// A fetch of EU's that was waiting at the broker when the link was cut
+	// is answered within a heartbeat interval (FetchMaxWait at most), and
+	// that answer, held up by the cut, arrives when the link is back, in
+	// order: it must hold nothing the scene writes, or EU would apply it
+	// rightly and look as if it had skipped.
+	time.Sleep(1500 * time.Millisecond)
+	reseeded := false
+	t.Cleanup(func() { // a failed scene leaves the stack whole
+		if !reseeded {
+			s.control(t, "heal", "eu")
+			reseed(t, s, kafka, us, eu, "eu")
+		}
+	})
+	var created []int64
+	for i := range 3 {
+		status, _, got := s.mustDo(t, "POST", "/us/properties", newRequestID(fmt.Sprintf("long-outage-%d", i)), `{"price": 777777.77}`)
+		if status != http.StatusCreated {
+			t.Fatalf("POST /us/properties during the long outage: %d %+v", status, got)
+		}
+		created = append(created, got.ID)
+	}
+	// Published, and US has read everything there was (EU, cut off, sends
+	// nothing), so that only EU misses events when the log is deleted.
+	waitFor(t, 30*time.Second, "us's outbox to drain and its consumer to read all", func() bool {
+		r := s.lag(t, "us")
+		return r.OutboxBacklog == 0 && r.RecordsBehind == 0
+	})
+	time.Sleep(3 * time.Second) // an outage long enough for the lag to show it
+	for _, id := range created {
+		if _, err := getProperty(context.Background(), eu, id); err == nil {
+			t.Fatalf("EU applied listing %d while cut off from Kafka: the partition fault did not hold, and the scene cannot judge anything", id)
+		}
+	}
+	deleteReadRecords(t, kafka, us)
+	s.control(t, "heal", "eu")
+
+	var report LagReport
+	stopped := waitUntil(60*time.Second, func() bool {
+		report = s.lag(t, "eu")
+		return report.ReplicationStopped != ""
+	})
+	var skipped []int64
+	for _, id := range created {
+		if _, err := getProperty(context.Background(), eu, id); err == nil {
+			skipped = append(skipped, id)
+		}
+	}
+	switch {
+	case len(skipped) > 0:
+		r.pass = false
+		r.counterexample = fmt.Sprintf("EU holds listings %v, created in US after the events it lost: it skipped the gap", skipped)
+	case !stopped:
+		r.pass = false
+		r.counterexample = fmt.Sprintf("EU lost events and did not say so within 60 s: its lag report reads %.3f s, replication_stopped empty", report.LagSeconds)
+	case report.LagSeconds < 1:
+		r.pass = false
+		r.counterexample = fmt.Sprintf("EU stopped (%s) but its lag reads %.3f s", report.ReplicationStopped, report.LagSeconds)
+	default:
+		r.detail = fmt.Sprintf("EU cut off, %d listings created in US, the topic's records deleted: EU stopped (%q), lag %.1f s, none of them applied; re-seeded from US",
+			len(created), report.ReplicationStopped, report.LagSeconds)
+	}
+	reseed(t, s, kafka, us, eu, "eu")
+	reseeded = true
+	return r
+}
+
+// waitUntil polls cond every 200 ms until it holds or timeout passes, and
+// reports whether it held.
+func waitUntil(timeout time.Duration, cond func() bool) bool {
+	for deadline := time.Now().Add(timeout); ; time.Sleep(200 * time.Millisecond) {
+		if cond() {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
 		}
 	}
 }
@@ -576,11 +674,14 @@ func faultKinds(topology string) []faultKind {
 			}},
 	}
 	if topology == "ha" {
-		// The faults added for the single topology in 2026-12 (clocks, a
-		// partition added, a group lost) are not yet part of the HA
-		// campaign: its first run with them (seed 1) left a delete of EU's
-		// unapplied in US, not yet explained (README, "Fault campaign").
-		return kinds[:6]
+		// One instance of a region cut off from Kafka while the other is
+		// not: the relay's lock must go to the one that can publish.
+		kinds = append(kinds, faultKind{"cut one instance off from kafka", backends[:4], command("partition"), command("heal"), nil})
+		// A group lost is a region's whole group, which needs every
+		// instance of the region down at once: that fault stays with the
+		// single topology (the positions it tests live in the region's
+		// database, whichever instance applies).
+		return kinds
 	}
 	// The state Kafka's offset expiry leaves: the region's group gone
 	// while it is down. Its target is the backend, whose other faults

@@ -271,6 +271,9 @@ func (c *consumer) close(ctx context.Context) {
 type mark struct {
 	watermark time.Time
 	seen      *time.Time
+	// offset is the latest echo's Seen − Sent: a lower bound of this
+	// region's clock minus the peer's (heartbeat.Sent), or nil.
+	offset *time.Duration
 }
 
 // batch is one poll's records, sorted out: the peer's events to apply (and
@@ -312,6 +315,10 @@ func (c *consumer) sortRecords(records []*kgo.Record) batch {
 			}
 			if seen := m.heartbeat.Seen; seen != nil && (mk.seen == nil || seen.After(*mk.seen)) {
 				mk.seen = seen
+			}
+			if seen, sent := m.heartbeat.Seen, m.heartbeat.Sent; seen != nil && sent != nil {
+				d := seen.Sub(*sent) // a partition's heartbeats come in order: the latest wins
+				mk.offset = &d
 			}
 			b.watermarks[rec.Partition] = mk
 			b.partitions = max(b.partitions, m.heartbeat.Partitions)
@@ -403,15 +410,17 @@ const maxClockSkew = time.Second
 // it came, it would hold the lag at 0 until that future arrived, whatever
 // went missing meanwhile. The echo ($6) moves forward too, and is clamped to
 // this database's clock without a margin: it is a time of this region's own,
-// so a later one is forged.
+// so a later one is forged. The clock offset's lower bound ($7, in
+// microseconds) is the latest heartbeat's that had one (lag.go).
 const saveWatermarkSQL = `
-INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, seen, applied_at)
-VALUES ($1, $2, $3, LEAST($4, clock_timestamp() + $5 * interval '1 millisecond'), LEAST($6, clock_timestamp()), now())
+INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, seen, echo_offset_us, applied_at)
+VALUES ($1, $2, $3, LEAST($4, clock_timestamp() + $5 * interval '1 millisecond'), LEAST($6, clock_timestamp()), $7, now())
 ON CONFLICT (peer_region, partition) DO UPDATE
-SET watermark  = GREATEST(replication_watermarks.watermark, EXCLUDED.watermark),
-    seen       = GREATEST(replication_watermarks.seen, EXCLUDED.seen),
-    partitions = EXCLUDED.partitions,
-    applied_at = now()`
+SET watermark      = GREATEST(replication_watermarks.watermark, EXCLUDED.watermark),
+    seen           = GREATEST(replication_watermarks.seen, EXCLUDED.seen),
+    echo_offset_us = coalesce(EXCLUDED.echo_offset_us, replication_watermarks.echo_offset_us),
+    partitions     = EXCLUDED.partitions,
+    applied_at     = now()`
 
 // savePositionsSQL moves this region's position in partitions $2 of topic
 // $1 to offsets $3, never back: an instance that lost its partitions while
@@ -476,7 +485,12 @@ func (c *consumer) commit(ctx context.Context, tx *sql.Tx, b batch, partitions i
 		}
 	}
 	for partition, mk := range b.watermarks {
-		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, mk.watermark, maxClockSkew.Milliseconds(), mk.seen); err != nil {
+		var offset *int64
+		if mk.offset != nil {
+			us := mk.offset.Microseconds()
+			offset = &us
+		}
+		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, mk.watermark, maxClockSkew.Milliseconds(), mk.seen, offset); err != nil {
 			return fmt.Errorf("save watermark: %w", err)
 		}
 	}
@@ -508,12 +522,14 @@ func (c *consumer) commit(ctx context.Context, tx *sql.Tx, b batch, partitions i
 // a partition never heard from would leave the lag to a fallback (the time
 // since the process started), which understates it for a process restarted
 // with a backlog (seen in the fault campaign: 2 s reported, a write 15 s
-// old missing). With no watermark at all, nothing is held.
+// old missing). With no watermark at all, nothing is held. The clock
+// offset held is the smallest too, which only makes the lag read higher.
 const holdNewPartitionsSQL = `
-INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, applied_at)
-SELECT $1, p, $2, w.watermark, now()
+INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, echo_offset_us, applied_at)
+SELECT $1, p, $2, w.watermark, w.echo_offset_us, now()
 FROM generate_series(0, $2 - 1) AS p,
-     (SELECT min(watermark) AS watermark FROM replication_watermarks WHERE peer_region = $1) AS w
+     (SELECT min(watermark) AS watermark, min(echo_offset_us) AS echo_offset_us
+      FROM replication_watermarks WHERE peer_region = $1) AS w
 WHERE w.watermark IS NOT NULL
 ON CONFLICT (peer_region, partition) DO NOTHING`
 

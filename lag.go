@@ -24,10 +24,28 @@ package main
 // When the peer's writes cannot arrive (Kafka down, the peer's relay or
 // database stopped, our consumer stopped), no heartbeat is applied and the lag
 // grows in real time. When they can again, the backlog is applied, the next
-// heartbeat lands, and the lag drops back to about 0. Both regions' clocks are
-// assumed to agree (NTP); a skew between them shifts the figure by the skew,
-// and a watermark more than maxClockSkew ahead is clamped, so that a skewed or
-// forged clock cannot hold the lag at 0.
+// heartbeat lands, and the lag drops back to about 0.
+//
+// W is a time of the peer's clock and now one of ours, and the two clocks
+// may disagree (by up to a second, maxClockSkew): a peer clock ahead would
+// make the lag read low, which it must never do. So W is moved into our
+// clock by the echo. Each peer heartbeat also carries Seen, our own
+// watermark as the peer had applied it, and Sent, when the peer read it (its
+// clock): Seen happened before Sent, so Seen − Sent is at most our clock
+// minus the peer's, and W + (Seen − Sent) is no later, in our clock, than W
+// really was. With it:
+//
+//	lag = now − min(W + Seen − Sent)
+//
+// which never understates, whatever the clocks say, and overstates by the
+// echo's trip (our heartbeat to the peer, the peer's next round): about one
+// heartbeat interval on a healthy link. Without an echo yet (the first
+// moments after a start, or a peer relay that sends none), the lag is
+// now − W plus maxClockSkew, and never more than that either way: an echo
+// gone stale (our own heartbeats not reaching the peer) cannot make it read
+// more than the clocks could be wrong by. A watermark more than
+// maxClockSkew ahead is clamped, so that a skewed or forged clock cannot
+// hold the lag at 0.
 
 import (
 	"context"
@@ -135,8 +153,10 @@ func (s *replicationStats) recordsBehind() int64 {
 
 // readLagSQL reads the peer's watermark: the smallest over the partitions, and
 // only if every partition has one (a partition never heard from could hide any
-// amount of lag). It also reads the outbox backlog, and the clock, so that
-// both sides of the subtraction come from database clocks. Every part costs
+// amount of lag), and the same in this database's clock by the echo (see
+// above), if every partition has an echo. It also reads the outbox backlog,
+// and the clock, so that both sides of the subtraction come from database
+// clocks. Every part costs
 // O(log n) in the outbox's size (its primary key and its created_at index):
 // the backlog is the span of its seqs, which counts a sequence value a
 // rolled-back write took as if it waited too, so it may read a little high,
@@ -144,6 +164,9 @@ func (s *replicationStats) recordsBehind() int64 {
 const readLagSQL = `
 SELECT
     (SELECT CASE WHEN count(*) > 0 AND count(*) >= max(partitions) THEN min(watermark) END
+     FROM replication_watermarks WHERE peer_region = $1),
+    (SELECT CASE WHEN count(echo_offset_us) > 0 AND count(echo_offset_us) >= max(partitions)
+                 THEN min(watermark + echo_offset_us * interval '1 microsecond') END
      FROM replication_watermarks WHERE peer_region = $1),
     (SELECT coalesce(max(seq) - min(seq) + 1, 0) FROM outbox),
     (SELECT min(created_at) FROM outbox),
@@ -200,20 +223,24 @@ func awaitPeer(ctx context.Context, db *sql.DB, peer string, wait time.Duration)
 // any watermark yet, the lag is the time since then.
 func readLag(ctx context.Context, db *sql.DB, region string, since time.Time, stats *replicationStats) (LagReport, error) {
 	var (
-		watermark, oldest sql.NullTime
-		now               time.Time
+		watermark, echoed, oldest sql.NullTime
+		now                       time.Time
 	)
 	rep := LagReport{Region: region, PeerRegion: peerOf(region)}
-	err := db.QueryRowContext(ctx, readLagSQL, rep.PeerRegion).Scan(&watermark, &rep.OutboxBacklog, &oldest, &now)
+	err := db.QueryRowContext(ctx, readLagSQL, rep.PeerRegion).Scan(&watermark, &echoed, &rep.OutboxBacklog, &oldest, &now)
 	if err != nil {
 		return LagReport{}, fmt.Errorf("replication lag: %w", err)
 	}
+	lag := now.Sub(since)
 	if watermark.Valid {
 		w := watermark.Time.UTC()
 		rep.PeerWatermark = &w
-		since = w
+		lag = now.Sub(w) + maxClockSkew
+		if echoed.Valid {
+			lag = min(lag, now.Sub(echoed.Time))
+		}
 	}
-	rep.LagSeconds = max(now.Sub(since).Seconds(), 0)
+	rep.LagSeconds = max(lag.Seconds(), 0)
 	if oldest.Valid {
 		rep.OldestOutboxSeconds = max(now.Sub(oldest.Time).Seconds(), 0)
 	}

@@ -29,37 +29,54 @@ func TestReplicationLagReport(t *testing.T) {
 		return int(got.LagSeconds)
 	}
 	// setWatermarks stores watermarks for the first n of 3 partitions, the
-	// newest age old and each further partition a second older.
-	setWatermarks := func(n int, age time.Duration) {
+	// newest age old and each further partition a second older, as a peer
+	// whose clock is skew ahead of ours stamps them, with the echo's clock
+	// offset (nil: no echo).
+	setWatermarks := func(n int, age, skew time.Duration, offset *time.Duration) {
 		t.Helper()
 		if _, err := db.ExecContext(ctx, `DELETE FROM replication_watermarks`); err != nil {
 			t.Fatal(err)
 		}
+		var us *int64
+		if offset != nil {
+			v := offset.Microseconds()
+			us = &v
+		}
 		for p := range n {
-			w := time.Now().Add(-age - time.Duration(p)*time.Second)
-			if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, w, maxClockSkew.Milliseconds(), nil); err != nil {
+			w := time.Now().Add(skew - age - time.Duration(p)*time.Second)
+			if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, w, maxClockSkew.Milliseconds(), nil, us); err != nil {
 				t.Fatal(err)
 			}
 		}
 	}
+	echo := func(d time.Duration) *time.Duration { return &d }
 
 	tests := []struct {
 		name       string
 		partitions int
-		age        time.Duration
+		age, skew  time.Duration
+		offset     *time.Duration
 		want       int
 	}{
-		{"oldest_partition_counts", 3, 60 * time.Second, 62},
-		{"caught_up", 3, 0, 2},
+		// With an echo (clocks in step, a 50 ms trip), the oldest
+		// partition's watermark is the lag.
+		{"oldest_partition_counts", 3, 60 * time.Second, 0, echo(-50 * time.Millisecond), 62},
+		{"caught_up", 3, 0, 0, echo(-50 * time.Millisecond), 2},
+		// Without one, the lag allows for the clocks' disagreement.
+		{"no_echo_allows_for_the_clocks", 3, 60 * time.Second, 0, nil, 63},
+		// A peer clock 0.9 s fast: its watermarks look 0.9 s younger than
+		// they are, and the echo puts them back (read with the clocks
+		// alone, the lag would be 11 s: understated).
+		{"peer_clock_fast", 3, 10 * time.Second, 900 * time.Millisecond, echo(-950 * time.Millisecond), 12},
 		// A partition never heard from could hide anything: the report falls
 		// back to the time since the service started waiting (just now).
-		{"partition_missing", 2, time.Hour, 0},
+		{"partition_missing", 2, time.Hour, 0, nil, 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			setWatermarks(tt.partitions, tt.age)
+			setWatermarks(tt.partitions, tt.age, tt.skew, tt.offset)
 			if got := lagSeconds(); got != tt.want {
-				t.Errorf("lag with %d of 3 watermarks, newest %v old = %ds, want %ds", tt.partitions, tt.age, got, tt.want)
+				t.Errorf("lag with %d of 3 watermarks, newest %v old, peer clock %v ahead = %ds, want %ds", tt.partitions, tt.age, tt.skew, got, tt.want)
 			}
 		})
 	}
@@ -74,7 +91,7 @@ func TestFutureWatermarkIsClamped(t *testing.T) {
 	t.Cleanup(func() { db.ExecContext(ctx, `DELETE FROM replication_watermarks`) })
 	for p := range 3 {
 		future := time.Date(3000, 1, 1, 0, 0, 0, 0, time.UTC)
-		if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, future, maxClockSkew.Milliseconds(), nil); err != nil {
+		if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, future, maxClockSkew.Milliseconds(), nil, nil); err != nil {
 			t.Fatal(err)
 		}
 	}

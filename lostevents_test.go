@@ -21,7 +21,7 @@ import (
 
 // TestLostEventsStopReplicationLoudly makes the broker lose events a region
 // needs, as a region away for longer than the retention finds: EU is
-// stopped, US writes, every record of the topic is deleted, and EU comes
+// stopped, US writes, every record US has read is deleted, and EU comes
 // back. EU must not skip ahead as if nothing happened: it stops applying,
 // and says so in its lag report, its log and its health (still 200: it
 // serves its clients). The clean-up re-seeds EU from US, as the README says.
@@ -39,7 +39,7 @@ func TestLostEventsStopReplicationLoudly(t *testing.T) {
 		t.Fatalf("PUT /us/properties/%d: status %d", id, status)
 	}
 	waitFor(t, 10*time.Second, "us's outbox to drain", func() bool { return s.lag(t, "us").OutboxBacklog == 0 })
-	deleteAllRecords(t, kafka)
+	deleteReadRecords(t, kafka, us)
 	s.control(t, "start", "backend-eu")
 
 	var report LagReport
@@ -78,16 +78,42 @@ func kafkaAdmin(t *testing.T) *kgo.Client {
 	return client
 }
 
-// deleteAllRecords moves the log start of every partition of the topic to
-// its end, as retention does to a region that was away too long.
-func deleteAllRecords(t *testing.T, kafka *kgo.Client) {
+// deleteReadRecords deletes, as retention would, every record of the topic
+// that the live region (whose database is live) has read: it reads the
+// partitions' ends, waits until live's positions reach them, and moves each
+// partition's log start there. A region away since before then finds its
+// next events gone; live, which reads on, does not (deleting to the very
+// end would catch live too, a heartbeat of its own behind: the fault
+// campaign saw it stop).
+func deleteReadRecords(t *testing.T, kafka *kgo.Client, live *sql.DB) {
 	t.Helper()
+	topic := setting("KAFKA_TOPIC", "property-updates")
+	ends := endOffsets(t, kafka, topic)
+	waitFor(t, 30*time.Second, "the live region to read to the topic's end", func() bool {
+		rows, err := live.Query(`SELECT partition, next_offset FROM replication_positions WHERE topic = $1`, topic)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		read := 0
+		for rows.Next() {
+			var p int32
+			var next int64
+			if err := rows.Scan(&p, &next); err != nil {
+				t.Fatal(err)
+			}
+			if next >= ends[p] {
+				read++
+			}
+		}
+		return read == len(ends)
+	})
 	req := kmsg.NewPtrDeleteRecordsRequest()
 	rt := kmsg.NewDeleteRecordsRequestTopic()
-	rt.Topic = setting("KAFKA_TOPIC", "property-updates")
-	for p := range topicPartitionCount(t, kafka, rt.Topic) {
+	rt.Topic = topic
+	for p, end := range ends {
 		rp := kmsg.NewDeleteRecordsRequestTopicPartition()
-		rp.Partition, rp.Offset = p, -1
+		rp.Partition, rp.Offset = p, end
 		rt.Partitions = append(rt.Partitions, rp)
 	}
 	req.Topics = append(req.Topics, rt)

@@ -216,13 +216,15 @@ const lockRelaySQL = `SELECT pg_try_advisory_xact_lock($1)`
 // the outbox read that follows, or starts after now.
 //
 // The same statement reads the echo (heartbeat.Seen): the peer's watermark as
-// this region has applied it, every partition's, or null.
+// this region has applied it, every partition's, or null; and when it began
+// (heartbeat.Sent), which is before its snapshot, so after the echo.
 const lockRelayWatermarkSQL = `
 SELECT pg_try_advisory_xact_lock($1),
        LEAST(now(), (SELECT min(xact_start) FROM pg_stat_activity
                      WHERE datname = current_database() AND pid <> pg_backend_pid())),
        (SELECT CASE WHEN count(*) > 0 AND count(*) >= max(partitions) THEN min(watermark) END
-        FROM replication_watermarks WHERE peer_region = $2)`
+        FROM replication_watermarks WHERE peer_region = $2),
+       statement_timestamp()`
 
 // oldestLeftSQL is no later than the earliest time carried by an event the
 // round leaves in the outbox (a full round leaves the rest for the next
@@ -263,7 +265,7 @@ func (r *relay) publishRound(ctx context.Context) (full bool, err error) {
 			r.heartbeatFailed = true
 		}
 	}()
-	locked, watermark, seen, err := r.lock(ctx, tx, heartbeatDue)
+	locked, watermark, seen, sent, err := r.lock(ctx, tx, heartbeatDue)
 	if err != nil || !locked {
 		return false, err // !locked: another instance is the relay
 	}
@@ -273,7 +275,7 @@ func (r *relay) publishRound(ctx context.Context) (full bool, err error) {
 	}
 	full = len(seqs) == relayBatchSize
 	if heartbeatDue {
-		hb, err := r.heartbeats(ctx, tx, heartbeat{Region: r.region, Watermark: watermark, Seen: seen}, full)
+		hb, err := r.heartbeats(ctx, tx, heartbeat{Region: r.region, Watermark: watermark, Seen: seen, Sent: sent}, full)
 		if err != nil {
 			return false, fmt.Errorf("relay: %w", err)
 		}
@@ -305,23 +307,25 @@ func (r *relay) publishRound(ctx context.Context) (full bool, err error) {
 }
 
 // lock takes the relay's advisory lock in tx, and reports whether it got it.
-// With withWatermark, it also reads the heartbeats' watermark and echo, in
-// the same first statement of the round (see lockRelayWatermarkSQL).
-func (r *relay) lock(ctx context.Context, tx *sql.Tx, withWatermark bool) (locked bool, watermark time.Time, seen *time.Time, err error) {
+// With withWatermark, it also reads the heartbeats' watermark, echo and
+// sending time, in the same first statement of the round (see
+// lockRelayWatermarkSQL); seen and sent are nil while there is no echo.
+func (r *relay) lock(ctx context.Context, tx *sql.Tx, withWatermark bool) (locked bool, watermark time.Time, seen, sent *time.Time, err error) {
 	if withWatermark {
 		var echo sql.NullTime
-		err = tx.QueryRowContext(ctx, lockRelayWatermarkSQL, relayLockKey, peerOf(r.region)).Scan(&locked, &watermark, &echo)
+		var at time.Time
+		err = tx.QueryRowContext(ctx, lockRelayWatermarkSQL, relayLockKey, peerOf(r.region)).Scan(&locked, &watermark, &echo, &at)
 		if echo.Valid {
-			t := echo.Time.UTC()
-			seen = &t
+			e, a := echo.Time.UTC(), at.UTC()
+			seen, sent = &e, &a
 		}
 	} else {
 		err = tx.QueryRowContext(ctx, lockRelaySQL, relayLockKey).Scan(&locked)
 	}
 	if err != nil {
-		return false, time.Time{}, nil, fmt.Errorf("relay: lock: %w", err)
+		return false, time.Time{}, nil, nil, fmt.Errorf("relay: lock: %w", err)
 	}
-	return locked, watermark, seen, nil
+	return locked, watermark, seen, sent, nil
 }
 
 // readOutboxSQL reads the oldest events of the outbox. Rows with a lower seq

@@ -84,6 +84,12 @@ type heartbeat struct {
 	// with its clock to know that this heartbeat was sent after a moment of
 	// its own, whatever the two clocks say (handlers.go, standIn).
 	Seen *time.Time `json:"seen,omitempty"`
+	// Sent is when the relay read Watermark and Seen, in this region's
+	// clock (null from a relay that sent no echo). Seen happened before
+	// Sent, so Seen − Sent is a lower bound of the other clock minus this
+	// one, whatever the clocks say: the other region uses it to measure its
+	// lag without trusting the two clocks to agree (lag.go).
+	Sent *time.Time `json:"sent,omitempty"`
 }
 
 // Kafka record headers. Every record on the topic says what it is and which

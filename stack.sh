@@ -11,7 +11,7 @@
 #
 # Usage: ./stack.sh up [single|ha] | down | ps | logs SERVICE | stop SERVICE | start SERVICE
 #                  | kill SERVICE | pause SERVICE | unpause SERVICE
-#                  | partition REGION | heal REGION | skew DATABASE OFFSET | unskew DATABASE
+#                  | partition REGION|BACKEND | heal REGION|BACKEND | skew DATABASE OFFSET | unskew DATABASE
 #                  | test | bench | soak [DURATION [RATE]] | chaos [DURATION [SEED]]
 #
 # The subcommands mirror docker compose's, over the same service names, so the
@@ -328,7 +328,7 @@ start_backend() {
 	# As root, each backend runs as a user id of its own (backend_uid), as
 	# in a container: that is what lets `partition` drop its packets alone.
 	local as=()
-	[ "$(id -u)" = 0 ] && as=(setpriv --reuid="$(backend_uid "$region")" --regid="$(backend_uid "$region")" --clear-groups)
+	[ "$(id -u)" = 0 ] && as=(setpriv --reuid="$(backend_uid "$svc")" --regid="$(backend_uid "$svc")" --clear-groups)
 	spawn "$svc" "${as[@]}" env REGION="$region" PORT="$(port_of "$svc")" \
 		DATABASE_URL="$(service_db_url "db-$region")" \
 		KAFKA_BROKER="$(kafka_brokers)" KAFKA_REPLICATION_FACTOR=$replicas KAFKA_TOPIC=property-updates RETENTION="${RETENTION:-9d}" \
@@ -336,9 +336,23 @@ start_backend() {
 		"$state/bin/property-listing"
 }
 
-# backend_uid REGION: the user id a region's backend runs as, under root.
+# backend_uid BACKEND: the user id a backend runs as, under root: one per
+# instance, so that a fault can cut off one instance of a region alone.
 backend_uid() {
-	case "$1" in us) echo 4301 ;; eu) echo 4302 ;; *) die "unknown region $1 (us or eu)" ;; esac
+	case "$1" in
+	backend-us) echo 4301 ;; backend-eu) echo 4302 ;; backend-us-2) echo 4303 ;; backend-eu-2) echo 4304 ;;
+	*) die "unknown backend $1" ;;
+	esac
+}
+
+# cut_off_uids TARGET: the user ids of what `partition TARGET` cuts off: a
+# region's every backend (us, eu) or one backend (backend-us-2).
+cut_off_uids() {
+	case "$1" in
+	us | eu) for svc in "backend-$1" "backend-$1-2"; do backend_uid "$svc"; done ;;
+	backend-*) backend_uid "$1" ;;
+	*) die "unknown region or backend $1" ;;
+	esac
 }
 
 # ------------------------------------------------------------------ faults
@@ -354,36 +368,60 @@ signal_service() {
 	kill -s "$sig" "$(cat "$(pidfile "$svc")")"
 }
 
-# partition_rules ACTION REGION: add (-A) or delete (-D) the rules that drop
-# every packet between the region's backend and Kafka, both ways: its own
+# partition_rules ACTION UID: add (-A) or delete (-D) the rules that drop
+# every packet between one backend (by its user id) and Kafka, both ways: its own
 # packets by their owner, Kafka's answers by the connection they belong to
 # (marked as the backend's). Dropped, not refused: the backend's Kafka client
 # sees silence and times out, as it would behind a dead link. HTTP and the
 # database are untouched.
 partition_rules() {
-	local action=$1 uid
-	uid=$(backend_uid "$2")
+	local action=$1 uid=$2
 	local ports=9092,9094,9096 # every broker of either topology
 	iptables -w -t mangle "$action" OUTPUT -o lo -p tcp -m multiport --dports $ports -m owner --uid-owner "$uid" -j CONNMARK --set-mark "$uid" &&
 		iptables -w "$action" OUTPUT -o lo -p tcp -m multiport --dports $ports -m owner --uid-owner "$uid" -j DROP &&
 		iptables -w "$action" INPUT -i lo -p tcp -m multiport --sports $ports -m connmark --mark "$uid" -j DROP
 }
 
+# partition cuts a region (us, eu: every instance of it) or one backend
+# (backend-us-2) off from Kafka; heal joins it again.
 cmd_partition() {
-	local region=${1:?usage: stack.sh partition REGION}
+	local target=${1:?usage: stack.sh partition REGION|BACKEND} uid
 	[ "$(id -u)" = 0 ] || die "partition needs root (iptables, and backends under their own user ids)"
 	command -v iptables >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables >/dev/null; }
-	partitioned "$region" || partition_rules -A "$region"
+	for uid in $(cut_off_uids "$target"); do
+		partitioned "$uid" || { partition_rules -A "$uid" && cut_open_connections "$uid"; }
+	done
+}
+
+# cut_open_connections UID: drops Kafka's packets on the connections the
+# backend already holds. The connection mark is set by the backend's next
+# packet, and a consumer waiting on a long fetch sends none: the answer to
+# that fetch would still get through (seen: a write applied across the
+# partition 10 ms after it). So each open connection's own port gets a rule
+# too, named after the user id for heal to find.
+cut_open_connections() {
+	local uid=$1 port
+	for port in $(ss -tnHe state established '( dport = :9092 or dport = :9094 or dport = :9096 )' |
+		awk -v who="uid:$1" '$0 ~ who" " { n = split($3, a, ":"); print a[n] }'); do
+		iptables -w -A INPUT -i lo -p tcp --dport "$port" -m multiport --sports 9092,9094,9096 \
+			-m comment --comment "cut-off-$uid" -j DROP
+	done
 }
 
 cmd_heal() {
-	local region=${1:?usage: stack.sh heal REGION}
-	while partitioned "$region"; do partition_rules -D "$region"; done
+	local target=${1:?usage: stack.sh heal REGION|BACKEND} uid rule
+	for uid in $(cut_off_uids "$target"); do
+		while partitioned "$uid"; do partition_rules -D "$uid"; done
+		iptables -w -S INPUT | { grep -e "--comment \"\?cut-off-$uid\"\? " || true; } | while read -r rule; do
+			eval "iptables -w ${rule/#-A/-D}"
+		done
+	done
 }
 
+# partitioned UID: whether the backend of that user id is cut off.
 partitioned() {
 	[ "$(id -u)" = 0 ] && command -v iptables >/dev/null &&
-		iptables -w -C OUTPUT -o lo -p tcp -m multiport --dports 9092,9094,9096 -m owner --uid-owner "$(backend_uid "$1")" -j DROP 2>/dev/null
+		iptables -w -C OUTPUT -o lo -p tcp -m multiport --dports 9092,9094,9096 -m owner --uid-owner "$1" -j DROP 2>/dev/null
 }
 
 # tls_cert makes the stack's own certificate for NGINX's HTTPS port, once:
