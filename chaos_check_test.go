@@ -300,12 +300,11 @@ func ruleNoneLost(history []op, final map[int64]Property, f chaosFinal, writes f
 	// greater write's; a write built on the other one finds no record of
 	// its parent's tag, and the chain goes on from the record of the same
 	// version, if that is such a request's.
-	chain := func(p Property) map[string]bool {
-		requests := map[string]bool{}
-		for tag, version := tagValue(p.Version, p.RegionOrigin), p.Version; tag != "" && len(requests) < 100_000; {
-			m, ok := byTag[p.ID][tag]
+	chain := func(id int64, version int64, tag string, requests map[string]bool) map[string]bool {
+		for n := 0; tag != "" && n < 100_000; n++ {
+			m, ok := byTag[id][tag]
 			if !ok {
-				twins := byVersion[p.ID][version]
+				twins := byVersion[id][version]
 				if len(twins) != 1 || sends[twins[0].requestID] < 2 {
 					break
 				}
@@ -319,8 +318,19 @@ func ruleNoneLost(history []op, final map[int64]Property, f chaosFinal, writes f
 		}
 		return requests
 	}
+	// A conflict record names the write that lost; the writes it was built
+	// on, back to where its line left the winner's, lost with it, and the
+	// record's chain of parents names them too.
+	lostWith := map[string]bool{}
+	for _, records := range f.requests {
+		for _, rec := range records {
+			if f.lost[rec.RequestID] {
+				chain(rec.PropertyID, rec.Version, tagValue(rec.Version, rec.RegionOrigin), lostWith)
+			}
+		}
+	}
 	chains := map[int64]map[string]bool{}
-	n, builtOn, recorded := 0, 0, 0
+	n, builtOn, recorded, recordedUnder := 0, 0, 0, 0
 	for _, o := range history {
 		if o.Outcome != opOK || o.Row == nil || o.Kind == "GET" {
 			continue
@@ -328,7 +338,7 @@ func ruleNoneLost(history []op, final map[int64]Property, f chaosFinal, writes f
 		n++
 		got, ok := final[o.Row.ID]
 		if ok && chains[o.Row.ID] == nil {
-			chains[o.Row.ID] = chain(got)
+			chains[o.Row.ID] = chain(got.ID, got.Version, tagValue(got.Version, got.RegionOrigin), map[string]bool{})
 		}
 		switch {
 		case ok && o.Row.Version == got.Version && o.Row.RegionOrigin == got.RegionOrigin:
@@ -336,6 +346,8 @@ func ruleNoneLost(history []op, final map[int64]Property, f chaosFinal, writes f
 			builtOn++
 		case f.lost[o.RequestID]:
 			recorded++
+		case lostWith[o.RequestID]:
+			recordedUnder++
 		default:
 			r.pass = false
 			r.counterexample = fmt.Sprintf("%s %s (request %s) acknowledged %s at %s, but the final row is %s, not built on it, and no region recorded it lost; writes: %s",
@@ -343,7 +355,8 @@ func ruleNoneLost(history []op, final map[int64]Property, f chaosFinal, writes f
 			return r
 		}
 	}
-	r.detail = fmt.Sprintf("%d acknowledged writes: %d final, %d built upon by the final row, %d recorded lost", n, n-builtOn-recorded, builtOn, recorded)
+	r.detail = fmt.Sprintf("%d acknowledged writes: %d final, %d built upon by the final row, %d recorded lost, %d built upon by a write recorded lost",
+		n, n-builtOn-recorded-recordedUnder, builtOn, recorded, recordedUnder)
 	return r
 }
 
@@ -885,6 +898,20 @@ func TestCheckerCatches(t *testing.T) {
 	f.lost = map[string]bool{"r1": true}
 	if failed := verdicts(h, f, s); slices.Contains(failed, 2) {
 		t.Fatalf("a write recorded lost: failed rules %v", failed)
+	}
+	// r0, under r1: lost with it, and named by r1's record's parent.
+	r0row := row(1, "us", 9, 100_000_009)
+	r1rec := f.requests["us"][0]
+	h = append(h, op{Kind: "PUT", Prefix: "us", ID: 601, RequestID: "r0", Price: 100_000_009, Start: at(9), End: at(9), Status: 200, Outcome: opOK, Row: &r0row})
+	if failed := verdicts(h, f, s); !slices.Contains(failed, 2) {
+		t.Fatalf("a write under a recorded loser, but not on its chain: failed rules %v, want 2", failed)
+	}
+	r0 := requestRecord{RequestID: "r0", PropertyID: 601, Price: "1000000.09", RegionOrigin: "us", Version: 1, UpdatedAt: at(9)}
+	f.requests["us"] = append(f.requests["us"], r0)
+	f.requests["eu"] = append(f.requests["eu"], r0)
+	f.requests["us"][0].Parent, f.requests["eu"][0].Parent = "1-us", "1-us"
+	if failed := verdicts(h, f, s); slices.Contains(failed, 2) {
+		t.Fatalf("a write the recorded loser was built on (%+v): failed rules %v", r1rec, failed)
 	}
 	for _, tc := range []struct {
 		name  string

@@ -44,8 +44,10 @@ type replication interface {
 	// stoppedReason says why replication stopped for good, or "" while it
 	// runs.
 	stoppedReason() string
-	// produceErrors counts the relay's publish rounds that failed.
+	// produceErrors counts the relay's publish rounds that failed, and
+	// published the events this instance's relay published.
 	produceErrors() int64
+	published() int64
 	// purgeStats is what the purge of expired request ids and tombstones
 	// has done (retention.go).
 	purgeStats() purgeStats

@@ -52,6 +52,7 @@ func idle(db *sql.DB, region string) idleReplication {
 func (r idleReplication) notify()                {}
 func (r idleReplication) stoppedReason() string  { return "" }
 func (r idleReplication) produceErrors() int64   { return 0 }
+func (r idleReplication) published() int64       { return 0 }
 func (r idleReplication) purgeStats() purgeStats { return purgeStats{} }
 func (r idleReplication) lagReport(ctx context.Context) (LagReport, error) {
 	return readLag(ctx, r.db, r.region, r.started, &replicationStats{})

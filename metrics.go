@@ -162,6 +162,8 @@ func writeReplication(ctx context.Context, e *exposition, r replication) {
 	e.sample("listing_purge_paused", paused)
 	e.family("listing_replication_produce_errors_total", "counter", "Relay rounds that failed to publish their events (Kafka unreachable, or the outbox unreadable); the events wait in the outbox.")
 	e.sample("listing_replication_produce_errors_total", float64(r.produceErrors()))
+	e.family("listing_replication_published_events_total", "counter", "Events this instance's relay published to Kafka (with several instances per region, the one holding the relay's lock publishes).")
+	e.sample("listing_replication_published_events_total", float64(r.published()))
 	rep, err := r.lagReport(ctx)
 	e.family("listing_replication_report_up", "gauge", "1 if the replication figures below could be read (the database answered), else 0.")
 	if err != nil {

@@ -42,6 +42,13 @@ const (
 	// relayRoundTimeout bounds one round, Kafka's acknowledgement included.
 	// A round that runs out leaves its rows in the outbox for the next one.
 	relayRoundTimeout = 5 * time.Second
+	// relayProduceTimeout bounds the wait for Kafka's acknowledgement while
+	// the round holds the relay's lock. On a healthy link it takes
+	// milliseconds; an instance that has none within this time gives the
+	// round up, and with its transaction the lock, so that in a region of
+	// several instances one cut off from Kafka holds up the others for at
+	// most this long (measured: TestOneInstanceCutOffLeavesTheRelay).
+	relayProduceTimeout = 500 * time.Millisecond
 	// heartbeatInterval is the time between two heartbeats. It bounds what
 	// an idle, healthy link reports as lag. It is not shorter because every
 	// heartbeat costs the broker a produce request and both regions a fetch,
@@ -80,8 +87,10 @@ type relay struct {
 	partitions int32
 	countedAt  time.Time
 	byKey      kgo.TopicPartitioner
-	// failedRounds counts the rounds that failed, for the metrics.
+	// failedRounds counts the rounds that failed, and published the events
+	// this instance published, for the metrics.
 	failedRounds atomic.Int64
+	published    atomic.Int64
 }
 
 // newRelay returns the relay of region's outbox, publishing with producer.
@@ -287,7 +296,7 @@ func (r *relay) publishRound(ctx context.Context) (full bool, err error) {
 	// ProduceSync returns when Kafka acknowledged every record (or failed).
 	// One partition's records are acknowledged in order, so a heartbeat is
 	// never ahead of the events it vouches for.
-	if err := r.producer.ProduceSync(ctx, records...).FirstErr(); err != nil {
+	if err := r.produce(ctx, tx, records); err != nil {
 		return false, fmt.Errorf("relay: produce: %w", err)
 	}
 	if len(seqs) > 0 {
@@ -300,10 +309,31 @@ func (r *relay) publishRound(ctx context.Context) (full bool, err error) {
 		// publishes them again, and the consumers ignore the duplicates.
 		return false, fmt.Errorf("relay: commit: %w", err)
 	}
+	r.published.Add(int64(len(seqs)))
 	if heartbeatDue {
 		r.lastHeartbeat = time.Now()
 	}
 	return full, nil
+}
+
+// produce publishes records and waits for Kafka's acknowledgement. If none
+// comes within relayProduceTimeout, it rolls tx back, which gives the relay's
+// lock up at once, and fails: the producer may still be waiting for an
+// answer it cannot cancel (a request already sent), and may even get one,
+// but the rows stay in the outbox, and the instance that takes the lock
+// publishes them again, which the consumers make harmless.
+func (r *relay) produce(ctx context.Context, tx *sql.Tx, records []*kgo.Record) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	giveUp := time.AfterFunc(relayProduceTimeout, func() {
+		tx.Rollback()
+		cancel()
+	})
+	err := r.producer.ProduceSync(ctx, records...).FirstErr()
+	if !giveUp.Stop() {
+		return fmt.Errorf("no acknowledgement within %v; the lock is left to another instance", relayProduceTimeout)
+	}
+	return err
 }
 
 // lock takes the relay's advisory lock in tx, and reports whether it got it.

@@ -235,6 +235,9 @@ func (r *replicator) stoppedReason() string { return r.consumer.stoppedReason() 
 // produceErrors counts the relay's rounds that failed to publish.
 func (r *replicator) produceErrors() int64 { return r.relay.failedRounds.Load() }
 
+// published is how many events this instance's relay has published.
+func (r *replicator) published() int64 { return r.relay.published.Load() }
+
 // purgeStats is what the purge has done (retention.go).
 func (r *replicator) purgeStats() purgeStats { return r.purger.stats() }
 
