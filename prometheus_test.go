@@ -99,9 +99,13 @@ func TestPrometheusSeesAWriteReplicate(t *testing.T) {
 		}
 		return steady
 	})
-	if status, got := s.put(t, "us", 215, newRequestID("prometheus"), 215215_15); status != http.StatusOK {
+	status, got := s.put(t, "us", 215, newRequestID("prometheus"), 215215_15)
+	if status != http.StatusOK {
 		t.Fatalf("PUT in us: %d %+v", status, got)
 	}
+	// Applied in EU first (a partition an earlier test added may take its
+	// consumer a rebalance to read), then seen by Prometheus.
+	s.waitReplicated(t, "eu", got.Property, 60*time.Second)
 	waitFor(t, 30*time.Second, fmt.Sprintf("%s to rise above %v", query, before), func() bool {
 		return promQuery(t, query)["eu"] > before
 	})
