@@ -674,11 +674,6 @@ func faultKinds(topology string) []faultKind {
 			}},
 	}
 	if topology == "ha" {
-		// The clock faults stay with the single topology for now: their
-		// first CI run in HA found the lag understated after a clock step
-		// (README, "A topology for more than one process per region"); a fix
-		// is written but not yet verified.
-		kinds = slices.DeleteFunc(kinds, func(k faultKind) bool { return strings.HasPrefix(k.name, "a clock") })
 		// One instance of a region cut off from Kafka while the other is
 		// not: the relay's lock must go to the one that can publish.
 		kinds = append(kinds, faultKind{"cut one instance off from kafka", backends[:4], command("partition"), command("heal"), nil})

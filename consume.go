@@ -271,9 +271,11 @@ func (c *consumer) close(ctx context.Context) {
 type mark struct {
 	watermark time.Time
 	seen      *time.Time
-	// offset is the latest echo's Seen − Sent: a lower bound of this
-	// region's clock minus the peer's (heartbeat.Sent), or nil.
-	offset *time.Duration
+	// bound is the latest echoing heartbeat's Watermark in this region's
+	// clock, at its earliest (Watermark + Seen − Sent, all three from that
+	// one heartbeat, so that a step of the peer's clock cancels out), and
+	// echo the Seen it came from; nil without an echo (lag.go).
+	bound, echo *time.Time
 }
 
 // batch is one poll's records, sorted out: the peer's events to apply (and
@@ -317,8 +319,9 @@ func (c *consumer) sortRecords(records []*kgo.Record) batch {
 				mk.seen = seen
 			}
 			if seen, sent := m.heartbeat.Seen, m.heartbeat.Sent; seen != nil && sent != nil {
-				d := seen.Sub(*sent) // a partition's heartbeats come in order: the latest wins
-				mk.offset = &d
+				// A partition's heartbeats come in order: the latest wins.
+				b := m.heartbeat.Watermark.Add(seen.Sub(*sent))
+				mk.bound, mk.echo = &b, seen
 			}
 			b.watermarks[rec.Partition] = mk
 			b.partitions = max(b.partitions, m.heartbeat.Partitions)
@@ -410,17 +413,19 @@ const maxClockSkew = time.Second
 // it came, it would hold the lag at 0 until that future arrived, whatever
 // went missing meanwhile. The echo ($6) moves forward too, and is clamped to
 // this database's clock without a margin: it is a time of this region's own,
-// so a later one is forged. The clock offset's lower bound ($7, in
-// microseconds) is the latest heartbeat's that had one (lag.go).
+// so a later one is forged. The watermark in this region's clock ($7) and
+// the echo it was computed from ($8) are the latest heartbeat's that had
+// them, not the greatest: both must come from one heartbeat (lag.go).
 const saveWatermarkSQL = `
-INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, seen, echo_offset_us, applied_at)
-VALUES ($1, $2, $3, LEAST($4, clock_timestamp() + $5 * interval '1 millisecond'), LEAST($6, clock_timestamp()), $7, now())
+INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, seen, echo_bound, echo_seen, applied_at)
+VALUES ($1, $2, $3, LEAST($4, clock_timestamp() + $5 * interval '1 millisecond'), LEAST($6, clock_timestamp()), $7, $8, now())
 ON CONFLICT (peer_region, partition) DO UPDATE
-SET watermark      = GREATEST(replication_watermarks.watermark, EXCLUDED.watermark),
-    seen           = GREATEST(replication_watermarks.seen, EXCLUDED.seen),
-    echo_offset_us = coalesce(EXCLUDED.echo_offset_us, replication_watermarks.echo_offset_us),
-    partitions     = EXCLUDED.partitions,
-    applied_at     = now()`
+SET watermark  = GREATEST(replication_watermarks.watermark, EXCLUDED.watermark),
+    seen       = GREATEST(replication_watermarks.seen, EXCLUDED.seen),
+    echo_bound = coalesce(EXCLUDED.echo_bound, replication_watermarks.echo_bound),
+    echo_seen  = coalesce(EXCLUDED.echo_seen, replication_watermarks.echo_seen),
+    partitions = EXCLUDED.partitions,
+    applied_at = now()`
 
 // savePositionsSQL moves this region's position in partitions $2 of topic
 // $1 to offsets $3, never back: an instance that lost its partitions while
@@ -485,12 +490,7 @@ func (c *consumer) commit(ctx context.Context, tx *sql.Tx, b batch, partitions i
 		}
 	}
 	for partition, mk := range b.watermarks {
-		var offset *int64
-		if mk.offset != nil {
-			us := mk.offset.Microseconds()
-			offset = &us
-		}
-		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, mk.watermark, maxClockSkew.Milliseconds(), mk.seen, offset); err != nil {
+		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, mk.watermark, maxClockSkew.Milliseconds(), mk.seen, mk.bound, mk.echo); err != nil {
 			return fmt.Errorf("save watermark: %w", err)
 		}
 	}
@@ -522,13 +522,14 @@ func (c *consumer) commit(ctx context.Context, tx *sql.Tx, b batch, partitions i
 // a partition never heard from would leave the lag to a fallback (the time
 // since the process started), which understates it for a process restarted
 // with a backlog (seen in the fault campaign: 2 s reported, a write 15 s
-// old missing). With no watermark at all, nothing is held. The clock
-// offset held is the smallest too, which only makes the lag read higher.
+// old missing). With no watermark at all, nothing is held. The watermark in
+// this region's clock held is the smallest too, which only makes the lag
+// read higher.
 const holdNewPartitionsSQL = `
-INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, echo_offset_us, applied_at)
-SELECT $1, p, $2, w.watermark, w.echo_offset_us, now()
+INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, echo_bound, echo_seen, applied_at)
+SELECT $1, p, $2, w.watermark, w.echo_bound, w.echo_seen, now()
 FROM generate_series(0, $2 - 1) AS p,
-     (SELECT min(watermark) AS watermark, min(echo_offset_us) AS echo_offset_us
+     (SELECT min(watermark) AS watermark, min(echo_bound) AS echo_bound, min(echo_seen) AS echo_seen
       FROM replication_watermarks WHERE peer_region = $1) AS w
 WHERE w.watermark IS NOT NULL
 ON CONFLICT (peer_region, partition) DO NOTHING`

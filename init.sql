@@ -161,10 +161,12 @@ CREATE TABLE IF NOT EXISTS replication_watermarks (
 -- region's clock. A stand-in compares it with this database's clock, never
 -- with the peer's (handlers.go, standIn).
 ALTER TABLE replication_watermarks ADD COLUMN IF NOT EXISTS seen TIMESTAMPTZ;
--- echo_offset_us is a lower bound of this database's clock minus the
--- peer's, in microseconds, from the latest heartbeat that carried an echo:
+-- echo_bound is the latest echoing heartbeat's watermark carried into this
+-- database's clock, at its earliest, and echo_seen the echo it came from:
 -- what lets the lag be measured without trusting the clocks (lag.go).
-ALTER TABLE replication_watermarks ADD COLUMN IF NOT EXISTS echo_offset_us BIGINT;
+ALTER TABLE replication_watermarks ADD COLUMN IF NOT EXISTS echo_bound TIMESTAMPTZ;
+ALTER TABLE replication_watermarks ADD COLUMN IF NOT EXISTS echo_seen TIMESTAMPTZ;
+ALTER TABLE replication_watermarks DROP COLUMN IF EXISTS echo_offset_us;
 
 -- replication_positions is where this region stands in the topic: for each
 -- partition, the offset of the next record its consumer reads (consume.go).

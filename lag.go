@@ -156,8 +156,10 @@ func (s *replicationStats) recordsBehind() int64 {
 // amount of lag), and the same in this database's clock by the echo (see
 // above), if every partition has an echo. It also reads the outbox backlog,
 // and the clock, so that both sides of the subtraction come from database
-// clocks. Every part costs
-// O(log n) in the outbox's size (its primary key and its created_at index):
+// clocks. An echo read before this database last started is not used:
+// its clock may have been set since (the fault campaign's clock faults
+// restart the database with a shifted clock), and the bound with it. Every
+// part costs O(log n) in the outbox's size (its primary key and its created_at index):
 // the backlog is the span of its seqs, which counts a sequence value a
 // rolled-back write took as if it waited too, so it may read a little high,
 // never low, and it reads 0 exactly when the outbox is empty.
@@ -165,8 +167,9 @@ const readLagSQL = `
 SELECT
     (SELECT CASE WHEN count(*) > 0 AND count(*) >= max(partitions) THEN min(watermark) END
      FROM replication_watermarks WHERE peer_region = $1),
-    (SELECT CASE WHEN count(echo_offset_us) > 0 AND count(echo_offset_us) >= max(partitions)
-                 THEN min(watermark + echo_offset_us * interval '1 microsecond') END
+    (SELECT CASE WHEN count(echo_bound) > 0 AND count(echo_bound) >= max(partitions)
+                      AND min(echo_seen) >= pg_postmaster_start_time()
+                 THEN min(echo_bound) END
      FROM replication_watermarks WHERE peer_region = $1),
     (SELECT coalesce(max(seq) - min(seq) + 1, 0) FROM outbox),
     (SELECT min(created_at) FROM outbox),

@@ -30,21 +30,21 @@ func TestReplicationLagReport(t *testing.T) {
 	}
 	// setWatermarks stores watermarks for the first n of 3 partitions, the
 	// newest age old and each further partition a second older, as a peer
-	// whose clock is skew ahead of ours stamps them, with the echo's clock
-	// offset (nil: no echo).
-	setWatermarks := func(n int, age, skew time.Duration, offset *time.Duration) {
+	// whose clock is skew ahead of ours stamps them, with an echo whose
+	// seen − sent is offset, read at echoed (nil offset: no echo).
+	setWatermarks := func(n int, age, skew time.Duration, offset *time.Duration, echoed time.Time) {
 		t.Helper()
 		if _, err := db.ExecContext(ctx, `DELETE FROM replication_watermarks`); err != nil {
 			t.Fatal(err)
 		}
-		var us *int64
-		if offset != nil {
-			v := offset.Microseconds()
-			us = &v
-		}
 		for p := range n {
 			w := time.Now().Add(skew - age - time.Duration(p)*time.Second)
-			if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, w, maxClockSkew.Milliseconds(), nil, us); err != nil {
+			var bound, seen *time.Time
+			if offset != nil {
+				b := w.Add(*offset)
+				bound, seen = &b, &echoed
+			}
+			if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, w, maxClockSkew.Milliseconds(), nil, bound, seen); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -56,25 +56,33 @@ func TestReplicationLagReport(t *testing.T) {
 		partitions int
 		age, skew  time.Duration
 		offset     *time.Duration
+		echoed     time.Time // when the echo was read; zero for now
 		want       int
 	}{
 		// With an echo (clocks in step, a 50 ms trip), the oldest
 		// partition's watermark is the lag.
-		{"oldest_partition_counts", 3, 60 * time.Second, 0, echo(-50 * time.Millisecond), 62},
-		{"caught_up", 3, 0, 0, echo(-50 * time.Millisecond), 2},
+		{"oldest_partition_counts", 3, 60 * time.Second, 0, echo(-50 * time.Millisecond), time.Time{}, 62},
+		{"caught_up", 3, 0, 0, echo(-50 * time.Millisecond), time.Time{}, 2},
 		// Without one, the lag allows for the clocks' disagreement.
-		{"no_echo_allows_for_the_clocks", 3, 60 * time.Second, 0, nil, 63},
+		{"no_echo_allows_for_the_clocks", 3, 60 * time.Second, 0, nil, time.Time{}, 63},
 		// A peer clock 0.9 s fast: its watermarks look 0.9 s younger than
 		// they are, and the echo puts them back (read with the clocks
 		// alone, the lag would be 11 s: understated).
-		{"peer_clock_fast", 3, 10 * time.Second, 900 * time.Millisecond, echo(-950 * time.Millisecond), 12},
+		{"peer_clock_fast", 3, 10 * time.Second, 900 * time.Millisecond, echo(-950 * time.Millisecond), time.Time{}, 12},
+		// An echo read before this database started (here: in 2000) may
+		// be of a clock set since: not used.
+		{"echo_from_before_the_start", 3, 60 * time.Second, 0, echo(-50 * time.Millisecond), time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC), 63},
 		// A partition never heard from could hide anything: the report falls
 		// back to the time since the service started waiting (just now).
-		{"partition_missing", 2, time.Hour, 0, nil, 0},
+		{"partition_missing", 2, time.Hour, 0, nil, time.Time{}, 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			setWatermarks(tt.partitions, tt.age, tt.skew, tt.offset)
+			echoed := tt.echoed
+			if echoed.IsZero() {
+				echoed = time.Now()
+			}
+			setWatermarks(tt.partitions, tt.age, tt.skew, tt.offset, echoed)
 			if got := lagSeconds(); got != tt.want {
 				t.Errorf("lag with %d of 3 watermarks, newest %v old, peer clock %v ahead = %ds, want %ds", tt.partitions, tt.age, tt.skew, got, tt.want)
 			}
@@ -91,7 +99,7 @@ func TestFutureWatermarkIsClamped(t *testing.T) {
 	t.Cleanup(func() { db.ExecContext(ctx, `DELETE FROM replication_watermarks`) })
 	for p := range 3 {
 		future := time.Date(3000, 1, 1, 0, 0, 0, 0, time.UTC)
-		if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, future, maxClockSkew.Milliseconds(), nil, nil); err != nil {
+		if _, err := db.ExecContext(ctx, saveWatermarkSQL, "us", p, 3, future, maxClockSkew.Milliseconds(), nil, nil, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
