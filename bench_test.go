@@ -795,7 +795,7 @@ func BenchmarkRelayDrain(b *testing.B) {
 	b.Cleanup(func() { relayDB.Close() })
 	topic := fmt.Sprintf("bench-drain-%d", time.Now().UnixNano())
 	brokers := strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")
-	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), relayDB, "us", brokers, topic, 1, defaultRetention)
+	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), relayDB, relayDB, "us", brokers, topic, 1, defaultRetention)
 	if err != nil {
 		b.Fatal(err)
 	}

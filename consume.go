@@ -174,11 +174,6 @@ func (c *consumer) forget(_ context.Context, _ *kgo.Client, revoked map[string][
 	}
 }
 
-// lagReport is this region's replication lag report (lag.go).
-func (c *consumer) lagReport(ctx context.Context) (LagReport, error) {
-	return readLag(ctx, c.db, c.region, c.started, &c.stats)
-}
-
 // run applies the peer region's records from a topic of the given partition
 // count until ctx is cancelled.
 func (c *consumer) run(ctx context.Context, partitions int32) {

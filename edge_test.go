@@ -140,7 +140,11 @@ func TestSecurityHeaders(t *testing.T) {
 		{"listing", "GET", "/us/properties/1", http.StatusOK, "us"},
 		{"backend_404", "GET", "/us/properties/99999999", http.StatusNotFound, "us"},
 		{"backend_400", "PUT", "/eu/properties/1", http.StatusBadRequest, "eu"},
-		{"backend_405", "PATCH", "/eu/properties/1", http.StatusMethodNotAllowed, "eu"},
+		{"backend_405", "POST", "/eu/properties/1", http.StatusMethodNotAllowed, "eu"},
+		// A method the API never serves stops at NGINX: no backend counts
+		// it, so a made-up one cannot add a metric series (metrics.go).
+		{"nginx_405", "PATCH", "/eu/properties/1", http.StatusMethodNotAllowed, "nginx"},
+		{"nginx_405_made_up", "BREW", "/us/properties", http.StatusMethodNotAllowed, "nginx"},
 		{"nginx_404", "GET", "/metrics", http.StatusNotFound, "nginx"},
 	} {
 		status, h, _, err := s.doWith(tt.method, tt.path, http.Header{}, "")

@@ -333,7 +333,7 @@ func handleListProperties(logger *slog.Logger, db *sql.DB) http.Handler {
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
 		defer cancel()
-		page, err := listProperties(ctx, db, lq)
+		page, err := listProperties(ctx, db, lq, scanWindow)
 		if err != nil {
 			encodeError(w, r, logger, err)
 			return
@@ -390,6 +390,14 @@ func (req createRequest) validate() (newProperty, error) {
 	return n, checkValues(n.Price, &n.Bedrooms, &n.Bathrooms)
 }
 
+// canonical is the request that asks for n with every field given: what
+// its fingerprint names, so that {"price":1} and {"price":1,"bedrooms":0},
+// which create the same listing, are one request.
+func (n newProperty) canonical() createRequest {
+	bedrooms, bathrooms := wholeInt32(n.Bedrooms), wholeInt32(n.Bathrooms)
+	return createRequest{Price: &n.Price, Bedrooms: &bedrooms, Bathrooms: &bathrooms}
+}
+
 // handleCreateProperty adds a listing, idempotently by X-Request-ID like an
 // update, and answers 201 with it, its Location (under the prefix the client
 // used) and its ETag.
@@ -410,7 +418,7 @@ func handleCreateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 			encodeError(w, r, logger, err)
 			return
 		}
-		fingerprint := requestFingerprint(r.Method, "/properties", req)
+		fingerprint := requestFingerprint(r.Method, "/properties", n.canonical())
 		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
 		defer cancel()
 		p, err := createProperty(ctx, db, region, requestID, fingerprint, n)
@@ -624,6 +632,9 @@ func encodeError(w http.ResponseWriter, r *http.Request, logger *slog.Logger, er
 	case errors.Is(err, errCannotTell):
 		w.Header().Set("Retry-After", "1")
 		encode(w, http.StatusServiceUnavailable, errorBody{Error: "this region cannot tell yet whether the listing's own region applied this request: retry with the same X-Request-ID"})
+	case errors.Is(err, errKeptChanging):
+		w.Header().Set("Retry-After", "1")
+		encode(w, http.StatusServiceUnavailable, errorBody{Error: "the listing kept changing under this write: retry with the same X-Request-ID"})
 	case databaseUnreachable(err):
 		logger.WarnContext(r.Context(), "database unreachable", "method", r.Method, "path", r.URL.Path, "err", err)
 		encode(w, http.StatusServiceUnavailable, errorBody{Error: "service unavailable, try again"})

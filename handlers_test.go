@@ -619,3 +619,54 @@ func TestStandIn(t *testing.T) {
 		t.Errorf("PUT standing in while its first attempt arrives: %d after %v (-want +got):\n%s", status, took, cmp.Diff(want, got))
 	}
 }
+
+// TestCreateFingerprintIgnoresDefaults: a POST that omits the rooms and one
+// that gives them as 0 create the same listing, so under one request id
+// the second is the first's duplicate (422 with the original), not a
+// request id reused for another body.
+func TestCreateFingerprintIgnoresDefaults(t *testing.T) {
+	srv := testServer(t, "us", testDB(t))
+	requestID := newRequestID("create-defaults")
+	status, _, first := call(t, srv, "POST", "/us/properties", requestID, `{"price": 1}`)
+	if status != http.StatusCreated {
+		t.Fatalf("POST = %d %+v", status, first)
+	}
+	status, _, again := call(t, srv, "POST", "/us/properties", requestID, `{"price": 1.00, "bedrooms": 0, "bathrooms": 0}`)
+	if status != http.StatusUnprocessableEntity || again.OriginalResponse == nil || again.OriginalResponse.ID != first.ID {
+		t.Errorf("the same listing asked for with the defaults written out = %d %+v, want 422 naming listing %d", status, again, first.ID)
+	}
+}
+
+// TestRefusalNeverNamesTheStateSent: a write refused for a state that the
+// read explaining the refusal finds current (a replicated write landed in
+// between) is tried again, never answered with a 409 naming the version
+// the client sent; a listing that changes under every try is a 503.
+func TestRefusalNeverNamesTheStateSent(t *testing.T) {
+	db := testDB(t)
+	ctx := context.Background()
+	current, err := getProperty(ctx, db, 9)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := current.Version
+	if err := explainNoWrite(ctx, db, newRequestID("arrived"), "f", 9, nil, &v); !errors.Is(err, errStateArrived) {
+		t.Errorf("explaining a refused update of version %d at version %d = %v, want errStateArrived", v, v, err)
+	}
+	tag := []string{tagValue(current.Version, current.RegionOrigin)}
+	if err := explainNoWrite(ctx, db, newRequestID("arrived"), "f", 9, tag, nil); !errors.Is(err, errStateArrived) {
+		t.Errorf("explaining a refused delete of the current state = %v, want errStateArrived", err)
+	}
+	tries := 0
+	p, err := writeUntilExplained(func() (Property, error) {
+		if tries++; tries < writeAttempts {
+			return Property{}, errStateArrived
+		}
+		return current, nil
+	})
+	if err != nil || p.ID != current.ID {
+		t.Errorf("a write whose state arrived, then succeeded = %v, %v", p, err)
+	}
+	if _, err := writeUntilExplained(func() (Property, error) { return Property{}, errStateArrived }); !errors.Is(err, errKeptChanging) {
+		t.Errorf("a write whose state kept arriving = %v, want errKeptChanging", err)
+	}
+}

@@ -182,6 +182,73 @@ const peerCaughtUpSQL = `
 SELECT coalesce(CASE WHEN count(seen) > 0 AND count(seen) >= max(partitions) THEN min(seen) >= $2 END, false)
 FROM replication_watermarks WHERE peer_region = $1`
 
+// reportInterval is how often a backend reads its lag report at most,
+// whatever the request rate: GET /{region}/replication-lag is public, and
+// /metrics asks for it too.
+const reportInterval = 100 * time.Millisecond
+
+// sharedReport reads the lag report at most once per reportInterval, on the
+// pool of requests (never the replication pool, which it would compete
+// with), one read shared by every caller that asks while it is in flight.
+type sharedReport struct {
+	read func(context.Context) (LagReport, error)
+
+	mu       sync.Mutex
+	report   LagReport
+	err      error
+	at       time.Time     // when the last read ended; zero before the first
+	inflight chan struct{} // closed when the read in flight ends; nil when none is
+}
+
+// get answers the last report if it is younger than reportInterval, else
+// waits for the read in flight or starts one. A report read earlier is
+// served with its age added to its lag: the lag grows at most as fast as
+// time passes, so that stays an upper bound, and the report never reads
+// low for having been kept.
+func (s *sharedReport) get(ctx context.Context) (LagReport, error) {
+	s.mu.Lock()
+	for s.at.IsZero() || time.Since(s.at) >= reportInterval {
+		if s.inflight == nil {
+			return s.readNow(ctx) // unlocks s.mu
+		}
+		wait := s.inflight
+		s.mu.Unlock()
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return LagReport{}, ctx.Err()
+		}
+		s.mu.Lock()
+	}
+	rep, err, age := s.report, s.err, time.Since(s.at)
+	s.mu.Unlock()
+	if err != nil {
+		return LagReport{}, err
+	}
+	rep.LagSeconds += age.Seconds()
+	if rep.OldestOutboxSeconds > 0 {
+		rep.OldestOutboxSeconds += age.Seconds()
+	}
+	return rep, nil
+}
+
+// readNow reads the report for everybody, called with s.mu held and no
+// read in flight; it unlocks s.mu. The read does not end with the caller
+// who started it: others may be waiting on it.
+func (s *sharedReport) readNow(ctx context.Context) (LagReport, error) {
+	done := make(chan struct{})
+	s.inflight = done
+	s.mu.Unlock()
+	readCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), dbTimeout)
+	rep, err := s.read(readCtx)
+	cancel()
+	s.mu.Lock()
+	s.report, s.err, s.at, s.inflight = rep, err, time.Now(), nil
+	s.mu.Unlock()
+	close(done)
+	return rep, err
+}
+
 // awaitPeer waits, for at most wait, until every write of peer whose
 // transaction began before now is applied here, and answers errCannotTell
 // if that does not happen.
@@ -202,6 +269,9 @@ func awaitPeer(ctx context.Context, db *sql.DB, peer string, wait time.Duration)
 	if err := db.QueryRowContext(ctx, `SELECT clock_timestamp()`).Scan(&now); err != nil {
 		return fmt.Errorf("peer watermark: %w", err)
 	}
+	// The answer comes with a heartbeat, four a second: ask often at first,
+	// then once per heartbeat (a refusal costs a handful of reads, not 20).
+	pause := heartbeatInterval / 5
 	for {
 		var caughtUp bool
 		if err := db.QueryRowContext(ctx, peerCaughtUpSQL, peer, now).Scan(&caughtUp); err != nil {
@@ -216,8 +286,9 @@ func awaitPeer(ctx context.Context, db *sql.DB, peer string, wait time.Duration)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(heartbeatInterval / 5):
+		case <-time.After(min(pause, time.Until(deadline)+time.Millisecond)):
 		}
+		pause = min(2*pause, heartbeatInterval)
 	}
 }
 

@@ -4,6 +4,8 @@ import (
 	"context"
 	"net/http"
 	"net/http/httptest"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -110,4 +112,42 @@ func TestFutureWatermarkIsClamped(t *testing.T) {
 		}
 		return r.LagSeconds > 0.5
 	})
+}
+
+// TestLagReportIsSharedByConcurrentReaders: 32 clients asking for the lag
+// report as fast as they can for half a second cause at most one read per
+// reportInterval (the read, 20 ms here, stands for the database's), and
+// a report served from an earlier read has its age added to the lag, so
+// that it never reads lower than the read it came from.
+func TestLagReportIsSharedByConcurrentReaders(t *testing.T) {
+	var reads atomic.Int64
+	s := &sharedReport{read: func(context.Context) (LagReport, error) {
+		reads.Add(1)
+		time.Sleep(20 * time.Millisecond)
+		return LagReport{LagSeconds: 1}, nil
+	}}
+	const run = 500 * time.Millisecond
+	deadline := time.Now().Add(run)
+	var wg sync.WaitGroup
+	var served atomic.Int64
+	for range 32 {
+		wg.Go(func() {
+			for time.Now().Before(deadline) {
+				rep, err := s.get(context.Background())
+				if err != nil || rep.LagSeconds < 1 {
+					t.Errorf("get() = %v, %v; want a lag of at least the read's 1 s", rep.LagSeconds, err)
+					return
+				}
+				served.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	// One read per interval, plus the first, plus one the deadline cut.
+	if most := int64(run/reportInterval) + 2; reads.Load() > most {
+		t.Errorf("%d reports served with %d reads, want at most %d", served.Load(), reads.Load(), most)
+	}
+	if served.Load() < 100 {
+		t.Errorf("only %d reports served in %v", served.Load(), run)
+	}
 }

@@ -9,6 +9,14 @@ package main
 // the database walk past every earlier row again, so the millionth page would
 // cost a million rows; and rows added or removed meanwhile would shift an
 // offset, not an id.
+//
+// A page also reads a bounded number of rows, whatever the filters: at most
+// scanWindow ids after the cursor. A filter that matches almost nothing
+// would otherwise walk the whole table to fill a page (a million rows for
+// an empty answer, as often as a client may ask). When the window ends
+// before the page is full, the page is short, or empty, and its cursor is
+// the last id the window read: the next page goes on from there. So a
+// short page with a cursor is not the end; only a null cursor is.
 
 import (
 	"context"
@@ -16,14 +24,18 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"maps"
 	"net/url"
+	"slices"
 	"strconv"
 )
 
-// Page sizes.
+// Page sizes, and the most rows one page reads (scanWindow): five of the
+// largest pages.
 const (
 	defaultPageSize = 50
 	maxPageSize     = 200
+	scanWindow      = 1000
 )
 
 // listQuery is a validated list request: the page size, where the page
@@ -37,17 +49,19 @@ type listQuery struct {
 }
 
 // Page is the body of GET /{region}/properties. NextCursor is null on the
-// last page.
+// last page; a page may be short, or empty, and still have one (above).
 type Page struct {
 	Items      []Property `json:"items"`
 	NextCursor *string    `json:"next_cursor"`
 }
 
 // parseListQuery validates the query string. A parameter that is unknown,
-// repeated or invalid is a *validationError that names it.
+// repeated or invalid is a *validationError that names it; of several, the
+// first by name, so that one query always gets the same answer.
 func parseListQuery(q url.Values) (listQuery, error) {
 	lq := listQuery{limit: defaultPageSize}
-	for name, values := range q {
+	for _, name := range slices.Sorted(maps.Keys(q)) {
+		values := q[name]
 		if len(values) > 1 {
 			return listQuery{}, &validationError{fmt.Sprintf("%s is given more than once", name)}
 		}
@@ -117,43 +131,74 @@ func decodeCursor(c string) (int64, error) {
 	return 0, errors.New("cursor is not one this service gave out")
 }
 
-// listPropertiesSQL reads one page, one row more than asked for, to know
-// whether another page follows. A filter that is NULL is off.
+// listPropertiesSQL reads one page: the live rows that pass the filters (a
+// filter that is NULL is off) among the first $8 (scanWindow) ids after $1,
+// at most $7 of them (one more than the page, to know whether another
+// follows), and the window's last row whatever it holds, marked by n = $8,
+// so that a page the window cut short knows where to go on from. The
+// window is a LIMIT below the filters and row_number() streams, so a page
+// the filters fill early stops reading there. A filter on a NULL column
+// (bedrooms unknown) does not match.
 const listPropertiesSQL = `
-SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted
-FROM properties
-WHERE id > $1 AND NOT deleted
-  AND ($2::numeric IS NULL OR price >= $2)
-  AND ($3::numeric IS NULL OR price <= $3)
-  AND ($4::integer IS NULL OR bedrooms >= $4)
-  AND ($5::integer IS NULL OR bathrooms >= $5)
-  AND ($6::varchar IS NULL OR region_origin = $6)
+SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, matches, n
+FROM (
+    SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted,
+           coalesce(NOT deleted
+             AND ($2::numeric IS NULL OR price >= $2)
+             AND ($3::numeric IS NULL OR price <= $3)
+             AND ($4::integer IS NULL OR bedrooms >= $4)
+             AND ($5::integer IS NULL OR bathrooms >= $5)
+             AND ($6::varchar IS NULL OR region_origin = $6), false) AS matches,
+           row_number() OVER (ORDER BY id) AS n
+    FROM properties
+    WHERE id > $1
+    ORDER BY id
+    LIMIT $8
+) AS scanned
+WHERE matches OR n = $8
 ORDER BY id
 LIMIT $7`
 
-// listProperties returns the page lq asks for.
-func listProperties(ctx context.Context, db *sql.DB, lq listQuery) (Page, error) {
+// listProperties returns the page lq asks for, having read at most window
+// rows.
+func listProperties(ctx context.Context, db *sql.DB, lq listQuery, window int) (Page, error) {
 	rows, err := db.QueryContext(ctx, listPropertiesSQL, lq.afterID, lq.minPrice, lq.maxPrice,
-		lq.minBedrooms, lq.minBathrooms, lq.regionOrigin, lq.limit+1)
+		lq.minBedrooms, lq.minBathrooms, lq.regionOrigin, lq.limit+1, window)
 	if err != nil {
 		return Page{}, fmt.Errorf("list properties: %w", err)
 	}
 	defer rows.Close()
 	page := Page{Items: []Property{}}
+	var windowEnd int64 // the window's last id, when the window was full
 	for rows.Next() {
-		p, err := scanProperty(rows)
+		var (
+			matches bool
+			n       int
+		)
+		p, err := scanProperty(rows, &matches, &n)
 		if err != nil {
 			return Page{}, fmt.Errorf("list properties: %w", err)
 		}
-		page.Items = append(page.Items, p)
+		if matches {
+			page.Items = append(page.Items, p)
+		}
+		if n == window {
+			windowEnd = p.ID
+		}
 	}
 	if err := rows.Err(); err != nil {
 		return Page{}, fmt.Errorf("list properties: %w", err)
 	}
-	if len(page.Items) > lq.limit {
+	var next string
+	switch {
+	case len(page.Items) > lq.limit:
 		page.Items = page.Items[:lq.limit]
-		next := encodeCursor(page.Items[lq.limit-1].ID)
-		page.NextCursor = &next
+		next = encodeCursor(page.Items[lq.limit-1].ID)
+	case windowEnd != 0:
+		next = encodeCursor(windowEnd)
+	default:
+		return page, nil // the last page
 	}
+	page.NextCursor = &next
 	return page, nil
 }

@@ -111,7 +111,7 @@ func main() {
 // start. The defaults match docker-compose.yml.
 type config struct {
 	region      string // "us" or "eu": the region this instance serves as
-	port        int    // HTTP port
+	listenAddr  string // where the API listens, host:port; LISTEN_ADDR, or :PORT
 	databaseURL string // PostgreSQL connection string
 	dbMaxConns  int    // the size of the connection pool
 	debugAddr   string // where to serve pprof; empty for nowhere
@@ -128,7 +128,6 @@ type config struct {
 func loadConfig(getenv func(string) string) (config, error) {
 	cfg := config{
 		region:        getenv("REGION"),
-		port:          8000,
 		dbMaxConns:    16,
 		kafkaTopic:    "property-updates",
 		kafkaReplicas: 1,
@@ -138,7 +137,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return config{}, fmt.Errorf("REGION must be us or eu, got %q", cfg.region)
 	}
 	var err error
-	if cfg.port, err = intSetting(getenv, "PORT", cfg.port, 1, 65535); err != nil {
+	if cfg.listenAddr, err = listenAddr(getenv); err != nil {
 		return config{}, err
 	}
 	if cfg.dbMaxConns, err = intSetting(getenv, "DB_MAX_CONNS", cfg.dbMaxConns, 1, 1000); err != nil {
@@ -172,6 +171,25 @@ func loadConfig(getenv func(string) string) (config, error) {
 		}
 	}
 	return cfg, nil
+}
+
+// listenAddr is where the API listens: LISTEN_ADDR (host:port, such as
+// 127.0.0.1:8001 for a process that only NGINX on the same host may reach),
+// or else every interface on PORT (8000), as a container does, whose
+// network is the compose network.
+func listenAddr(getenv func(string) string) (string, error) {
+	if s := getenv("LISTEN_ADDR"); s != "" {
+		_, port, err := net.SplitHostPort(s)
+		if n, perr := strconv.Atoi(port); err != nil || perr != nil || n < 1 || n > 65535 {
+			return "", fmt.Errorf("LISTEN_ADDR must be host:port with a port from 1 to 65535, got %q", s)
+		}
+		return s, nil
+	}
+	port, err := intSetting(getenv, "PORT", 8000, 1, 65535)
+	if err != nil {
+		return "", err
+	}
+	return net.JoinHostPort("", strconv.Itoa(port)), nil
 }
 
 // brokers parses KAFKA_BROKER: comma-separated host:port pairs.
@@ -273,18 +291,18 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	// Closed last, after everything that uses them has stopped.
 	defer db.Close()
 	defer replicationDB.Close()
-	rep, err := newReplicator(logger, replicationDB, cfg.region, cfg.kafkaBrokers, cfg.kafkaTopic, cfg.kafkaReplicas, cfg.retention)
+	rep, err := newReplicator(logger, replicationDB, db, cfg.region, cfg.kafkaBrokers, cfg.kafkaTopic, cfg.kafkaReplicas, cfg.retention)
 	if err != nil {
 		return err
 	}
-	srv := newHTTPServer(cfg.port, logger, newServer(logger, cfg.region, db, rep,
+	srv := newHTTPServer(cfg.listenAddr, logger, newServer(logger, cfg.region, db, rep,
 		map[string]*sql.DB{"request": db, "replication": replicationDB}))
 	listener, err := net.Listen("tcp", srv.Addr)
 	if err != nil {
 		closeCtx, cancel := context.WithTimeout(context.Background(), kafkaCloseTimeout)
 		defer cancel()
 		rep.close(closeCtx)
-		return fmt.Errorf("listen on port %d: %w", cfg.port, err)
+		return fmt.Errorf("listen on %s: %w", cfg.listenAddr, err)
 	}
 
 	var wg sync.WaitGroup
@@ -342,10 +360,10 @@ func startDebugServer(wg *sync.WaitGroup, logger *slog.Logger, addr string) *htt
 	return srv
 }
 
-// newHTTPServer returns the server of the API on port.
-func newHTTPServer(port int, logger *slog.Logger, h http.Handler) *http.Server {
+// newHTTPServer returns the server of the API on addr.
+func newHTTPServer(addr string, logger *slog.Logger, h http.Handler) *http.Server {
 	return &http.Server{
-		Addr:    net.JoinHostPort("", strconv.Itoa(port)),
+		Addr:    addr,
 		Handler: h,
 		// Slow or stalled clients must not hold connections forever.
 		ReadHeaderTimeout: 5 * time.Second,
@@ -395,16 +413,21 @@ func debugHandler() http.Handler {
 	return mux
 }
 
-// healthcheck asks the instance on PORT for GET /health and fails unless it
-// answers 200.
+// healthcheck asks the instance on its LISTEN_ADDR (or PORT) for GET
+// /health and fails unless it answers 200. An instance listening on every
+// interface is asked on loopback.
 func healthcheck(ctx context.Context, getenv func(string) string) error {
-	port, err := intSetting(getenv, "PORT", 8000, 1, 65535)
+	addr, err := listenAddr(getenv)
 	if err != nil {
 		return err
 	}
+	host, port, _ := net.SplitHostPort(addr)
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+		host = "127.0.0.1"
+	}
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
-	target := fmt.Sprintf("http://127.0.0.1:%d/health", port)
+	target := "http://" + net.JoinHostPort(host, port) + "/health"
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, target, nil)
 	if err != nil {
 		return err

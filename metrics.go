@@ -68,7 +68,7 @@ func newRequestMetrics() *requestMetrics {
 // observe records one answered request. route is the mux's pattern without
 // its method ("/{region}/properties/{id}"), so that the series are the
 // service's routes, not every id ever asked for; a request no route matched
-// is "unmatched".
+// is "unmatched". method is methodLabel's, never the request's own.
 func (m *requestMetrics) observe(route, method string, status int, d time.Duration) {
 	seconds := d.Seconds()
 	bucket, _ := slices.BinarySearch(durationBuckets, seconds)
@@ -83,6 +83,17 @@ func (m *requestMetrics) observe(route, method string, status int, d time.Durati
 	h.buckets[bucket]++
 	h.sum += seconds
 	h.count++
+}
+
+// methodLabel is the method label of a request: one of the methods the API
+// serves, or OTHER. A label taken from the request as it came would let any
+// client add a series for ever with a method it made up.
+func methodLabel(method string) string {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodPut, http.MethodPost, http.MethodDelete:
+		return method
+	}
+	return "OTHER"
 }
 
 // routeOf is the route label of a request the mux has served.

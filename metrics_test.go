@@ -64,6 +64,31 @@ func TestMetrics(t *testing.T) {
 	}
 }
 
+// TestMadeUpMethodsAddNoSeries sends requests with methods nobody serves,
+// one of them 6,000 letters long: each is counted under method="OTHER", so
+// a client cannot add a series (and bytes to every scrape) by inventing
+// methods.
+func TestMadeUpMethodsAddNoSeries(t *testing.T) {
+	db := testDB(t)
+	srv := testServer(t, "us", db)
+	methods := []string{"BREW", "PROPFIND", "get", strings.Repeat("X", 6000)}
+	for _, m := range methods {
+		srv.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest(m, "/us/properties/7", nil))
+	}
+	rec := httptest.NewRecorder()
+	srv.ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	body := rec.Body.String()
+	for _, m := range methods {
+		if strings.Contains(body, `method="`+m+`"`) {
+			t.Errorf("/metrics has a series for the method %.20q", m)
+		}
+	}
+	want := `listing_http_requests_total{route="unmatched",method="OTHER",status="405"} 4`
+	if !slices.Contains(strings.Split(body, "\n"), want) {
+		t.Errorf("/metrics lacks %q:\n%s", want, body)
+	}
+}
+
 // TestRequestMetricsBuckets puts durations on the edges of the buckets:
 // a bucket counts what is less than or equal to its bound.
 func TestRequestMetricsBuckets(t *testing.T) {

@@ -116,7 +116,7 @@ func observeRequests(logger *slog.Logger, requests *requestMetrics, h http.Handl
 		rec := &statusRecorder{ResponseWriter: w}
 		h.ServeHTTP(rec, r)
 		took := time.Since(start)
-		requests.observe(routeOf(r), r.Method, rec.status, took)
+		requests.observe(routeOf(r), methodLabel(r.Method), rec.status, took)
 		logger.LogAttrs(r.Context(), slog.LevelInfo, "request",
 			slog.String("method", r.Method),
 			slog.String("path", r.URL.Path),

@@ -201,15 +201,44 @@ func execWrite(ctx context.Context, db *sql.DB, query, requestID, fingerprint st
 // *preconditionFailedError or *versionMismatchError; any other error comes
 // from the database.
 func updateProperty(ctx context.Context, db *sql.DB, region, requestID, fingerprint string, id int64, u propertyUpdate) (Property, error) {
-	p, err := execWrite(ctx, db, updatePropertySQL, requestID, fingerprint,
-		id, u.Version, u.Price, u.Bedrooms, u.Bathrooms, region, u.IfMatch)
-	if errors.Is(err, sql.ErrNoRows) {
-		return Property{}, explainNoWrite(ctx, db, requestID, fingerprint, id, u.IfMatch, &u.Version)
+	return writeUntilExplained(func() (Property, error) {
+		p, err := execWrite(ctx, db, updatePropertySQL, requestID, fingerprint,
+			id, u.Version, u.Price, u.Bedrooms, u.Bathrooms, region, u.IfMatch)
+		if errors.Is(err, sql.ErrNoRows) {
+			return Property{}, explainNoWrite(ctx, db, requestID, fingerprint, id, u.IfMatch, &u.Version)
+		}
+		if err != nil {
+			return Property{}, fmt.Errorf("update property %d: %w", id, err)
+		}
+		return p, nil
+	})
+}
+
+// errStateArrived is explainNoWrite's finding that the state a write
+// named became the current one between the write and the read that
+// explains it: a replicated write landed in between. A refusal then would
+// name as current the very state the client sent (a 409 with
+// current_version equal to its version); the write is tried again instead.
+var errStateArrived = errors.New("the state the write named arrived meanwhile")
+
+// errKeptChanging is a write whose named state arrived after each of
+// writeAttempts tries (writeUntilExplained): the listing is changing
+// faster than it can be written. Nothing was written; a 503.
+var errKeptChanging = errors.New("the listing kept changing under the write")
+
+// writeAttempts is how often a write is tried while errStateArrived.
+const writeAttempts = 3
+
+// writeUntilExplained runs write until it succeeds or fails for a reason
+// that holds (not errStateArrived), at most writeAttempts times.
+func writeUntilExplained(write func() (Property, error)) (Property, error) {
+	for range writeAttempts {
+		p, err := write()
+		if !errors.Is(err, errStateArrived) {
+			return p, err
+		}
 	}
-	if err != nil {
-		return Property{}, fmt.Errorf("update property %d: %w", id, err)
-	}
-	return p, nil
+	return Property{}, errKeptChanging
 }
 
 // updatePropertySQL is the update (see recordAndQueueSQL for the rest).
@@ -269,14 +298,16 @@ WITH written AS (
 // *requestReusedError, errNotFound, *deletedError and
 // *preconditionFailedError.
 func deleteProperty(ctx context.Context, db *sql.DB, region, requestID, fingerprint string, id int64, ifMatch []string) (Property, error) {
-	p, err := execWrite(ctx, db, deletePropertySQL, requestID, fingerprint, id, region, ifMatch)
-	if errors.Is(err, sql.ErrNoRows) {
-		return Property{}, explainNoWrite(ctx, db, requestID, fingerprint, id, ifMatch, nil)
-	}
-	if err != nil {
-		return Property{}, fmt.Errorf("delete property %d: %w", id, err)
-	}
-	return p, nil
+	return writeUntilExplained(func() (Property, error) {
+		p, err := execWrite(ctx, db, deletePropertySQL, requestID, fingerprint, id, region, ifMatch)
+		if errors.Is(err, sql.ErrNoRows) {
+			return Property{}, explainNoWrite(ctx, db, requestID, fingerprint, id, ifMatch, nil)
+		}
+		if err != nil {
+			return Property{}, fmt.Errorf("delete property %d: %w", id, err)
+		}
+		return p, nil
+	})
 }
 
 // deletePropertySQL turns a live listing into its tombstone (see
@@ -300,7 +331,8 @@ WITH written AS (
 // explainNoWrite finds out why a write statement changed no row, checking
 // the reasons in the contract's order: a used request id first, then a
 // missing or deleted property, then a state the If-Match does not name,
-// then, for an update (version not nil), a stale version.
+// then, for an update (version not nil), a stale version. A state that
+// now passes every check arrived after the write: errStateArrived.
 func explainNoWrite(ctx context.Context, db *sql.DB, requestID, fingerprint string, id int64, ifMatch []string, version *int64) error {
 	if err := duplicateRequest(ctx, db, requestID, fingerprint); !errors.Is(err, errRequestUnused) {
 		return err
@@ -312,10 +344,8 @@ func explainNoWrite(ctx context.Context, db *sql.DB, requestID, fingerprint stri
 	if ifMatch != nil && !slices.Contains(ifMatch, tagValue(current.Version, current.RegionOrigin)) {
 		return &preconditionFailedError{current: current}
 	}
-	if version == nil {
-		// A delete whose state moved on between the write and this read:
-		// the state it named was not the current one.
-		return &preconditionFailedError{current: current}
+	if version == nil || current.Version == *version {
+		return errStateArrived
 	}
 	return &versionMismatchError{current: current.Version}
 }

@@ -47,7 +47,7 @@ func TestRelayDrainsAfterLongOutage(t *testing.T) {
 
 	topic := fmt.Sprintf("test-long-outage-%d", time.Now().UnixNano())
 	brokers := strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")
-	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), relayDB, "us", brokers, topic, 1, defaultRetention)
+	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), relayDB, relayDB, "us", brokers, topic, 1, defaultRetention)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -175,12 +175,15 @@ type replicator struct {
 	consumer *consumer
 	// purger expires request ids and tombstones (retention.go).
 	purger *purger
+	// reports reads the lag report, at most every reportInterval (lag.go).
+	reports *sharedReport
 }
 
 // newReplicator creates the Kafka clients for region, replicating through
-// topic on brokers. It does not connect: Kafka may be down at start, and
+// topic on brokers, with db for replication's own work and reportDB (the
+// pool of requests) for the lag report. It does not connect: Kafka may be down at start, and
 // writes then wait in the outbox until it is back.
-func newReplicator(logger *slog.Logger, db *sql.DB, region string, brokers []string, topic string, replicas int, retention time.Duration) (*replicator, error) {
+func newReplicator(logger *slog.Logger, db, reportDB *sql.DB, region string, brokers []string, topic string, replicas int, retention time.Duration) (*replicator, error) {
 	logger = logger.With("component", "replication")
 	producer, err := kgo.NewClient(
 		kgo.SeedBrokers(brokers...),
@@ -218,15 +221,19 @@ func newReplicator(logger *slog.Logger, db *sql.DB, region string, brokers []str
 		producer.Close()
 		return nil, err
 	}
+	r.reports = &sharedReport{read: func(ctx context.Context) (LagReport, error) {
+		return readLag(ctx, reportDB, region, r.consumer.started, &r.consumer.stats)
+	}}
 	return r, nil
 }
 
 // notify tells the relay that a local write committed. It never blocks.
 func (r *replicator) notify() { r.relay.notify() }
 
-// lagReport is this region's replication lag report (lag.go).
+// lagReport is this region's replication lag report (lag.go), read at
+// most every reportInterval.
 func (r *replicator) lagReport(ctx context.Context) (LagReport, error) {
-	return r.consumer.lagReport(ctx)
+	return r.reports.get(ctx)
 }
 
 // stoppedReason is why replication stopped for good, or "" while it runs.

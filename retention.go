@@ -190,8 +190,12 @@ func (p *purger) run(ctx context.Context) {
 
 // purgeRequestIDsSQL deletes a batch of expired request ids ($1 the
 // retention in seconds, $2 the batch size), oldest first from $3 on,
-// skipping those whose event still waits in the outbox and rows a write
-// holds, and returns how many it deleted and the newest of them. A round
+// skipping rows a write holds and those whose event may still wait in the
+// outbox: a write stamps its record and its event with one transaction's
+// now(), so a record older than the oldest event waiting has none there.
+// That is one look-up in the outbox's created_at index, not a search of
+// the outbox per row (a sequential scan, longest when the outbox is
+// longest: during a Kafka outage), and returns how many it deleted and the newest of them. A round
 // starts each batch where the last one stopped: the index entries of rows
 // just deleted stay until a vacuum, and a batch that began at the index's
 // start would walk over all of them, ever more as a backlog is purged. A
@@ -208,7 +212,7 @@ WITH expired AS (
     WHERE processed_at < now() - make_interval(secs => $1)
       AND processed_at < $4
       AND processed_at >= $3
-      AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.request_id = r.request_id)
+      AND processed_at < coalesce((SELECT min(created_at) FROM outbox), 'infinity')
     ORDER BY processed_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED

@@ -37,8 +37,12 @@ func TestPurge(t *testing.T) {
 	}
 	record("purge-young", time.Minute)
 	record("purge-old-in-outbox", 2*time.Hour)
-	exec(`INSERT INTO outbox (request_id, fingerprint, property_id, price, region_origin, version, updated_at)
-	      VALUES ('purge-old-in-outbox', 'f', 1, 1, 'us', 2, now())`)
+	// Its event, stamped in the same transaction as its record. (Removed
+	// after the test: an event two hours old in the outbox holds every
+	// younger record, in the tests that follow too.)
+	exec(`INSERT INTO outbox (request_id, fingerprint, property_id, price, region_origin, version, updated_at, created_at)
+	      SELECT request_id, 'f', 1, 1, 'us', 2, now(), processed_at FROM processed_requests WHERE request_id = 'purge-old-in-outbox'`)
+	t.Cleanup(func() { db.Exec(`DELETE FROM outbox WHERE request_id = 'purge-old-in-outbox'`) })
 	exec(`UPDATE properties SET deleted = true, updated_at = now() - interval '2 hours' WHERE id = 90`) // an old tombstone
 	exec(`UPDATE properties SET deleted = true, updated_at = now() WHERE id = 91`)                      // a young one
 	exec(`UPDATE properties SET updated_at = now() - interval '2 hours' WHERE id = 92`)                 // old, but live
@@ -90,6 +94,33 @@ func TestPurge(t *testing.T) {
 		if (n == 1) != want {
 			t.Errorf("listing %d: %d rows after the purge, want kept = %v", id, n, want)
 		}
+	}
+}
+
+// TestPurgeLooksUpTheOutbox: with 20,000 events waiting in the outbox (a
+// Kafka outage), a purge batch reads one of them, not the outbox per
+// request id it looks at (asked of PostgreSQL's plan).
+func TestPurgeLooksUpTheOutbox(t *testing.T) {
+	db := testDB(t)
+	if _, err := db.Exec(`INSERT INTO processed_requests (request_id, fingerprint, property_id, price, region_origin, version, updated_at, processed_at)
+	      SELECT 'outbox-lookup-' || i, 'f', 1, 1, 'us', 2, now(), now() - interval '2 hours' FROM generate_series(1, 100) AS i`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec(`INSERT INTO outbox (request_id, fingerprint, property_id, price, region_origin, version, updated_at)
+	      SELECT 'outbox-lookup-waiting-' || i, 'f', 1, 1, 'us', 2, now() FROM generate_series(1, 20000) AS i`); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		db.Exec(`DELETE FROM outbox WHERE request_id LIKE 'outbox-lookup-%'`)
+		db.Exec(`DELETE FROM processed_requests WHERE request_id LIKE 'outbox-lookup-%'`)
+	})
+	db.Exec(`ANALYZE outbox`)
+	plan, raw := explainAnalyze(t, db, nil, purgeRequestIDsSQL, time.Hour.Seconds(), 50, time.Time{}, time.Now())
+	if most := mostRowsRead(plan, "outbox"); most > 1 {
+		t.Errorf("the purge read %v rows of the outbox in one go, want 1:\n%s", most, raw)
+	}
+	if most := mostRowsRead(plan, "processed_requests"); most < 50 {
+		t.Errorf("the purge found %v expired request ids, want a batch of 50 (the test saw nothing):\n%s", most, raw)
 	}
 }
 

@@ -381,6 +381,12 @@ func soakFigures(t *testing.T) []soakFigure {
 	figures = append(figures, soakFigure{name: "kafka log", unit: "MiB", bound: 1, judge: byCeiling, read: func() (float64, error) {
 		return dirMiB(filepath.Join(state, "kafka", "data"))
 	}})
+	// The services' log files: one line per request, rotated by size
+	// (stack.sh, rotate_logs), so a saw-tooth whose ceiling must level
+	// off at three files a service.
+	figures = append(figures, soakFigure{name: "log files", unit: "MiB", bound: 1, judge: byCeiling, read: func() (float64, error) {
+		return dirMiB(filepath.Join(state, "logs"))
+	}})
 	return figures
 }
 
@@ -488,25 +494,6 @@ func threads(pid int) (float64, error) { return statusField(pid, "Threads") }
 func openFiles(pid int) (float64, error) {
 	entries, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 	return float64(len(entries)), err
-}
-
-// scrape reads one unlabelled sample from a /metrics page.
-func scrape(url, metric string) (float64, error) {
-	resp, err := http.Get(url)
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(body), "\n") {
-		if rest, ok := strings.CutPrefix(line, metric+" "); ok {
-			return strconv.ParseFloat(rest, 64)
-		}
-	}
-	return 0, fmt.Errorf("%s: no %s", url, metric)
 }
 
 func querySize(db *sql.DB, query string) (float64, error) {

@@ -329,7 +329,7 @@ start_backend() {
 	# in a container: that is what lets `partition` drop its packets alone.
 	local as=()
 	[ "$(id -u)" = 0 ] && as=(setpriv --reuid="$(backend_uid "$svc")" --regid="$(backend_uid "$svc")" --clear-groups)
-	spawn "$svc" "${as[@]}" env REGION="$region" PORT="$(port_of "$svc")" \
+	spawn "$svc" "${as[@]}" env REGION="$region" LISTEN_ADDR="127.0.0.1:$(port_of "$svc")" \
 		DATABASE_URL="$(service_db_url "db-$region")" \
 		KAFKA_BROKER="$(kafka_brokers)" KAFKA_REPLICATION_FACTOR=$replicas KAFKA_TOPIC=property-updates RETENTION="${RETENTION:-9d}" \
 		DEBUG_ADDR="127.0.0.1:$debug" \
@@ -542,6 +542,43 @@ stop_service() {
 	esac
 }
 
+# ------------------------------------------------------------------- logs
+
+# The services' log files are rotated by size, as compose's json-file
+# driver rotates theirs: every 10 s a rotator (a process of its own,
+# started by up and stopped by down) copies a file grown past
+# log_max_bytes to FILE.1 (the copy before that moves to FILE.2, and the
+# one before that is dropped) and empties it in place. Every service has
+# its log open for appending, so it goes on writing at the start of the
+# emptied file. At most three files of 10 MiB a service; a line written
+# between the copy and the emptying is lost, as with logrotate's
+# copytruncate.
+log_max_bytes=$((10 * 1024 * 1024))
+
+rotate_logs() {
+	local f
+	for f in "$state"/logs/*.log; do
+		[ "$(stat -c %s "$f" 2>/dev/null || echo 0)" -gt "$log_max_bytes" ] || continue
+		if [ -f "$f.1" ]; then mv -f "$f.1" "$f.2"; fi
+		cp "$f" "$f.1" && : >"$f"
+	done
+}
+
+start_log_rotation() {
+	local pid
+	pid=$(cat "$(pidfile logrotate)" 2>/dev/null || true)
+	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && return
+	spawn logrotate "$root/stack.sh" rotate-logs
+}
+
+stop_log_rotation() {
+	local pid
+	pid=$(cat "$(pidfile logrotate)" 2>/dev/null || true)
+	# Its whole session: the loop and the sleep it waits in.
+	[ -n "$pid" ] && kill -- "-$pid" 2>/dev/null || true
+	rm -f "$(pidfile logrotate)"
+}
+
 # ------------------------------------------------------------ health checks
 
 healthy() {
@@ -611,6 +648,7 @@ cmd_up() {
 	for svc in db-us db-eu "${kafkas[@]}"; do wait_healthy "$svc"; done
 	for svc in "${rest[@]}"; do start_service "$svc"; done
 	for svc in "${rest[@]}"; do wait_healthy "$svc"; done
+	start_log_rotation
 	write_test_env
 	cmd_ps
 }
@@ -621,6 +659,7 @@ cmd_down() {
 	for ((i = ${#services[@]} - 1; i >= 0; i--)); do
 		stop_service "${services[i]}" TERM
 	done
+	stop_log_rotation
 	log "stopped everything"
 }
 
@@ -750,6 +789,8 @@ cmd_test() {
 	go vet -tags=integration ./...
 	go vet -tags=integration,soak ./...
 	go vet -tags=integration,chaos ./...
+	go vet -tags=integration,hostile ./...
+	go vet -tags=integration,ha ./...
 	check_compose
 	local out="$state/logs/test.log" status=0
 	# One run: the integration tag adds the stack's tests to the unit tests,
@@ -768,6 +809,11 @@ cmd_test() {
 	run_schemathesis || { status=1; echo "Schemathesis: FAILED, see $state/logs/schemathesis.log"; }
 	: >"$state/logs/fuzz.log"
 	fuzz_briefly || { status=1; echo "fuzz: FAILED, see $state/logs/fuzz.log"; }
+	# Hostile clients for 40 s, beside a steady load (hostile_test.go).
+	log "hostile clients"
+	go test -count=1 -tags=integration,hostile -run '^TestHostileClients$' -v . 2>&1 | tee "$state/logs/hostile.log" |
+		grep -E '^(---|ok|FAIL)|hostile_test' || true
+	grep -q -- '--- PASS: TestHostileClients' "$state/logs/hostile.log" || { status=1; echo "hostile clients: FAILED, see $state/logs/hostile.log"; }
 	# A short fault campaign with a fixed seed: every checker rule must pass.
 	(cmd_chaos 60s 1) || status=1
 	# Last: it restarts the backends (with a short retention, then back).
@@ -828,6 +874,7 @@ main() {
 	skew) cmd_skew "$@" ;;
 	unskew) cmd_unskew "$@" ;;
 	bench) exec "$root/bench.sh" ;;
+	rotate-logs) while sleep 10; do rotate_logs; done ;; # the rotator itself (start_log_rotation)
 	*) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 	esac
 }

@@ -30,6 +30,7 @@ import (
 	"net/http"
 	neturl "net/url"
 	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -373,4 +374,23 @@ func (s *stack) waitReplicated(t *testing.T, region string, want Property, timeo
 		return err == nil && status == http.StatusOK && servedBy == region && got.Version >= want.Version
 	})
 	return got
+}
+
+// scrape reads one unlabelled sample from a /metrics page.
+func scrape(url, metric string) (float64, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if rest, ok := strings.CutPrefix(line, metric+" "); ok {
+			return strconv.ParseFloat(rest, 64)
+		}
+	}
+	return 0, fmt.Errorf("%s: no %s", url, metric)
 }

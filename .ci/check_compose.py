@@ -88,6 +88,9 @@ def problems(config):
         for port in service.get("ports", []):
             if name not in PUBLIC and host_ip(port) != "127.0.0.1":
                 yield f"{name}: port {port} is published beyond 127.0.0.1"
+        logging = service.get("logging", {})
+        if logging.get("driver") != "json-file" or not logging.get("options", {}).get("max-size"):
+            yield f"{name}: its log is not rotated (logging: json-file with max-size)"
         if "healthcheck" not in service or service["healthcheck"].get("disable"):
             yield f"{name}: no healthcheck"
         for dep, how in service.get("depends_on", {}).items():
