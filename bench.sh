@@ -2,8 +2,8 @@
 # bench.sh measures the stack: pgbench on db-us's cluster next to the
 # service's benchmarks through NGINX (bench_test.go), with the same client
 # count, and prints a table of figure, value, ratio and target. The table also
-# replaces the README's benchmark section, so that the README shows what was
-# measured, never typed by hand. `./stack.sh bench` runs it.
+# replaces its section of docs/benchmarks.md, so that the document shows what
+# was measured, never typed by hand. `./stack.sh bench` runs it.
 #
 #   BENCH_ROUNDS   rounds of the paired comparisons (default 5)
 #   BENCH_SECONDS  how long each pgbench run lasts (default 8)
@@ -18,7 +18,7 @@ set -euo pipefail
 . "$(cd "$(dirname "$0")" && pwd)/stack.sh"
 
 clients=32
-# The topology's own results and README section: "bench" for the single
+# The topology's own results and section of docs/benchmarks.md: "bench" for the single
 # one, "bench-ha" for three brokers and two instances per region.
 section=bench
 [ "$(topology)" = single ] || section=bench-$(topology)
@@ -210,8 +210,9 @@ table() {
 	printf '| errors, all runs | %s | - | %s |\n' "$errors" "$(target "$errors" '<' 1 'none')"
 }
 
-# update_readme replaces the README's section between the bench markers.
-update_readme() {
+# update_doc replaces docs/benchmarks.md's section between the bench
+# markers.
+update_doc() {
 	local machine
 	machine="$(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), $(free -g | awk '/^Mem:/ { print $2 }') GiB, whole stack on the same machine"
 	{
@@ -220,12 +221,12 @@ update_readme() {
 		echo
 		cat "$out/table.md"
 		echo "<!-- $section:end -->"
-	} >"$out/readme-section.md"
-	awk -v f="$out/readme-section.md" -v start="<!-- $section:start" -v end="<!-- $section:end -->" '
+	} >"$out/section.md"
+	awk -v f="$out/section.md" -v start="<!-- $section:start" -v end="<!-- $section:end -->" '
 		index($0, start) == 1 { while ((getline line < f) > 0) print line; skip = 1; next }
 		index($0, end) == 1 { skip = 0; next }
-		!skip { print }' "$root/README.md" >"$out/README.md" && cp "$out/README.md" "$root/README.md"
-	log "README.md benchmark section updated"
+		!skip { print }' "$root/docs/benchmarks.md" >"$out/benchmarks.md" && cp "$out/benchmarks.md" "$root/docs/benchmarks.md"
+	log "docs/benchmarks.md updated"
 }
 
 bench_main() {
@@ -239,7 +240,7 @@ bench_main() {
 		die "pgbench printed no tps: see $out/pgbench-*.log"
 	table >"$out/table.md"
 	cat "$out/table.md"
-	update_readme
+	update_doc
 }
 
 # Run only when executed, so that a reader (or a rerun of one step) can

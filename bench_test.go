@@ -25,7 +25,6 @@ import (
 	"net/url"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -805,7 +804,7 @@ func BenchmarkRelayDrain(b *testing.B) {
 	}
 	b.Cleanup(func() { relayDB.Close() })
 	topic := fmt.Sprintf("bench-drain-%d", time.Now().UnixNano())
-	brokers := strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")
+	brokers := stackBrokers()
 	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), relayDB, relayDB, "us", brokers, topic, 1, defaultRetention)
 	if err != nil {
 		b.Fatal(err)

@@ -99,24 +99,6 @@ func settle(s *stack, dbs map[string]*sql.DB, timeout time.Duration) bool {
 	return false
 }
 
-// readAll is allProperties without a test to fail.
-func readAll(db *sql.DB) ([]Property, error) {
-	rows, err := db.Query(`SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted FROM properties ORDER BY id`)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var all []Property
-	for rows.Next() {
-		p, err := scanProperty(rows)
-		if err != nil {
-			return nil, err
-		}
-		all = append(all, p)
-	}
-	return all, rows.Err()
-}
-
 // finalState reads what the checker judges from both regions.
 func finalState(t *testing.T, s *stack, dbs map[string]*sql.DB, requestPrefix string) chaosFinal {
 	t.Helper()

@@ -5,7 +5,7 @@ package main
 // The fault campaign: many clients write through NGINX while faults come and
 // go at random, in combination, and a checker then reads the final state and
 // the history of every operation (chaos_check_test.go). It is how the claim
-// that the system survives its faults (README, "Fault campaign") is tested as a whole rather
+// that the system survives its faults (docs/semantics.md, §11) is tested as a whole rather
 // than one fault at a time: no combination of those faults may lose an
 // acknowledged write, invent a value, or leave the regions different.
 //
@@ -172,8 +172,8 @@ func TestChaos(t *testing.T) {
 // check). When EU can reach the broker again, the
 // events it needs are gone, and it must stop, loudly (rule 7): say so in its
 // lag report, never read about 0, and never apply what came after the gap as
-// if nothing were missing. Then it is re-seeded from US, as the README's
-// procedure says, and the regions are identical again.
+// if nothing were missing. Then it is re-seeded from US, as
+// docs/operations.md's procedure says, and the regions are identical again.
 func longOutage(t *testing.T, s *stack, us, eu *sql.DB) ruleResult {
 	t.Helper()
 	r := ruleResult{rule: 7, name: "a region the broker left behind stops loudly", pass: true}
@@ -471,7 +471,7 @@ func (w *workload) put(c int, rng *rand.Rand, prefix string, id int64, requestID
 
 // post creates a listing. A POST with no answer is not retried: a retry
 // through the other region, before the first create replicated, would
-// make a second listing (README, "Decisions").
+// make a second listing (docs/decisions.md).
 func (w *workload) post(c int, prefix, requestID string) {
 	o := op{Client: c, Kind: "POST", Prefix: prefix, RequestID: requestID, Price: w.price()}
 	o = w.send(o, fmt.Sprintf(`{"price": %s, "bedrooms": 2, "bathrooms": 1}`, o.Price), "")
@@ -652,7 +652,7 @@ func faultKinds(topology string) []faultKind {
 		{name: "add a partition", targets: []string{"topic"},
 			apply: func(string) []string { return []string{"ps"} }, heal: func(string) []string { return []string{"ps"} },
 			then: func(string) error {
-				kafka, err := kgo.NewClient(kgo.SeedBrokers(strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")...))
+				kafka, err := kgo.NewClient(kgo.SeedBrokers(stackBrokers()...))
 				if err != nil {
 					return err
 				}
@@ -689,7 +689,7 @@ func faultKinds(topology string) []faultKind {
 	kinds = append(kinds, faultKind{name: "lose a consumer group", targets: []string{"backend-us", "backend-eu"},
 		apply: command("stop"), heal: command("start"),
 		then: func(backend string) error {
-			kafka, err := kgo.NewClient(kgo.SeedBrokers(strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")...))
+			kafka, err := kgo.NewClient(kgo.SeedBrokers(stackBrokers()...))
 			if err != nil {
 				return err
 			}

@@ -1,7 +1,8 @@
 package main
 
-// The conflict rule, and how a batch of the other region's writes is applied
-// by it.
+// The conflict rule, and the lost writes it leaves: how they are recorded
+// and served at GET /{region}/conflicts. The batch it judges is applied in
+// apply.go.
 //
 // Both regions accept writes, so the same listing can be changed in US and EU
 // at the same moment: both start from version 3 and both make a version 4.
@@ -123,35 +124,6 @@ func resolve(local *Property, incoming Property) outcome {
 	return stale
 }
 
-// lockForApplySQL reads and locks the local rows a batch touches, in id
-// order (the same order every batch locks in), so that a concurrent local PUT
-// of one of them waits for the batch, or the batch for the PUT.
-const lockForApplySQL = `
-SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted,
-       coalesce(request_id, ''), coalesce(parent, '')
-FROM properties
-WHERE id = ANY($1)
-ORDER BY id
-FOR UPDATE`
-
-// upsertPropertiesSQL writes the winning rows of a batch, one array per
-// column (propertyColumns).
-const upsertPropertiesSQL = `
-INSERT INTO properties (id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, request_id, parent)
-SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, nullif(request_id, ''), nullif(parent, '')
-FROM unnest($1::bigint[], $2::numeric[], $3::integer[], $4::integer[], $5::varchar[], $6::bigint[], $7::timestamptz[], $8::boolean[], $9::text[], $10::text[])
-     AS w(id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, request_id, parent)
-ON CONFLICT (id) DO UPDATE
-SET price         = EXCLUDED.price,
-    bedrooms      = EXCLUDED.bedrooms,
-    bathrooms     = EXCLUDED.bathrooms,
-    region_origin = EXCLUDED.region_origin,
-    version       = EXCLUDED.version,
-    updated_at    = EXCLUDED.updated_at,
-    deleted       = EXCLUDED.deleted,
-    request_id    = EXCLUDED.request_id,
-    parent        = EXCLUDED.parent`
-
 // write is one write of a listing: the row it made, the request that made it
 // and the state it was built on ("" where unknown: a seed, or a row older
 // than the columns that say).
@@ -210,169 +182,6 @@ type lostWrite struct {
 // The lost write's request id is the record's key, so a redelivery records
 // nothing twice. A region records what it finds; the other region may find
 // the same loss from its side, and records it too.
-
-// applyEvents applies a batch of remote writes inside tx and returns what
-// the conflict rule did with each, and the writes it found lost, which it
-// has recorded (see above). The rule itself runs in Go (resolve), over the
-// locked local rows, event after event; the database then receives the
-// winners in one statement and all request ids in another, instead of three
-// statements per event. Every request id is recorded, the losers' too: it
-// was consumed in the other region whoever won. No outbox row is written: a
-// replicated write is not replicated back. A write older than expiredBefore
-// for a listing with no row here is expired, and neither it nor its request
-// id is written (retention.go); a zero expiredBefore expires nothing.
-func applyEvents(ctx context.Context, tx *sql.Tx, events []event, expiredBefore time.Time) ([]outcome, []lostWrite, error) {
-	if len(events) == 0 {
-		return nil, nil, nil
-	}
-	local, err := lockForApply(ctx, tx, events)
-	if err != nil {
-		return nil, nil, err
-	}
-	replayed, known, err := twins(ctx, tx, events)
-	if err != nil {
-		return nil, nil, err
-	}
-	outcomes := make([]outcome, len(events))
-	winners := map[int64]write{}
-	var lost []lostWrite
-	var builtOn []write // writes recorded lost that a later one turned out to be built on
-	kept := events[:0:0]
-	for i, e := range events {
-		incoming := write{e.Property, e.RequestID, e.Parent}
-		current, ok := local[e.ID]
-		if !ok && e.UpdatedAt.Before(expiredBefore) {
-			outcomes[i] = expired
-			continue
-		}
-		kept = append(kept, e)
-		if !ok {
-			outcomes[i] = applied
-		} else {
-			outcomes[i] = resolve(&current.Property, e.Property)
-		}
-		if replayed[e.RequestID] {
-			outcomes[i] = outcomes[i].asReplay()
-		}
-		switch o := outcomes[i]; {
-		case o.replaces():
-			if ok && e.Parent != current.tag() {
-				if o != replayWon && current.requestID != "" {
-					lost = append(lost, lostWrite{lost: current, won: incoming})
-				}
-				if e.Parent != "" {
-					builtOn = append(builtOn, write{Property: Property{ID: e.ID}, parent: e.Parent})
-				}
-			}
-			local[e.ID] = incoming
-			winners[e.ID] = incoming
-		case o == stale || o == conflictLost:
-			if current.parent != incoming.tag() && !known[e.RequestID] {
-				lost = append(lost, lostWrite{lost: incoming, won: current})
-			}
-		}
-	}
-	if len(winners) > 0 {
-		var c propertyColumns
-		for _, w := range winners {
-			c.addWrite(w.Property, w.requestID, w.parent)
-		}
-		if _, err := tx.ExecContext(ctx, upsertPropertiesSQL, c.args()...); err != nil {
-			return nil, nil, fmt.Errorf("upsert rows: %w", err)
-		}
-	}
-	if len(kept) > 0 {
-		if err := recordReplicatedRequests(ctx, tx, kept); err != nil {
-			return nil, nil, err
-		}
-	}
-	// The events are the other region's: this one found what they lost.
-	if err := recordConflicts(ctx, tx, peerOf(events[0].RegionOrigin), lost, builtOn); err != nil {
-		return nil, nil, err
-	}
-	return outcomes, lost, nil
-}
-
-// recordConflictsSQL records lost writes, each once; found_in is the region
-// that found them, the one the events came to ($6).
-const recordConflictsSQL = `
-INSERT INTO conflicts (property_id, lost_request_id, lost_tag, lost, won, found_in)
-SELECT property_id, lost_request_id, lost_tag, lost, won, $6
-FROM unnest($1::bigint[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[])
-     AS c(property_id, lost_request_id, lost_tag, lost, won)
-ON CONFLICT (lost_request_id) DO NOTHING`
-
-// forgetBuiltOnSQL deletes the records of writes, by listing and tag, that a
-// later write was built on after all.
-const forgetBuiltOnSQL = `
-DELETE FROM conflicts
-WHERE (property_id, lost_tag) IN (SELECT * FROM unnest($1::bigint[], $2::text[]))`
-
-// recordConflicts records the lost writes of a batch, found in region, and
-// forgets the records of writes a write of the batch was built on.
-func recordConflicts(ctx context.Context, tx *sql.Tx, region string, lost []lostWrite, builtOn []write) error {
-	if len(builtOn) > 0 {
-		ids, tags := make([]int64, len(builtOn)), make([]string, len(builtOn))
-		for i, w := range builtOn {
-			ids[i], tags[i] = w.ID, w.parent
-		}
-		if _, err := tx.ExecContext(ctx, forgetBuiltOnSQL, ids, tags); err != nil {
-			return fmt.Errorf("forget conflicts built on: %w", err)
-		}
-	}
-	if len(lost) == 0 {
-		return nil
-	}
-	var (
-		ids               []int64
-		requestIDs, tags  []string
-		lostJSON, wonJSON []string
-	)
-	for _, l := range lost {
-		ids = append(ids, l.lost.ID)
-		requestIDs = append(requestIDs, l.lost.requestID)
-		tags = append(tags, l.lost.tag())
-		lostB, err := json.Marshal(l.lost.shown())
-		if err != nil {
-			return fmt.Errorf("record conflicts: %w", err)
-		}
-		wonB, err := json.Marshal(l.won.shown())
-		if err != nil {
-			return fmt.Errorf("record conflicts: %w", err)
-		}
-		lostJSON, wonJSON = append(lostJSON, string(lostB)), append(wonJSON, string(wonB))
-	}
-	if _, err := tx.ExecContext(ctx, recordConflictsSQL, ids, requestIDs, tags, lostJSON, wonJSON, region); err != nil {
-		return fmt.Errorf("record conflicts: %w", err)
-	}
-	return nil
-}
-
-// lockForApply locks and returns the local rows of the events' properties,
-// by id.
-func lockForApply(ctx context.Context, tx *sql.Tx, events []event) (map[int64]write, error) {
-	ids := make([]int64, 0, len(events))
-	for _, e := range events {
-		ids = append(ids, e.ID)
-	}
-	rows, err := tx.QueryContext(ctx, lockForApplySQL, ids)
-	if err != nil {
-		return nil, fmt.Errorf("lock rows: %w", err)
-	}
-	defer rows.Close()
-	local := map[int64]write{}
-	for rows.Next() {
-		var w write
-		if w.Property, err = scanProperty(rows, &w.requestID, &w.parent); err != nil {
-			return nil, fmt.Errorf("lock rows: %w", err)
-		}
-		local[w.ID] = w
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("lock rows: %w", err)
-	}
-	return local, nil
-}
 
 // Conflict is one lost write as GET /{region}/conflicts shows it: the
 // write lost, the write that won, and where and when it was found.
@@ -459,4 +268,59 @@ func listConflicts(ctx context.Context, db *sql.DB, limit int, before int64) (Co
 		page.NextCursor = &next
 	}
 	return page, nil
+}
+
+// recordConflictsSQL records lost writes, each once; found_in is the region
+// that found them, the one the events came to ($6).
+const recordConflictsSQL = `
+INSERT INTO conflicts (property_id, lost_request_id, lost_tag, lost, won, found_in)
+SELECT property_id, lost_request_id, lost_tag, lost, won, $6
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[])
+     AS c(property_id, lost_request_id, lost_tag, lost, won)
+ON CONFLICT (lost_request_id) DO NOTHING`
+
+// forgetBuiltOnSQL deletes the records of writes, by listing and tag, that a
+// later write was built on after all.
+const forgetBuiltOnSQL = `
+DELETE FROM conflicts
+WHERE (property_id, lost_tag) IN (SELECT * FROM unnest($1::bigint[], $2::text[]))`
+
+// recordConflicts records the lost writes of a batch, found in region, and
+// forgets the records of writes a write of the batch was built on.
+func recordConflicts(ctx context.Context, tx *sql.Tx, region string, lost []lostWrite, builtOn []write) error {
+	if len(builtOn) > 0 {
+		ids, tags := make([]int64, len(builtOn)), make([]string, len(builtOn))
+		for i, w := range builtOn {
+			ids[i], tags[i] = w.ID, w.parent
+		}
+		if _, err := tx.ExecContext(ctx, forgetBuiltOnSQL, ids, tags); err != nil {
+			return fmt.Errorf("forget conflicts built on: %w", err)
+		}
+	}
+	if len(lost) == 0 {
+		return nil
+	}
+	var (
+		ids               []int64
+		requestIDs, tags  []string
+		lostJSON, wonJSON []string
+	)
+	for _, l := range lost {
+		ids = append(ids, l.lost.ID)
+		requestIDs = append(requestIDs, l.lost.requestID)
+		tags = append(tags, l.lost.tag())
+		lostB, err := json.Marshal(l.lost.shown())
+		if err != nil {
+			return fmt.Errorf("record conflicts: %w", err)
+		}
+		wonB, err := json.Marshal(l.won.shown())
+		if err != nil {
+			return fmt.Errorf("record conflicts: %w", err)
+		}
+		lostJSON, wonJSON = append(lostJSON, string(lostB)), append(wonJSON, string(wonB))
+	}
+	if _, err := tx.ExecContext(ctx, recordConflictsSQL, ids, requestIDs, tags, lostJSON, wonJSON, region); err != nil {
+		return fmt.Errorf("record conflicts: %w", err)
+	}
+	return nil
 }

@@ -2,10 +2,11 @@ package main
 
 // The consumer: the other region's writes, from Kafka into this region's
 // database. It reads the topic in its own region's consumer group, skips the
-// records its own region produced, applies the peer's events by the conflict
-// rule (conflict.go) and its heartbeats as watermarks (lag.go), all of one
-// poll in one transaction, together with where the region now stands in
-// each partition: the offset of the next record to read.
+// records its own region produced, and hands the rest to apply.go: the
+// peer's events by the conflict rule (conflict.go) and its heartbeats as
+// watermarks (lag.go), all of one poll in one transaction, together with
+// where the region now stands in each partition: the offset of the next
+// record to read.
 //
 // That position lives in the region's own database, never only in Kafka. A
 // consumer group without committed offsets (a group never used, one whose
@@ -20,10 +21,13 @@ package main
 // oldest retained record; a stored position the broker no longer holds is
 // the loud stop (eventsLost), never a jump to what is left.
 //
-// A record that cannot be decoded is poison, not an outage: it goes to the
-// dead-letter queue with the reason, and consumption goes on. A database
-// that does not answer is an outage: the same batch is retried with backoff,
-// and nothing is ever skipped.
+// The dead-letter topic (the replication topic's name + ".dlq") is where a
+// record goes that cannot be applied, with the reason, so that one bad
+// record neither stops replication nor vanishes: a record that cannot be
+// decoded or breaks the rules (decodeMessage), and an event the database
+// refuses for what it holds, after maxRefusals tries (apply.go). A database
+// that does not answer is an outage, not a bad record: the same batch is
+// retried with backoff, and nothing is ever skipped.
 
 import (
 	"context"
@@ -187,7 +191,7 @@ func (c *consumer) run(ctx context.Context, partitions int32) {
 			fetchErrors++
 			if eventsLost(err) {
 				c.stop(fmt.Sprintf("events lost: partition %d of %s no longer holds the next event this region needs (%v); "+
-					"re-seed this region from the other one (README)", partition, topic, err))
+					"re-seed this region from the other one (docs/operations.md)", partition, topic, err))
 				return
 			}
 			c.logger.Warn("consume: fetch error", "topic", topic, "partition", partition, "err", err)
@@ -287,10 +291,10 @@ type batch struct {
 	next       map[int32]int64
 }
 
-// sortRecords decodes one poll's records into a batch. Its own region's
+// decodeRecords decodes one poll's records into a batch. Its own region's
 // records are skipped without decoding: there is nothing to apply, and each
 // region validates only what it applies. They still move the position.
-func (c *consumer) sortRecords(records []*kgo.Record) batch {
+func (c *consumer) decodeRecords(records []*kgo.Record) batch {
 	b := batch{watermarks: map[int32]mark{}, next: map[int32]int64{}}
 	for _, rec := range records {
 		b.next[rec.Partition] = max(b.next[rec.Partition], rec.Offset+1)
@@ -335,7 +339,7 @@ func (c *consumer) sortRecords(records []*kgo.Record) batch {
 // tried maxRefusals times with its batch, and then goes to the dead-letter
 // queue with the reason, alone. It returns false if ctx was cancelled first.
 func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions int32) bool {
-	b := c.sortRecords(records)
+	b := c.decodeRecords(records)
 	var (
 		outcomes []outcome
 		lost     []lostWrite
@@ -396,138 +400,6 @@ func (c *consumer) retry(ctx context.Context, what string, detached bool, f func
 		}
 	}
 }
-
-// maxClockSkew is how far ahead of this region's clock a peer watermark may
-// be. The regions' clocks are kept in step (NTP); a watermark further ahead
-// comes from a skewed or forged clock.
-const maxClockSkew = time.Second
-
-// saveWatermarkSQL moves a partition's watermark forward, never back: a
-// re-delivered old heartbeat must not make the lag jump. A watermark from the
-// future is clamped to this database's clock plus maxClockSkew ($5): kept as
-// it came, it would hold the lag at 0 until that future arrived, whatever
-// went missing meanwhile. The echo ($6) moves forward too, and is clamped to
-// this database's clock without a margin: it is a time of this region's own,
-// so a later one is forged. The watermark in this region's clock ($7) and
-// the echo it was computed from ($8) are the latest heartbeat's that had
-// them, not the greatest: both must come from one heartbeat (lag.go).
-const saveWatermarkSQL = `
-INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, seen, echo_bound, echo_seen, applied_at)
-VALUES ($1, $2, $3, LEAST($4, clock_timestamp() + $5 * interval '1 millisecond'), LEAST($6, clock_timestamp()), $7, $8, now())
-ON CONFLICT (peer_region, partition) DO UPDATE
-SET watermark  = GREATEST(replication_watermarks.watermark, EXCLUDED.watermark),
-    seen       = GREATEST(replication_watermarks.seen, EXCLUDED.seen),
-    echo_bound = coalesce(EXCLUDED.echo_bound, replication_watermarks.echo_bound),
-    echo_seen  = coalesce(EXCLUDED.echo_seen, replication_watermarks.echo_seen),
-    partitions = EXCLUDED.partitions,
-    applied_at = now()`
-
-// savePositionsSQL moves this region's position in partitions $2 of topic
-// $1 to offsets $3, never back: an instance that lost its partitions while
-// applying a batch must not undo what the instance that took them over has
-// applied since.
-const savePositionsSQL = `
-INSERT INTO replication_positions (topic, partition, next_offset)
-SELECT $1, p.partition, p.next_offset FROM unnest($2::int[], $3::bigint[]) AS p(partition, next_offset)
-ON CONFLICT (topic, partition) DO UPDATE
-SET next_offset = GREATEST(replication_positions.next_offset, EXCLUDED.next_offset)`
-
-// apply applies a batch's events in one transaction, and returns each
-// event's outcome and the writes found lost.
-func (c *consumer) apply(ctx context.Context, b batch, partitions int32) ([]outcome, []lostWrite, error) {
-	tx, err := c.db.BeginTx(ctx, nil)
-	if err != nil {
-		return nil, nil, fmt.Errorf("apply batch: %w", err)
-	}
-	defer tx.Rollback()
-	outcomes, lost, err := applyEvents(ctx, tx, b.events, c.expiredBefore())
-	if err != nil {
-		return nil, nil, fmt.Errorf("apply batch: %w", err)
-	}
-	if err := c.commit(ctx, tx, c.withExpired(b, outcomes), partitions); err != nil {
-		return nil, nil, fmt.Errorf("apply batch: %w", err)
-	}
-	return outcomes, lost, nil
-}
-
-// expiredBefore is the time before which a write for a listing with no row
-// here is not applied (retention.go).
-func (c *consumer) expiredBefore() time.Time { return time.Now().Add(-c.retention) }
-
-// withExpired returns b with a dead letter for each of its events that
-// outcomes says expired: kept there, with the reason, rather than dropped.
-func (c *consumer) withExpired(b batch, outcomes []outcome) batch {
-	dead := b.dead[:len(b.dead):len(b.dead)]
-	for i, o := range outcomes {
-		if o == expired {
-			dead = append(dead, c.deadLetter(b.sources[i], fmt.Errorf(
-				"older than RETENTION (%v) for a listing this region holds no row of: its tombstone may have been purged", c.retention)))
-		}
-	}
-	b.dead = dead
-	return b
-}
-
-// commit ends the transaction that applied b's events: it saves the
-// heartbeats' watermarks and the position after the batch, writes the dead
-// letters, and commits. The dead letters go to Kafka before the commit, so
-// that a poison record is never just dropped: once the position is past it,
-// nothing reads it again. A commit that fails after them re-delivers the
-// batch, and a dead letter may be written twice.
-func (c *consumer) commit(ctx context.Context, tx *sql.Tx, b batch, partitions int32) error {
-	partitions = max(partitions, b.partitions)
-	if partitions > c.declared {
-		// More partitions than this region holds watermarks of: hold
-		// the new ones where the old ones stood, before this batch moves
-		// them (holdNewPartitionsSQL).
-		if _, err := tx.ExecContext(ctx, holdNewPartitionsSQL, c.peer, partitions); err != nil {
-			return fmt.Errorf("hold new partitions: %w", err)
-		}
-	}
-	for partition, mk := range b.watermarks {
-		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, mk.watermark, maxClockSkew.Milliseconds(), mk.seen, mk.bound, mk.echo); err != nil {
-			return fmt.Errorf("save watermark: %w", err)
-		}
-	}
-	ps, offsets := make([]int32, 0, len(b.next)), make([]int64, 0, len(b.next))
-	for p, next := range b.next {
-		ps, offsets = append(ps, p), append(offsets, next)
-	}
-	if _, err := tx.ExecContext(ctx, savePositionsSQL, c.topic, ps, offsets); err != nil {
-		return fmt.Errorf("save position: %w", err)
-	}
-	if len(b.dead) > 0 {
-		if err := c.producer.ProduceSync(ctx, b.dead...).FirstErr(); err != nil {
-			return fmt.Errorf("dead letters: %w", err)
-		}
-	}
-	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("commit: %w", err)
-	}
-	c.declared = max(c.declared, partitions)
-	return nil
-}
-
-// holdNewPartitionsSQL gives each partition the peer declares ($2) and this
-// region has no watermark of a watermark: the smallest of the others, as
-// they stood before the heartbeats that declared it. Every write the peer
-// began before that time was published to the old partitions, ahead of the
-// heartbeats that vouched for it (the relay places a round's records with
-// one count), so the new partitions can only hold later ones. Without it,
-// a partition never heard from would leave the lag to a fallback (the time
-// since the process started), which understates it for a process restarted
-// with a backlog (seen in the fault campaign: 2 s reported, a write 15 s
-// old missing). With no watermark at all, nothing is held. The watermark in
-// this region's clock held is the smallest too, which only makes the lag
-// read higher.
-const holdNewPartitionsSQL = `
-INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, echo_bound, echo_seen, applied_at)
-SELECT $1, p, $2, w.watermark, w.echo_bound, w.echo_seen, now()
-FROM generate_series(0, $2 - 1) AS p,
-     (SELECT min(watermark) AS watermark, min(echo_bound) AS echo_bound, min(echo_seen) AS echo_seen
-      FROM replication_watermarks WHERE peer_region = $1) AS w
-WHERE w.watermark IS NOT NULL
-ON CONFLICT (peer_region, partition) DO NOTHING`
 
 // count records the outcome of one applied event. Conflicts are logged: a
 // concurrent write was lost, and somebody may want to know which.

@@ -76,8 +76,10 @@ func openDB(dsn string, maxConns int, limits sessionLimits) (*sql.DB, error) {
 	}
 	db := stdlib.OpenDB(*pgcfg)
 	// A bounded pool: enough connections to keep two cores busy while some wait
-	// on commits, few enough that PostgreSQL's max_connections (100) holds
-	// both regions' pools, the relay and the consumer with room to spare.
+	// on commits, few enough that the region's database (PostgreSQL's
+	// default max_connections is 100) holds the request and replication
+	// pools of both of the region's instances in the HA topology, 2 × (16 +
+	// 4), with room to spare for an operator and the tests.
 	db.SetMaxOpenConns(maxConns)
 	db.SetMaxIdleConns(maxConns)
 	db.SetConnMaxIdleTime(5 * time.Minute)

@@ -93,7 +93,7 @@ func TestEventRefusedByDatabaseGoesToDLQ(t *testing.T) {
 func dlqReader(t *testing.T) *kgo.Client {
 	t.Helper()
 	client, err := kgo.NewClient(
-		kgo.SeedBrokers(strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")...),
+		kgo.SeedBrokers(stackBrokers()...),
 		kgo.ConsumeTopics(setting("KAFKA_TOPIC", "property-updates")+".dlq"),
 		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
 	)

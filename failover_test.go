@@ -347,14 +347,14 @@ func TestBackupThatFailsOnceStaysInService(t *testing.T) {
 // TestFailoverAfterCommitIsNotRefused is "a write retried through NGINX
 // after the first attempt committed", where the other region has not heard
 // of the first attempt: US deletes a listing it created while Kafka is
-// down, dies, and NGINX hands the same DELETE to EU. EU has no such
+// frozen, dies, and NGINX hands the same DELETE to EU. EU has no such
 // listing, but a 404 would tell the client the delete did not happen; it
 // answers 503 instead (it cannot tell), and once US's writes have arrived,
 // the same request is a 422 with the tombstone.
 func TestFailoverAfterCommitIsNotRefused(t *testing.T) {
 	s := newStack(t)
 	s.caughtUp(t, 30*time.Second)
-	s.stop(t, "kafka", false)
+	thawKafka := s.freeze(t, "kafka")
 	status, _, created := s.mustDo(t, "POST", "/us/properties", newRequestID("stand-in-create"), `{"price": 123456.78}`)
 	if status != http.StatusCreated {
 		t.Fatalf("POST /us/properties: %d %+v, want 201", status, created)
@@ -375,7 +375,7 @@ func TestFailoverAfterCommitIsNotRefused(t *testing.T) {
 	}
 
 	s.start(t, "backend-us")
-	s.start(t, "kafka")
+	thawKafka()
 	s.caughtUp(t, 60*time.Second)
 	eu := fmt.Sprintf("/eu/properties/%d", created.ID)
 	status, h, got, err = s.doWith("DELETE", eu, header, "")
@@ -387,7 +387,7 @@ func TestFailoverAfterCommitIsNotRefused(t *testing.T) {
 
 // TestStandInIndependentOfClocks: whether a stand-in may refuse must not
 // depend on the two regions' clocks agreeing. US takes two writes of one
-// listing while Kafka is down and dies; EU's copy of US's watermark reads
+// listing while Kafka is frozen and dies; EU's copy of US's watermark reads
 // 0.9 s ahead of EU's clock, as a US clock 0.9 s fast would send. The second
 // write, retried through /us/, reaches EU, whose copy is two versions
 // behind: a 409 would tell the client its committed write did not happen,
@@ -402,7 +402,7 @@ func TestStandInIndependentOfClocks(t *testing.T) {
 	p := s.current(t, "eu", id)
 
 	// US's clock fast, US down with writes EU has not seen.
-	s.stop(t, "kafka", false)
+	thawKafka := s.freeze(t, "kafka")
 	status, first := s.put(t, "us", id, newRequestID("clock-first"), 250250_01)
 	if status != http.StatusOK || first.Version != p.Version+1 {
 		t.Fatalf("first PUT in us: %d %+v", status, first)
@@ -422,7 +422,7 @@ func TestStandInIndependentOfClocks(t *testing.T) {
 		t.Errorf("the second PUT retried through /us/ with us down and its clock fast: %d from %s %+v (%v); want 503 from eu", status, servedBy, got, err)
 	}
 	s.start(t, "backend-us")
-	s.start(t, "kafka")
+	thawKafka()
 	s.caughtUp(t, 60*time.Second)
 
 	// Healthy: US's heartbeats echo EU's clock back within a round trip

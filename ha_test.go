@@ -25,8 +25,8 @@ import (
 // is one per region (an advisory lock in the region's database): the cut-off
 // instance must leave it to the other, not hold it through produce
 // timeouts. Every write must reach EU; the delays, and each instance's share
-// of the events published, are logged (README, "A topology for more than one
-// process per region": the figures measured here).
+// of the events published, are logged (docs/ha.md: the figures
+// measured here).
 func TestOneInstanceCutOffLeavesTheRelay(t *testing.T) {
 	s := newStack(t)
 	eu := stackDB(t, "eu")

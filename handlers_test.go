@@ -332,7 +332,7 @@ func TestUpdateProperty(t *testing.T) {
 			response{Error: "duplicate request", RequestID: "update-1", OriginalResponse: &wantProperty}},
 		// The same id with another request: no original response, so that
 		// the client cannot believe its new body was applied. 422 still comes
-		// before 404 and 409 in the contract's order.
+		// before 404 and 409 in the order of docs/semantics.md, §3.
 		{"reused_for_other_body", path, "update-1", `{"price": 500001, "version": 1, "bedrooms": 4}`, 422,
 			response{Error: "request id reused for a different request", RequestID: "update-1"}},
 		{"reused_beats_version_mismatch", path, "update-1", `{"price": 1, "version": 7}`, 422,

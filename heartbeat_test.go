@@ -63,7 +63,7 @@ func TestFullRelayRoundSendsHeartbeat(t *testing.T) {
 	const queued = relayBatchSize + 200
 	fillOutbox(t, db, queued)
 	topic := fmt.Sprintf("test-full-round-%d", time.Now().UnixNano())
-	brokers := strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")
+	brokers := stackBrokers()
 	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), db, db, "us", brokers, topic, 1, defaultRetention)
 	if err != nil {
 		t.Fatal(err)

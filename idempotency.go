@@ -73,7 +73,7 @@ func (e *requestReusedError) Error() string {
 var errRequestUnused = errors.New("request id not used yet")
 
 // validRequestID reports whether id is 1–128 visible ASCII characters, the
-// contract's definition of a request id.
+// definition of a request id (docs/semantics.md, §3).
 func validRequestID(id string) bool {
 	if len(id) == 0 || len(id) > maxRequestIDLen {
 		return false
@@ -152,105 +152,4 @@ func duplicateRequest(ctx context.Context, db *sql.DB, requestID, fingerprint st
 		return &requestReusedError{requestID: requestID}
 	}
 	return &duplicateRequestError{requestID: requestID, original: original}
-}
-
-// recordReplicatedRequestsSQL records the request ids that the other region
-// consumed, each with its fingerprint and the row its update wrote there (the
-// first two arrays are the ids and fingerprints, the others the properties
-// table's columns). A redelivered event finds its record there already and
-// changes nothing. A request written in both regions finds the record of its
-// twin, and the greater of the two under the conflict rule stays, in both
-// regions alike: (version, updated_at, region_origin), the region compared
-// bytewise as compareWrites does.
-const recordReplicatedRequestsSQL = `
-INSERT INTO processed_requests
-    (request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, parent)
-SELECT request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, nullif(parent, '')
-FROM unnest($1::text[], $2::text[], $3::bigint[], $4::numeric[], $5::integer[], $6::integer[], $7::varchar[], $8::bigint[], $9::timestamptz[], $10::boolean[], $11::text[])
-     AS r(request_id, fingerprint, property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, parent)
-ON CONFLICT (request_id) DO UPDATE
-SET fingerprint   = EXCLUDED.fingerprint,
-    property_id   = EXCLUDED.property_id,
-    price         = EXCLUDED.price,
-    bedrooms      = EXCLUDED.bedrooms,
-    bathrooms     = EXCLUDED.bathrooms,
-    region_origin = EXCLUDED.region_origin,
-    version       = EXCLUDED.version,
-    updated_at    = EXCLUDED.updated_at,
-    deleted       = EXCLUDED.deleted,
-    parent        = EXCLUDED.parent
-WHERE (EXCLUDED.version, EXCLUDED.updated_at, EXCLUDED.region_origin COLLATE "C")
-    > (processed_requests.version, processed_requests.updated_at, processed_requests.region_origin COLLATE "C")`
-
-// recordReplicatedRequests stores the request records of remote writes inside
-// the transaction that applies them, so that a retry of one of those
-// requests here is a 422. An INSERT may touch a row once only, so of several
-// events with one request id (a redelivery within the batch) only the
-// greatest is sent.
-func recordReplicatedRequests(ctx context.Context, tx *sql.Tx, events []event) error {
-	greatest := map[string]event{}
-	for _, e := range events {
-		if g, ok := greatest[e.RequestID]; !ok || compareWrites(e.Property, g.Property) > 0 {
-			greatest[e.RequestID] = e
-		}
-	}
-	var fingerprints []string
-	var c propertyColumns
-	for _, e := range greatest {
-		fingerprints = append(fingerprints, e.fingerprint)
-		c.addWrite(e.Property, e.RequestID, e.Parent)
-	}
-	args := []any{c.requestIDs, fingerprints, c.ids, c.prices, c.bedrooms, c.bathrooms, c.regions, c.versions, c.updatedAt, c.deleted, c.parents}
-	if _, err := tx.ExecContext(ctx, recordReplicatedRequestsSQL, args...); err != nil {
-		return fmt.Errorf("record %d replicated request ids: %w", len(c.requestIDs), err)
-	}
-	return nil
-}
-
-// twinsSQL reads this region's records of the request ids of a batch.
-const twinsSQL = `
-SELECT request_id, property_id, version, fingerprint
-FROM processed_requests
-WHERE request_id = ANY($1)`
-
-// twins returns the request ids of the events that this region also wrote:
-// the same request (id and fingerprint) applied to the same version of the
-// same property here. Such a pair is one request replayed in both regions,
-// not two concurrent writers. It also returns every request id of the
-// events this region already holds a record of, whatever write it made.
-func twins(ctx context.Context, tx *sql.Tx, events []event) (replayed, known map[string]bool, err error) {
-	ids := make([]string, 0, len(events))
-	for _, e := range events {
-		ids = append(ids, e.RequestID)
-	}
-	rows, err := tx.QueryContext(ctx, twinsSQL, ids)
-	if err != nil {
-		return nil, nil, fmt.Errorf("read request records: %w", err)
-	}
-	defer rows.Close()
-	type record struct {
-		propertyID, version int64
-		fingerprint         string
-	}
-	local := map[string]record{}
-	for rows.Next() {
-		var id string
-		var r record
-		if err := rows.Scan(&id, &r.propertyID, &r.version, &r.fingerprint); err != nil {
-			return nil, nil, fmt.Errorf("read request records: %w", err)
-		}
-		local[id] = r
-	}
-	if err := rows.Err(); err != nil {
-		return nil, nil, fmt.Errorf("read request records: %w", err)
-	}
-	replayed, known = map[string]bool{}, map[string]bool{}
-	for _, e := range events {
-		r, ok := local[e.RequestID]
-		known[e.RequestID] = ok
-		if ok && r.fingerprint == e.fingerprint && r.propertyID == e.ID && r.version == e.Version {
-			replayed[e.RequestID] = true
-		}
-	}
-	return replayed, known, nil
 }

@@ -12,7 +12,7 @@
 -- and plans a table's CHECK expressions again for every INSERT or UPDATE
 -- statement, while a domain's checks are parsed once and cached. On the
 -- update path that parsing was a measurable share of the server's work (the
--- figures are in the README's benchmark section).
+-- figures are in docs/benchmarks.md).
 --
 -- CREATE DOMAIN has no IF NOT EXISTS, hence the block.
 DO $$

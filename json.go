@@ -15,6 +15,10 @@ package main
 //
 // So the names are checked first, exactly and once each, and then the value
 // is decoded with unknown fields refused and nothing allowed after it.
+//
+// The HTTP side of it is here too: decode reads a request body within
+// maxBodyBytes, decodeError says what was wrong with one, and encode writes
+// every answer.
 
 import (
 	"bytes"
@@ -23,6 +27,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net/http"
 	"reflect"
 	"strconv"
 	"strings"
@@ -193,4 +198,102 @@ func parseWhole(b []byte, t reflect.Type, lo, hi int64) (int64, error) {
 		return 0, wrong
 	}
 	return int64(f), nil
+}
+
+// encode writes v as the JSON response with the given status. Headers must be
+// set before WriteHeader, so the content type goes first.
+func encode[T any](w http.ResponseWriter, status int, v T) {
+	w.Header().Set("Content-Type", "application/json")
+	if status >= 400 {
+		// An error tells of a moment, not of the resource: no cache may
+		// keep it and answer it again.
+		w.Header().Set("Cache-Control", "no-store")
+	}
+	w.WriteHeader(status)
+	// An error here means the client went away; there is nobody to tell.
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// maxDrainBytes bounds how much of a body over maxBodyBytes the server reads
+// and throws away before it answers 413.
+const maxDrainBytes = 1 << 20
+
+// decode reads a request body of at most maxBodyBytes holding exactly one JSON
+// object with only the fields of T (strictUnmarshal). Every failure is a
+// *validationError or an *http.MaxBytesError, with a message fit for the
+// client.
+func decode[T any](w http.ResponseWriter, r *http.Request) (T, error) {
+	var v T
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	if err != nil {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			// The server closes the connection after the 413, and a socket
+			// closed with unread data in it is reset: a client still sending
+			// its body would see the reset, not the answer. So the rest of the
+			// body is read first, up to maxDrainBytes more.
+			io.CopyN(io.Discard, r.Body, maxDrainBytes)
+			return v, tooLarge
+		}
+		return v, &validationError{"could not read the request body"}
+	}
+	if !bytes.HasPrefix(bytes.TrimLeft(body, " \t\r\n"), []byte("{")) {
+		return v, &validationError{"body must be one JSON object"}
+	}
+	if err := strictUnmarshal(body, &v); err != nil {
+		return v, decodeError(err)
+	}
+	return v, nil
+}
+
+// noBody reads a request that must have no body, such as a DELETE, and
+// returns a *validationError if it has one (or an *http.MaxBytesError if it
+// is too large to read).
+func noBody(w http.ResponseWriter, r *http.Request) error {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	var tooLarge *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooLarge):
+		io.CopyN(io.Discard, r.Body, maxDrainBytes)
+		return tooLarge
+	case err != nil:
+		return &validationError{"could not read the request body"}
+	case len(body) > 0:
+		return &validationError{r.Method + " takes no body"}
+	}
+	return nil
+}
+
+// decodeError turns an encoding/json error into a message that names the
+// problem in the client's terms, without Go type names.
+func decodeError(err error) error {
+	var (
+		verr      *validationError
+		fieldErr  *fieldError
+		typeErr   *json.UnmarshalTypeError
+		syntaxErr *json.SyntaxError
+	)
+	switch {
+	case errors.As(err, &verr):
+		return verr
+	case errors.Is(err, errTrailingData):
+		return &validationError{"body must be one JSON object with nothing after it"}
+	case errors.As(err, &fieldErr):
+		return &validationError{fieldErr.Error()}
+	case errors.As(err, &typeErr):
+		want := "a JSON object"
+		switch typeErr.Type.Kind() {
+		case reflect.Int32, reflect.Int64:
+			want = "an integer in range"
+		}
+		if typeErr.Field == "" {
+			return &validationError{"body must be one JSON object"}
+		}
+		return &validationError{fmt.Sprintf("%s must be %s", typeErr.Field, want)}
+	case errors.As(err, &syntaxErr), errors.Is(err, io.ErrUnexpectedEOF):
+		return &validationError{"body is not valid JSON"}
+	case strings.HasPrefix(err.Error(), "json: unknown field "):
+		return &validationError{"unknown field " + strings.TrimPrefix(err.Error(), "json: unknown field ")}
+	}
+	return &validationError{"body is not valid JSON"}
 }

@@ -78,7 +78,8 @@ type LagReport struct {
 	LastAppliedAt *time.Time `json:"last_applied_at"`
 	// Counters since this process started: peer writes applied, concurrent
 	// writes resolved by the conflict rule (one of each pair lost), old
-	// events ignored, and undecodable records sent to the dead-letter queue.
+	// events ignored, and records sent to the dead-letter queue: those that
+	// could not be decoded and those the database refused (apply.go).
 	Applied   int64 `json:"applied"`
 	Conflicts int64 `json:"conflicts"`
 	// LostWrites counts the acknowledged writes this region found lost and
@@ -96,7 +97,7 @@ type LagReport struct {
 	DeadLettered  int64 `json:"dead_lettered"`
 	// ReplicationStopped says why this region stopped applying the other
 	// region's writes, when it did: the broker no longer holds events it
-	// needs, and the region must be re-seeded (README). Absent while
+	// needs, and the region must be re-seeded (docs/operations.md). Absent while
 	// replication runs.
 	ReplicationStopped string `json:"replication_stopped,omitempty"`
 }
@@ -335,3 +336,8 @@ func readLag(ctx context.Context, db *sql.DB, region string, since time.Time, st
 	}
 	return rep, nil
 }
+
+// maxClockSkew is how far ahead of this region's clock a peer watermark may
+// be. The regions' clocks are kept in step (NTP); a watermark further ahead
+// comes from a skewed or forged clock.
+const maxClockSkew = time.Second

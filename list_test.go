@@ -225,7 +225,7 @@ func TestListPropertiesBadInput(t *testing.T) {
 }
 
 // FuzzListQuery: any query string is either refused with a 400 naming a
-// parameter or parsed into a query within the contract's bounds; a cursor
+// parameter or parsed into a query within the API's bounds; a cursor
 // the service gave out reads back as its id.
 func FuzzListQuery(f *testing.F) {
 	for _, s := range []string{"", "limit=10", "limit=0", "limit=201", "cursor=aWQ6NTA0", "cursor=%%%", "min_price=1.001",

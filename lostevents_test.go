@@ -3,8 +3,8 @@
 package main
 
 // Events the broker no longer holds: a region that finds a gap in what it
-// needs stops, loudly, and is re-seeded from the other region (README,
-// "When the broker no longer has what a region needs").
+// needs stops, loudly, and is re-seeded from the other region
+// (docs/operations.md, "Re-seeding a region").
 
 import (
 	"context"
@@ -24,7 +24,7 @@ import (
 // stopped, US writes, every record US has read is deleted, and EU comes
 // back. EU must not skip ahead as if nothing happened: it stops applying,
 // and says so in its lag report, its log and its health (still 200: it
-// serves its clients). The clean-up re-seeds EU from US, as the README says.
+// serves its clients). The clean-up re-seeds EU from US, as docs/operations.md says.
 func TestLostEventsStopReplicationLoudly(t *testing.T) {
 	s := newStack(t)
 	us, eu := stackDB(t, "us"), stackDB(t, "eu")
@@ -70,7 +70,7 @@ func TestLostEventsStopReplicationLoudly(t *testing.T) {
 // kafkaAdmin returns a client of the stack's broker for admin requests.
 func kafkaAdmin(t *testing.T) *kgo.Client {
 	t.Helper()
-	client, err := kgo.NewClient(kgo.SeedBrokers(strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")...))
+	client, err := kgo.NewClient(kgo.SeedBrokers(stackBrokers()...))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -132,7 +132,7 @@ func deleteReadRecords(t *testing.T, kafka *kgo.Client, live *sql.DB) {
 }
 
 // reseed re-seeds region from the other region, with its backend stopped,
-// as the README's procedure does: read the topic's end offsets; merge the
+// as docs/operations.md's procedure does: read the topic's end offsets; merge the
 // peer's listings and request records in by the conflict rule, forget the
 // old watermarks and store those offsets as the region's position, in one
 // transaction; start the backend.

@@ -77,7 +77,7 @@ import (
 // service's live heap is a few megabytes, so at Go's default of 100 it
 // collects many times a second under load; at 400 the heap may grow to five
 // times the live data (tens of megabytes) and the collector runs a quarter as
-// often (README, Benchmarks, for what that saves).
+// often (docs/benchmarks.md, for what that saves).
 const defaultGCPercent = 400
 
 // The shutdown budget. Each stage of shutdown has a deadline of its own, so
@@ -155,8 +155,8 @@ func loadConfig(getenv func(string) string) (config, error) {
 		}
 		cfg.kafkaTopic = t
 	}
-	// One broker, one replica; a cluster of three takes 3 (README, "A
-	// topology for more than one process per region").
+	// One broker, one replica; a cluster of three takes 3
+	// (docs/ha.md).
 	if cfg.kafkaReplicas, err = intSetting(getenv, "KAFKA_REPLICATION_FACTOR", cfg.kafkaReplicas, 1, 7); err != nil {
 		return config{}, err
 	}

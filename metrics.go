@@ -33,7 +33,7 @@ import (
 
 // durationBuckets are the request-duration histogram's upper bounds, in
 // seconds. At light load a GET takes about half a millisecond and a write a
-// few; at saturation their p99s reach 15 to 50 ms (README, Benchmarks); a
+// few; at saturation their p99s reach 15 to 50 ms (docs/benchmarks.md); a
 // request gives up on the database after 3 s (dbTimeout). So the buckets are
 // dense from 0.5 ms to 50 ms, then reach past the timeout.
 var durationBuckets = []float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5}

@@ -128,7 +128,7 @@ func TestAddedPartitionSkipsNothing(t *testing.T) {
 	// Writes from the moment the partition exists until well after every
 	// client has read the topic's metadata again (metadataMaxAge).
 	var written []response
-	deadline := time.Now().Add(metadataMaxAge + 5*time.Second)
+	deadline := time.Now().Add(metadataMaxAge + 2*time.Second)
 	for i := 0; time.Now().Before(deadline); i++ {
 		id := ids[i%len(ids)]
 		status, w := s.put(t, "us", id, newRequestID("added-partition"), Money(240240_00+int64(i)))

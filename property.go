@@ -29,7 +29,8 @@ type Property struct {
 	UpdatedAt time.Time `json:"updated_at"`
 	// Deleted marks a tombstone: the write that deleted the listing. The
 	// other fields keep the last live state's values. Clients never see a
-	// tombstone in this shape (see tombstoneView); events carry it so.
+	// tombstone in this shape (they see view's tombstone, handlers.go);
+	// events carry it so.
 	Deleted bool `json:"deleted,omitempty"`
 }
 
@@ -196,7 +197,7 @@ func execWrite(ctx context.Context, db *sql.DB, query, requestID, fingerprint st
 // live and its version is still the one the client read (optimistic
 // locking), and with an If-Match only if its state is one the header names.
 // fingerprint names the request (requestFingerprint). The failures, in the
-// contract's order of precedence, are *duplicateRequestError or
+// order of docs/semantics.md, §3, are *duplicateRequestError or
 // *requestReusedError, errNotFound, *deletedError, and
 // *preconditionFailedError or *versionMismatchError; any other error comes
 // from the database.
@@ -294,7 +295,7 @@ WITH written AS (
 // deleteProperty deletes a listing whose state is one that ifMatch names
 // (nil: any state, If-Match: *), leaving a tombstone: the next version,
 // written by region, marked deleted. It returns the tombstone. The failures,
-// in the contract's order, are *duplicateRequestError or
+// in the order of docs/semantics.md, §3, are *duplicateRequestError or
 // *requestReusedError, errNotFound, *deletedError and
 // *preconditionFailedError.
 func deleteProperty(ctx context.Context, db *sql.DB, region, requestID, fingerprint string, id int64, ifMatch []string) (Property, error) {
@@ -329,7 +330,7 @@ WITH written AS (
 )` + recordAndQueueSQL
 
 // explainNoWrite finds out why a write statement changed no row, checking
-// the reasons in the contract's order: a used request id first, then a
+// the reasons in the order of docs/semantics.md, §3: a used request id first, then a
 // missing or deleted property, then a state the If-Match does not name,
 // then, for an update (version not nil), a stale version. A state that
 // now passes every check arrived after the write: errStateArrived.

@@ -161,7 +161,7 @@ func TestCreateProperty(t *testing.T) {
 
 // TestDeleteProperty runs every answer of DELETE against one listing, in
 // order, and then what a tombstone does to GET, PUT and the list: the
-// contract's lifecycle statuses, each checked for what it changed.
+// lifecycle's statuses (docs/semantics.md, §4), each checked for what it changed.
 func TestDeleteProperty(t *testing.T) {
 	db := testDB(t)
 	servers := map[string]http.Handler{"us": testServer(t, "us", db), "eu": testServer(t, "eu", db)}

@@ -36,7 +36,7 @@ const (
 	// by every write, gathers the writes of the last 25 ms into one round
 	// instead of paying a transaction, a commit and a Kafka round trip for
 	// each. The broker's cost is per request, not per record, so the gap
-	// saves it most of its work under load (README, Benchmarks); replication
+	// saves it most of its work under load (docs/benchmarks.md); replication
 	// delay grows by at most the gap, and only under load.
 	relayMinGap = 25 * time.Millisecond
 	// relayRoundTimeout bounds one round, Kafka's acknowledgement included.
@@ -52,8 +52,8 @@ const (
 	// heartbeatInterval is the time between two heartbeats. It bounds what
 	// an idle, healthy link reports as lag. It is not shorter because every
 	// heartbeat costs the broker a produce request and both regions a fetch,
-	// which on a small machine is a visible share of a core (README,
-	// Benchmarks).
+	// which on a small machine is a visible share of a core
+	// (docs/benchmarks.md).
 	heartbeatInterval = 250 * time.Millisecond
 	// relayLockKey names the PostgreSQL advisory lock that makes one relay
 	// per region database the publisher (see publishRound).

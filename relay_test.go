@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -46,7 +45,7 @@ func TestRelayDrainsAfterLongOutage(t *testing.T) {
 	}
 
 	topic := fmt.Sprintf("test-long-outage-%d", time.Now().UnixNano())
-	brokers := strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")
+	brokers := stackBrokers()
 	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), relayDB, relayDB, "us", brokers, topic, 1, defaultRetention)
 	if err != nil {
 		t.Fatal(err)

@@ -16,9 +16,10 @@ package main
 //     order) and deletes them only after Kafka acknowledged them. A crash in
 //     between publishes them again: delivery is at least once.
 //  3. EU's consumer (consume.go) applies US events by the conflict rule
-//     (conflict.go) in one transaction with their request ids, then commits
-//     its Kafka offsets. A crash in between re-delivers the batch, and
-//     re-applying an event changes nothing: the rule is idempotent.
+//     (conflict.go) in one transaction with their request ids and its new
+//     position in the topic (apply.go). A crash before the commit
+//     re-delivers the batch, and re-applying an event changes nothing: the
+//     rule is idempotent.
 //
 // The conflict rule makes the order of arrival irrelevant: a row is replaced
 // only by a write that is greater under (version, updated_at, region_origin),
@@ -27,14 +28,13 @@ package main
 // A delete is a write too: a tombstone with the next version, which the
 // rule orders like any other, so no older event can bring the listing back.
 //
-// This file holds what the parts share: the records on the topic and how
-// they are decoded, the topics themselves, and the replicator that starts
-// and stops the relay and the consumer together.
+// This file holds the replicator, which creates the topics and starts and
+// stops the relay, the consumer and the purge (retention.go) together. The
+// records they exchange are in records.go.
 
 import (
 	"context"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -46,97 +46,6 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/kmsg"
 )
-
-// event is what travels through Kafka for one committed update: the whole new
-// row plus the request id that produced it. Sending the full row rather than
-// the change makes applying it idempotent and order-independent. The
-// embedded Property's fields appear at the top level of the JSON:
-// {"id", "price", "bedrooms", "bathrooms", "region_origin", "version",
-// "updated_at", "request_id"}, and "deleted": true when the write was a
-// delete (its tombstone, which carries the last live values).
-type event struct {
-	Property
-	RequestID string `json:"request_id"`
-	// Parent names the state the write was built on, as its ETag would
-	// ("2-eu"); empty for a create. A region that keeps or takes a write
-	// not built on the one it replaces knows a write was lost (conflict.go).
-	Parent string `json:"parent,omitempty"`
-	// fingerprint names the request (requestFingerprint). It travels in the
-	// record's headerFingerprint, beside the event rather than in it.
-	fingerprint string
-}
-
-// heartbeat is the record a region's relay publishes to every partition every
-// heartbeatInterval: "every write of mine that carries a time before
-// Watermark is in Kafka, ahead of this record". The peer's lag is measured
-// against it (lag.go).
-type heartbeat struct {
-	Region    string    `json:"region"`
-	Watermark time.Time `json:"watermark"`
-	// Partitions is how many partitions the relay sent this round's
-	// heartbeats to: the peer waits for a watermark from each of them
-	// before it reports any, so that a partition added to the topic cannot
-	// hide a write (lag.go).
-	Partitions int32 `json:"partitions,omitempty"`
-	// Seen echoes the other region's watermark as this region had applied
-	// it when the relay read Watermark (null before it has one): a time in
-	// the other region's own clock, which the other region can compare
-	// with its clock to know that this heartbeat was sent after a moment of
-	// its own, whatever the two clocks say (handlers.go, standIn).
-	Seen *time.Time `json:"seen,omitempty"`
-	// Sent is when the relay read Watermark and Seen, in this region's
-	// clock (null from a relay that sent no echo). Seen happened before
-	// Sent, so Seen − Sent is a lower bound of the other clock minus this
-	// one, whatever the clocks say: the other region uses it to measure its
-	// lag without trusting the two clocks to agree (lag.go).
-	Sent *time.Time `json:"sent,omitempty"`
-}
-
-// Kafka record headers. Every record on the topic says what it is and which
-// region produced it, so that a consumer can skip its own region's records
-// without decoding them.
-const (
-	headerKind   = "kind"   // kindEvent or kindHeartbeat
-	headerRegion = "region" // the region that produced the record
-	headerReason = "reason" // why a record went to the dead-letter queue
-	// headerFingerprint is an event's request fingerprint, so that a retry
-	// in the other region is told from a reused request id there too.
-	headerFingerprint = "request-fingerprint"
-
-	kindEvent     = "event"
-	kindHeartbeat = "heartbeat"
-)
-
-// recordHeaders are the headers of a record of the given kind produced by
-// region.
-func recordHeaders(kind, region string) []kgo.RecordHeader {
-	return []kgo.RecordHeader{{Key: headerKind, Value: []byte(kind)}, {Key: headerRegion, Value: []byte(region)}}
-}
-
-// eventRecord is the record of e on topic: keyed by the property id, from
-// the region that wrote it, with the request's fingerprint.
-func eventRecord(topic string, e event) (*kgo.Record, error) {
-	payload, err := json.Marshal(e)
-	if err != nil {
-		return nil, fmt.Errorf("encode event: %w", err)
-	}
-	return &kgo.Record{
-		Topic:   topic,
-		Key:     []byte(strconv.FormatInt(e.ID, 10)),
-		Value:   payload,
-		Headers: append(recordHeaders(kindEvent, e.RegionOrigin), kgo.RecordHeader{Key: headerFingerprint, Value: []byte(e.fingerprint)}),
-	}, nil
-}
-
-// header returns the value of a record's header, or "" if it has none.
-func header(rec *kgo.Record, key string) string {
-	for _, h := range rec.Headers {
-		if h.Key == key {
-			return string(h.Value)
-		}
-	}
-	return ""
-}
 
 // Topic settings, stated here rather than left to the broker's defaults.
 const (
@@ -151,15 +60,6 @@ const (
 	// topicRetention + topicSegment; stated, so that the bound is known.
 	topicSegment = 24 * time.Hour
 )
-
-// metadataMaxAge is how often the clients and the relay read the topic's
-// metadata again: a partition added to the topic is consumed, and gets
-// events and heartbeats, within about this long.
-const metadataMaxAge = 10 * time.Second
-
-// maxBackoff caps the wait between retries while Kafka or the database is
-// down, so that recovery is noticed within this much time.
-const maxBackoff = 2 * time.Second
 
 // replicator owns both directions of one region's replication: the relay
 // that publishes local writes and the consumer that applies the other
@@ -199,8 +99,8 @@ func newReplicator(logger *slog.Logger, db, reportDB *sql.DB, region string, bro
 		kgo.ProducerLinger(0),
 		// Uncompressed: a round's records are a few hundred bytes of JSON
 		// per partition, too few for compression to pay, and a compressed
-		// batch costs the broker a decompression to validate it (README,
-		// Benchmarks).
+		// batch costs the broker a decompression to validate it
+		// (docs/benchmarks.md).
 		kgo.ProducerBatchCompression(kgo.NoCompression()),
 		kgo.RecordDeliveryTimeout(10*time.Second),
 	)
@@ -397,94 +297,4 @@ func partitionCount(ctx context.Context, client *kgo.Client, topic string) (int3
 		}
 	}
 	return 0, fmt.Errorf("topic %s has no partitions yet", topic)
-}
-
-// backoff is the wait before retry number attempt: 100ms doubling to
-// maxBackoff.
-func backoff(attempt int) time.Duration {
-	d := 100 * time.Millisecond << min(attempt, 5)
-	return min(d, maxBackoff)
-}
-
-// sleep waits for d and reports false if ctx was cancelled first.
-func sleep(ctx context.Context, d time.Duration) bool {
-	if d <= 0 {
-		return ctx.Err() == nil
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
-}
-
-// message is one decoded record of the topic: an event or a heartbeat.
-type message struct {
-	region    string // the producing region
-	event     *event
-	heartbeat *heartbeat
-}
-
-// decodeMessage decodes and validates one record.
-func decodeMessage(rec *kgo.Record) (message, error) {
-	m := message{region: header(rec, headerRegion)}
-	if !validRegion(m.region) {
-		return m, fmt.Errorf("missing or unknown %q header %q", headerRegion, m.region)
-	}
-	switch kind := header(rec, headerKind); kind {
-	case kindHeartbeat:
-		var hb heartbeat
-		if err := strictUnmarshal(rec.Value, &hb); err != nil {
-			return m, fmt.Errorf("heartbeat: %w", err)
-		}
-		if hb.Region != m.region || hb.Watermark.IsZero() {
-			return m, errors.New("heartbeat: region or watermark missing")
-		}
-		m.heartbeat = &hb
-	case kindEvent:
-		var e event
-		if err := strictUnmarshal(rec.Value, &e); err != nil {
-			return m, fmt.Errorf("event: %w", err)
-		}
-		e.fingerprint = header(rec, headerFingerprint)
-		if err := e.validate(); err != nil {
-			return m, fmt.Errorf("event: %w", err)
-		}
-		if e.RegionOrigin != m.region {
-			return m, fmt.Errorf("event: region_origin %q differs from header %q", e.RegionOrigin, m.region)
-		}
-		if string(rec.Key) != strconv.FormatInt(e.ID, 10) {
-			return m, fmt.Errorf("event: key %q is not the property id %d", rec.Key, e.ID)
-		}
-		m.event = &e
-	default:
-		return m, fmt.Errorf("missing or unknown %q header %q", headerKind, kind)
-	}
-	return m, nil
-}
-
-// validate checks what the database would otherwise reject in the middle of
-// a batch: an event that cannot be applied is poison, not an outage. The
-// values obey the same rules as a client's (checkValues).
-func (e event) validate() error {
-	switch {
-	case e.ID < 1:
-		return errors.New("id must be positive")
-	case !validRegion(e.RegionOrigin):
-		return errors.New("unknown region_origin")
-	case e.Version < 1:
-		return errors.New("version must be positive")
-	case e.UpdatedAt.IsZero():
-		return errors.New("updated_at missing")
-	case !validRequestID(e.RequestID):
-		return errors.New("invalid request_id")
-	case !validFingerprint(e.fingerprint):
-		return fmt.Errorf("missing or invalid %q header", headerFingerprint)
-	case e.Parent != "" && !validTag(e.Parent):
-		return errors.New("parent is not a state's tag")
-	}
-	return checkValues(e.Price, e.Bedrooms, e.Bathrooms)
 }

@@ -338,7 +338,7 @@ func TestRequestReplayedInBothRegions(t *testing.T) {
 
 	const id = 207
 	version := s.current(t, "us", id).Version
-	s.stop(t, "kafka", false)
+	thawKafka := s.freeze(t, "kafka")
 	requestID := newRequestID("replayed")
 	body := fmt.Sprintf(`{"price": 207207.07, "version": %d}`, version)
 	var written []Property
@@ -349,7 +349,7 @@ func TestRequestReplayedInBothRegions(t *testing.T) {
 		}
 		written = append(written, got.Property)
 	}
-	s.start(t, "kafka")
+	thawKafka()
 	s.caughtUp(t, 90*time.Second)
 	final := waitIdentical(t, us, eu, 30*time.Second)
 
@@ -392,7 +392,7 @@ func TestETagNamesTheWriteNotTheVersion(t *testing.T) {
 	s.caughtUp(t, 30*time.Second)
 	const id = 212
 	version := s.current(t, "us", id).Version
-	s.stop(t, "kafka", false)
+	thawKafka := s.freeze(t, "kafka")
 	written := map[string]Property{}
 	tags := map[string]string{}
 	for _, region := range []string{"us", "eu"} {
@@ -407,7 +407,7 @@ func TestETagNamesTheWriteNotTheVersion(t *testing.T) {
 	if want := fmt.Sprintf(`"%d-eu"`, version+1); tags["eu"] != want {
 		t.Errorf("EU's write: ETag %q, want %q", tags["eu"], want)
 	}
-	s.start(t, "kafka")
+	thawKafka()
 	s.caughtUp(t, 90*time.Second)
 	waitIdentical(t, us, eu, 30*time.Second)
 
@@ -479,7 +479,7 @@ func TestCreateStorm(t *testing.T) {
 }
 
 // TestOvertakenWriteIsRecorded is the loss that equal versions alone do not
-// show: with Kafka down, EU writes A on version v, US writes B on v
+// show: with Kafka frozen, EU writes A on version v, US writes B on v
 // (acknowledged), and EU writes C on A. Both regions end with C, the
 // greater write, and B is gone: it must be recorded lost, naming its
 // request, at GET /{region}/conflicts of a region that found it.
@@ -489,7 +489,7 @@ func TestOvertakenWriteIsRecorded(t *testing.T) {
 	s.caughtUp(t, 30*time.Second)
 	const id = 260
 	base := s.current(t, "us", id)
-	s.stop(t, "kafka", false)
+	thawKafka := s.freeze(t, "kafka")
 	put := func(region string, version int64, requestID string, price int) response {
 		t.Helper()
 		status, servedBy, got, err := s.do("PUT", fmt.Sprintf("/%s/properties/%d", region, id), requestID, fmt.Sprintf(`{"price": %d, "version": %d}`, price, version))
@@ -502,7 +502,7 @@ func TestOvertakenWriteIsRecorded(t *testing.T) {
 	b := newRequestID("overtaken-b")
 	put("us", base.Version, b, 260002)
 	c := put("eu", base.Version+1, newRequestID("overtaken-c"), 260003)
-	s.start(t, "kafka")
+	thawKafka()
 	s.caughtUp(t, 60*time.Second)
 	waitIdentical(t, us, eu, 30*time.Second)
 	if got := s.current(t, "us", id); got.Version != c.Version || got.RegionOrigin != "eu" {

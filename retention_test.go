@@ -131,7 +131,7 @@ func TestPurgeLooksUpTheOutbox(t *testing.T) {
 func TestPurgeOneInstanceAtATime(t *testing.T) {
 	db := testDB(t)
 	ctx := context.Background()
-	const expired = 40
+	const expired = 12
 	if _, err := db.ExecContext(ctx, `
 INSERT INTO processed_requests (request_id, fingerprint, property_id, price, region_origin, version, updated_at, processed_at)
 SELECT 'turns-' || g, 'f', 1, 1, 'us', 2, now(), now() - interval '2 hours' FROM generate_series(1, $1) g`, expired); err != nil {
@@ -139,7 +139,7 @@ SELECT 'turns-' || g, 'f', 1, 1, 'us', 2, now(), now() - interval '2 hours' FROM
 	}
 	replicatedUntil(t, db, time.Now())
 	first, second := newTestPurger(db, time.Hour), newTestPurger(db, time.Hour)
-	first.batchSize, second.batchSize = 1, 1 // forty batches, each followed by a rest of purgePause at least
+	first.batchSize, second.batchSize = 1, 1 // twelve batches, each followed by a rest of purgePause at least
 	done := make(chan error, 1)
 	go func() { done <- first.round(ctx) }()
 	waitFor(t, 10*time.Second, "the first instance's first batch", func() bool { return first.stats().RequestIDs > 0 })

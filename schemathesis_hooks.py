@@ -2,7 +2,7 @@
 
 The seed listings, ids 1 to 1000, are what the benchmarks and the
 integration tests read and write, and a delete cannot be undone: the
-tombstone stays (README, "Decisions"). So a DELETE that Schemathesis aims at
+tombstone stays (docs/decisions.md). So a DELETE that Schemathesis aims at
 a seed listing goes to an id that no listing has instead, where it still
 exercises every check before the 404. Listings it created itself, and those
 the tests created, it deletes for real.

@@ -12,7 +12,12 @@
 # Usage: ./stack.sh up [single|ha] | down | ps | logs SERVICE | stop SERVICE | start SERVICE
 #                  | kill SERVICE | pause SERVICE | unpause SERVICE
 #                  | partition REGION|BACKEND | heal REGION|BACKEND | skew DATABASE OFFSET | unskew DATABASE
-#                  | test | bench | soak [DURATION [RATE]] | chaos [DURATION [SEED]]
+#                  | test | check | bench | soak [DURATION [RATE]] | chaos [DURATION [SEED]]
+#
+#   test    about 3 minutes: gofmt, vet, the compose check, promtool, and the
+#           unit and integration tests with the race detector
+#   check   about 15 minutes: Schemathesis, fuzzing, each benchmark once, the
+#           hostile clients, a 60 s fault campaign, a 2 minute soak
 #
 # The subcommands mirror docker compose's, over the same service names, so the
 # integration tests drive either stack through one command. All state (database
@@ -745,7 +750,7 @@ check_prometheus() {
 }
 
 # run_schemathesis runs Schemathesis with every check against the stack
-# through NGINX (schemathesis.toml says which statuses are the contract's;
+# through NGINX (schemathesis.toml says which statuses are the API's own;
 # schemathesis_hooks.py keeps its deletes off the seed listings).
 # SCHEMATHESIS_EXAMPLES sets the cases per operation and phase.
 run_schemathesis() {
@@ -765,7 +770,7 @@ run_schemathesis() {
 
 # fuzz_briefly runs every fuzz target for FUZZ_TIME (20,000 executions)
 # each: enough to catch a parser that panics on its seed corpus'
-# neighbours; a long run is the README's command. A count, not a duration:
+# neighbours; a long run is docs/testing.md's command. A count, not a duration:
 # with a duration, Go's fuzzing coordinator can report its own deadline as
 # a failure on a loaded machine (golang/go#75804).
 fuzz_briefly() {
@@ -778,46 +783,59 @@ fuzz_briefly() {
 	echo "fuzz: every target ran ${FUZZ_TIME:-20000x} without a failure"
 }
 
+# cmd_test is the README's test command, about three minutes against a
+# running stack: gofmt, go vet under every build tag, the compose file's
+# invariants, promtool, and every unit and integration test once with the
+# race detector. The longer checks are cmd_check's.
 cmd_test() {
-	cmd_up
+	cmd_up >/dev/null
 	test_env
 	cd "$root"
-	local unformatted
+	local unformatted tags
 	unformatted=$(gofmt -l .)
 	[ -z "$unformatted" ] || die "gofmt would change: $unformatted"
-	go vet ./...
-	go vet -tags=integration ./...
-	go vet -tags=integration,soak ./...
-	go vet -tags=integration,chaos ./...
-	go vet -tags=integration,hostile ./...
-	go vet -tags=integration,ha ./...
+	for tags in "" integration integration,soak integration,chaos integration,hostile integration,ha; do
+		go vet ${tags:+-tags=$tags} ./...
+	done
 	check_compose
 	local out="$state/logs/test.log" status=0
+	check_prometheus || { status=1; echo "promtool: FAILED"; }
 	# One run: the integration tag adds the stack's tests to the unit tests,
 	# so every test runs exactly once and the count below counts each once.
-	log "unit and integration tests"
+	log "unit and integration tests, with the race detector"
 	go test -race -count=1 -v -tags=integration -timeout 30m -run "${TEST_RUN:-.}" ./... >"$out" 2>&1 || status=$?
-	log "benchmarks, once each (figures come from ./stack.sh bench)"
-	go test -tags=integration -run '^$' -bench . -benchtime=1x -count=1 ./... >>"$out" 2>&1 || status=$?
-	grep -E '^\s*(--- FAIL|FAIL|ok )|^\s+\S+_test\.go:[0-9]+:|^Benchmark' "$out" || true
+	grep -E '^\s*(--- FAIL|FAIL|ok )|^\s+\S+_test\.go:[0-9]+:' "$out" || true
 	local passed failed
 	passed=$(grep -c -- '--- PASS' "$out" || true)
 	failed=$(grep -c -- '--- FAIL' "$out" || true)
 	echo "full log: $out"
 	echo "$passed passed, $failed failed (tests and subtests)"
-	check_prometheus || { status=1; echo "promtool: FAILED"; }
+	return "$status"
+}
+
+# cmd_check runs what ./stack.sh test leaves out, about fifteen minutes:
+# Schemathesis, the fuzz targets, each benchmark once, the hostile-client
+# run, a one-minute fault campaign and a two-minute soak. CI runs both.
+cmd_check() {
+	cmd_up >/dev/null
+	test_env
+	cd "$root"
+	local out="$state/logs/check.log" status=0
 	run_schemathesis || { status=1; echo "Schemathesis: FAILED, see $state/logs/schemathesis.log"; }
 	: >"$state/logs/fuzz.log"
 	fuzz_briefly || { status=1; echo "fuzz: FAILED, see $state/logs/fuzz.log"; }
+	log "benchmarks, once each (figures come from ./stack.sh bench)"
+	go test -tags=integration -run '^$' -bench . -benchtime=1x -count=1 ./... >"$out" 2>&1 || status=$?
+	grep -E '^\s*(--- FAIL|FAIL|ok )|^\s+\S+_test\.go:[0-9]+:|^Benchmark' "$out" || true
 	# Hostile clients for 40 s, beside a steady load (hostile_test.go).
 	log "hostile clients"
-	go test -count=1 -tags=integration,hostile -run '^TestHostileClients$' -v . 2>&1 | tee "$state/logs/hostile.log" |
-		grep -E '^(---|ok|FAIL)|hostile_test' || true
-	grep -q -- '--- PASS: TestHostileClients' "$state/logs/hostile.log" || { status=1; echo "hostile clients: FAILED, see $state/logs/hostile.log"; }
+	go test -count=1 -tags=integration,hostile -run '^TestHostileClients$' -v . >"$state/logs/hostile.log" 2>&1 || status=1
+	grep -E '^(---|ok|FAIL)|hostile_test' "$state/logs/hostile.log" || true
 	# A short fault campaign with a fixed seed: every checker rule must pass.
 	(cmd_chaos 60s 1) || status=1
 	# Last: it restarts the backends (with a short retention, then back).
 	(cmd_soak 2m 100) | grep -E '^\s*\||^(--- |ok|FAIL|PASS)|slope|Statuses|not judged' || status=1
+	[ "$status" = 0 ] && log "check: everything passed" || log "check: FAILED"
 	return "$status"
 }
 
@@ -865,6 +883,7 @@ main() {
 	stop) stop_service "${1:?usage: stack.sh stop SERVICE}" TERM ;;
 	kill) stop_service "${1:?usage: stack.sh kill SERVICE}" KILL ;;
 	test) cmd_test ;;
+	check) cmd_check ;;
 	soak) cmd_soak "$@" ;;
 	chaos) cmd_chaos "$@" ;;
 	pause) signal_service "${1:?usage: stack.sh pause SERVICE}" STOP ;;

@@ -32,6 +32,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -150,6 +151,20 @@ func (s *stack) stop(t *testing.T, service string, crash bool) {
 		action = "kill"
 	}
 	s.control(t, action, service)
+}
+
+// freeze pauses a service (SIGSTOP, or docker compose pause: its
+// connections stay open and silent, as a hung process's do) and returns
+// the function that resumes it, which t.Cleanup also calls. For a test
+// that only needs Kafka away for a moment, a freeze costs nothing to undo,
+// where a stop and a start cost the broker's restart, seconds each.
+func (s *stack) freeze(t *testing.T, service string) (thaw func()) {
+	t.Helper()
+	var once sync.Once
+	thaw = func() { once.Do(func() { s.control(t, "unpause", service) }) }
+	t.Cleanup(thaw)
+	s.control(t, "pause", service)
+	return thaw
 }
 
 // start starts a service and waits until both regions answer healthy from
@@ -308,24 +323,34 @@ func (s *stack) caughtUp(t *testing.T, timeout time.Duration) {
 // allProperties reads a region's whole properties table, ordered by id.
 func allProperties(t *testing.T, db *sql.DB) []Property {
 	t.Helper()
-	rows, err := db.QueryContext(context.Background(),
-		`SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted FROM properties ORDER BY id`)
+	all, err := readAll(db)
 	if err != nil {
 		t.Fatalf("read properties: %v", err)
+	}
+	return all
+}
+
+// readAll is allProperties without a test to fail.
+func readAll(db *sql.DB) ([]Property, error) {
+	rows, err := db.Query(`SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted FROM properties ORDER BY id`)
+	if err != nil {
+		return nil, err
 	}
 	defer rows.Close()
 	var all []Property
 	for rows.Next() {
 		p, err := scanProperty(rows)
 		if err != nil {
-			t.Fatalf("read properties: %v", err)
+			return nil, err
 		}
 		all = append(all, p)
 	}
-	if err := rows.Err(); err != nil {
-		t.Fatalf("read properties: %v", err)
-	}
-	return all
+	return all, rows.Err()
+}
+
+// stackBrokers are the stack's Kafka brokers (STACK_KAFKA).
+func stackBrokers() []string {
+	return stackBrokers()
 }
 
 // waitIdentical waits until both databases hold identical properties tables

@@ -96,7 +96,7 @@ func TestPurgePausesOnUnsafeTopic(t *testing.T) {
 	ctx := context.Background()
 	replicatedUntil(t, db, time.Now())
 	topic := fmt.Sprintf("test-purge-pause-%d", time.Now().UnixNano())
-	brokers := strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")
+	brokers := stackBrokers()
 	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), db, db, "us", brokers, topic, 1, defaultRetention)
 	if err != nil {
 		t.Fatal(err)
