@@ -18,23 +18,32 @@
 //     conditional requests (If-None-Match, If-Match) that use it.
 //   - idempotency.go: X-Request-ID, and how a retried request is recognised in
 //     either region.
-//   - handlers.go: the routes, request decoding and validation, and the one
-//     function that maps errors to status codes.
+//   - handlers.go: the routes and a handler for each, with the validation
+//     of what each request names.
+//   - json.go: the one strict JSON decoder, for request bodies and events,
+//     and reading and writing the HTTP bodies.
+//   - errors.go: the one function that turns an error into a status code
+//     and a JSON body.
+//   - standin.go: a region answering for the other (NGINX's failover), and
+//     when it may refuse a write.
 //   - middleware.go: what every response goes through: JSON for the mux's
 //     own answers, a panic made a 500, X-Served-By, the request log.
-//   - json.go: the one strict JSON decoder, for request bodies and events.
 //   - database.go: the two connection pools, for requests and replication,
 //     and the lock and statement timeouts that keep a request from
 //     committing after its client gave up.
-//   - replicate.go: how a write reaches the other region, the records on the
-//     topic, and the replicator that runs the two halves below.
+//   - replicate.go: how a write reaches the other region, and the
+//     replicator that runs the parts below.
+//   - records.go: the records on the topic (events, heartbeats, dead
+//     letters) and how they are decoded.
 //   - relay.go: the transactional outbox's relay, which publishes local
 //     writes to Kafka, and its heartbeats.
-//   - consume.go: the consumer, which applies the other region's writes,
-//     and stops, loudly, if the broker lost events it needs.
-//   - deadletter.go: where a record the consumer cannot apply goes.
-//   - conflict.go: the conflict rule that makes both databases converge, and
-//     the batch apply that carries it out.
+//   - consume.go: the consumer, which reads the other region's records and
+//     stops, loudly, if the broker lost events it needs.
+//   - apply.go: the transaction that applies a batch of them: the conflict
+//     rule, the request records, the lost writes, the dead letters, the
+//     position in the topic.
+//   - conflict.go: the conflict rule that makes both databases converge,
+//     and the lost writes it leaves, served at GET /{region}/conflicts.
 //   - lag.go: what the replication lag means and how it is measured.
 //   - retention.go: how long request ids and tombstones are kept, and the
 //     purge that deletes them after.

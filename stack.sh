@@ -12,7 +12,7 @@
 # Usage: ./stack.sh up [single|ha] | down | ps | logs SERVICE | stop SERVICE | start SERVICE
 #                  | kill SERVICE | pause SERVICE | unpause SERVICE
 #                  | partition REGION|BACKEND | heal REGION|BACKEND | skew DATABASE OFFSET | unskew DATABASE
-#                  | test | check | bench | soak [DURATION [RATE]] | chaos [DURATION [SEED]]
+#                  | test | check | bench | soak [DURATION [RATE [NAME]]] | chaos [DURATION [SEED [NAME]]]
 #
 #   test    about 3 minutes: gofmt, vet, the compose check, promtool, and the
 #           unit and integration tests with the race detector
@@ -845,19 +845,34 @@ cmd_check() {
 # threads, goroutines, heap, table and log sizes and latency; it writes
 # .stack/soak/report.md and .stack/soak/soak.svg and fails a figure that
 # keeps growing.
+# cmd_soak DURATION RATE [NAME] runs the soak (soak_test.go); its report,
+# picture and samples go to .stack/soak, and with NAME also to
+# docs/NAME.md, .svg and .csv, where the measured runs are kept.
 cmd_soak() {
-	local duration=${1:-2m} rate=${2:-200}
+	local duration=${1:-2m} rate=${2:-200} name=${3:-} status=0
 	log "soak: $rate requests/s for $duration"
-	SOAK_DURATION=$duration SOAK_RATE=$rate SOAK_OUT="$state/soak" long_test soak TestSoak
+	SOAK_DURATION=$duration SOAK_RATE=$rate SOAK_OUT="$state/soak" long_test soak TestSoak || status=$?
+	if [ -n "$name" ] && [ -f "$state/soak/report.md" ]; then
+		cp "$state/soak/report.md" "$root/docs/$name.md"
+		cp "$state/soak/soak.svg" "$root/docs/$name.svg"
+		cp "$state/soak/samples.csv" "$root/docs/$name.csv"
+		log "soak: report in docs/$name.md"
+	fi
+	return "$status"
 }
 
 # cmd_chaos DURATION SEED runs the fault campaign (chaos_test.go) against
 # the local stack: clients writing through NGINX while faults chosen by SEED
 # come and go, then the checker; it writes .stack/chaos/report.md.
 cmd_chaos() {
-	local duration=${1:-60s} seed=${2:-$RANDOM}
+	local duration=${1:-60s} seed=${2:-$RANDOM} name=${3:-} status=0
 	log "chaos: $duration, seed $seed, topology $(topology)"
-	CHAOS_DURATION=$duration CHAOS_SEED=$seed CHAOS_OUT="$state/chaos" long_test chaos TestChaos
+	CHAOS_DURATION=$duration CHAOS_SEED=$seed CHAOS_OUT="$state/chaos" long_test chaos TestChaos || status=$?
+	if [ -n "$name" ] && [ -f "$state/chaos/report.md" ]; then
+		cp "$state/chaos/report.md" "$root/docs/$name.md"
+		log "chaos: report in docs/$name.md"
+	fi
+	return "$status"
 }
 
 # long_test TAG TEST: bring the stack up and run one long test, behind its
