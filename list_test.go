@@ -49,17 +49,7 @@ func TestListProperties(t *testing.T) {
 		}
 		filter.Set("cursor", *page.NextCursor)
 	}
-	var want []int64
-	rows, err := db.Query(`SELECT id FROM properties WHERE bedrooms >= 4 AND region_origin = 'eu' AND price >= 1000000.25 ORDER BY id`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for rows.Next() {
-		var id int64
-		rows.Scan(&id)
-		want = append(want, id)
-	}
-	rows.Close()
+	want := queryIDs(t, db, `SELECT id FROM properties WHERE bedrooms >= 4 AND region_origin = 'eu' AND price >= 1000000.25 ORDER BY id`)
 	if len(want) < 8 {
 		t.Fatalf("the filter matches %d listings; the test needs more than one page of 7", len(want))
 	}
@@ -127,20 +117,29 @@ func TestListPropertiesReadsABoundedWindow(t *testing.T) {
 		}
 		filter.afterID, _ = decodeCursor(*page.NextCursor)
 	}
-	var want []int64
-	rows, err := db.Query(`SELECT id FROM properties WHERE bedrooms >= 4 AND region_origin = 'eu' AND NOT deleted ORDER BY id`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for rows.Next() {
-		var id int64
-		rows.Scan(&id)
-		want = append(want, id)
-	}
-	rows.Close()
+	want := queryIDs(t, db, `SELECT id FROM properties WHERE bedrooms >= 4 AND region_origin = 'eu' AND NOT deleted ORDER BY id`)
 	if diff := cmp.Diff(want, seen); diff != "" {
 		t.Errorf("pages of windows of 10 (-database +pages):\n%s", diff)
 	}
+}
+
+// queryIDs runs a query of ids and returns them, in its order.
+func queryIDs(t *testing.T, db *sql.DB, query string) []int64 {
+	t.Helper()
+	rows, err := db.Query(query)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var ids []int64
+	for rows.Next() {
+		var id int64
+		if err := rows.Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	return ids
 }
 
 // mostRowsRead is the most rows any node of an EXPLAIN (ANALYZE, FORMAT
