@@ -350,7 +350,7 @@ func readAll(db *sql.DB) ([]Property, error) {
 
 // stackBrokers are the stack's Kafka brokers (STACK_KAFKA).
 func stackBrokers() []string {
-	return stackBrokers()
+	return strings.Split(setting("STACK_KAFKA", "localhost:9092"), ",")
 }
 
 // waitIdentical waits until both databases hold identical properties tables
