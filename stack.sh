@@ -16,7 +16,7 @@
 #
 #   test    about 3 minutes: gofmt, vet, the compose check, promtool, and the
 #           unit and integration tests with the race detector
-#   check   about 15 minutes: Schemathesis, fuzzing, each benchmark once, the
+#   check   about 8 minutes: Schemathesis, fuzzing, each benchmark once, the
 #           hostile clients, a 60 s fault campaign, a 2 minute soak
 #
 # The subcommands mirror docker compose's, over the same service names, so the
@@ -813,7 +813,7 @@ cmd_test() {
 	return "$status"
 }
 
-# cmd_check runs what ./stack.sh test leaves out, about fifteen minutes:
+# cmd_check runs what ./stack.sh test leaves out, about eight minutes:
 # Schemathesis, the fuzz targets, each benchmark once, the hostile-client
 # run, a one-minute fault campaign and a two-minute soak. CI runs both.
 cmd_check() {
