@@ -372,7 +372,14 @@ func TestRequestReplayedInBothRegions(t *testing.T) {
 			t.Errorf("the record of request %s differs from the surviving write (-want +got):\n%s", requestID, diff)
 		}
 	}
-	conflictsAfter, replaysAfter := counters()
+	// The counters are counted as each batch commits, and the lag report
+	// that carries them may be up to reportInterval old (lag.go): they are
+	// waited for, not read once.
+	var conflictsAfter, replaysAfter map[string]int64
+	waitFor(t, 10*time.Second, "both regions to count the replay", func() bool {
+		conflictsAfter, replaysAfter = counters()
+		return replaysAfter["us"] > replaysBefore["us"] && replaysAfter["eu"] > replaysBefore["eu"]
+	})
 	for _, region := range []string{"us", "eu"} {
 		if conflictsAfter[region] != conflictsBefore[region] || replaysAfter[region] < replaysBefore[region]+1 {
 			t.Errorf("%s: conflicts %d -> %d, replays %d -> %d; want conflicts unchanged and the replay counted", region,

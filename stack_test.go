@@ -309,6 +309,10 @@ func decodeJSON(resp *http.Response, v any) error {
 // outbox backlog, no unread records, and a lag under a second.
 func (s *stack) caughtUp(t *testing.T, timeout time.Duration) {
 	t.Helper()
+	// A backend serves a lag report read up to reportInterval ago (lag.go):
+	// one read before the writes this call is meant to wait for would say
+	// there is nothing to wait for.
+	time.Sleep(reportInterval + 10*time.Millisecond)
 	waitFor(t, timeout, "both regions to catch up", func() bool {
 		for _, region := range []string{"us", "eu"} {
 			r := s.lag(t, region)
