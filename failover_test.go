@@ -98,7 +98,7 @@ func (l *clientLoop) snapshot() (total int, served, writes map[string]int, failu
 }
 
 // checkCannotTell fails the test for a PUT answered 502 or 503 other than
-// by a stand-in that could not tell (handlers.go, standIn): NGINX's log
+// by a stand-in that could not tell (standin.go): NGINX's log
 // must show the other region's 503 for it (then NGINX's own 502, when the
 // primary it tried next was still marked down).
 func (l *clientLoop) checkCannotTell(t *testing.T, s *stack) {

@@ -159,7 +159,7 @@ CREATE TABLE IF NOT EXISTS replication_watermarks (
 -- seen is the echo the peer's heartbeat carried: this region's own
 -- watermark as the peer had applied it when it sent the heartbeat, in this
 -- region's clock. A stand-in compares it with this database's clock, never
--- with the peer's (handlers.go, standIn).
+-- with the peer's (standin.go).
 ALTER TABLE replication_watermarks ADD COLUMN IF NOT EXISTS seen TIMESTAMPTZ;
 -- echo_bound is the latest echoing heartbeat's watermark carried into this
 -- database's clock, at its earliest, and echo_seen the echo it came from:

@@ -55,7 +55,7 @@ type heartbeat struct {
 	// it when the relay read Watermark (null before it has one): a time in
 	// the other region's own clock, which the other region can compare
 	// with its clock to know that this heartbeat was sent after a moment of
-	// its own, whatever the two clocks say (handlers.go, standIn).
+	// its own, whatever the two clocks say (standin.go).
 	Seen *time.Time `json:"seen,omitempty"`
 	// Sent is when the relay read Watermark and Seen, in this region's
 	// clock (null from a relay that sent no echo). Seen happened before

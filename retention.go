@@ -36,7 +36,7 @@ package main
 // An event that arrives older than RETENTION for a listing this region holds
 // no row of cannot be told from one whose tombstone was purged. It is not
 // applied: it goes to the dead-letter queue with the reason, and is counted
-// and logged (conflict.go, consume.go).
+// and logged (apply.go).
 //
 // The bound this puts on idempotency: a retry that comes more than
 // RETENTION after its request was applied is a new write.
