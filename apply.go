@@ -380,16 +380,13 @@ func (c *consumer) commit(ctx context.Context, tx *sql.Tx, b batch, partitions i
 		}
 	}
 	for partition, mk := range b.watermarks {
-		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, mk.watermark, maxClockSkew.Milliseconds(), mk.seen, mk.bound, mk.echo); err != nil {
+		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, mk.watermark, maxClockSkew.Milliseconds(), mk.seen, mk.bound, mk.echo, mk.published); err != nil {
 			return fmt.Errorf("save watermark: %w", err)
 		}
 	}
-	ps, offsets := make([]int32, 0, len(b.next)), make([]int64, 0, len(b.next))
-	for p, next := range b.next {
-		ps, offsets = append(ps, p), append(offsets, next)
-	}
-	if _, err := tx.ExecContext(ctx, savePositionsSQL, c.topic, ps, offsets); err != nil {
-		return fmt.Errorf("save position: %w", err)
+	ahead, err := c.savePositions(ctx, tx, b.next)
+	if err != nil {
+		return err
 	}
 	if len(b.dead) > 0 {
 		if err := c.producer.ProduceSync(ctx, b.dead...).FirstErr(); err != nil {
@@ -400,7 +397,48 @@ func (c *consumer) commit(ctx context.Context, tx *sql.Tx, b batch, partitions i
 		return fmt.Errorf("commit: %w", err)
 	}
 	c.declared = max(c.declared, partitions)
+	c.ahead = ahead
 	return nil
+}
+
+// savePositions saves where the region stands in each partition after the
+// batch (next), and returns the partitions whose stored position is ahead
+// of it: a rejoin moved them past the records a snapshot brought
+// (rejoin.go), and the consumer reads on from there (handle). While the
+// region waits for a snapshot, nothing is saved, and the batch is refused
+// with errRejoining, to be applied after it.
+func (c *consumer) savePositions(ctx context.Context, tx *sql.Tx, next map[int32]int64) (ahead map[int32]int64, err error) {
+	ps, offsets := make([]int32, 0, len(next)), make([]int64, 0, len(next))
+	for p, n := range next {
+		ps, offsets = append(ps, p), append(offsets, n)
+	}
+	rows, err := tx.QueryContext(ctx, savePositionsSQL, c.topic, ps, offsets)
+	if err != nil {
+		return nil, fmt.Errorf("save position: %w", err)
+	}
+	defer rows.Close()
+	saved := 0
+	for rows.Next() {
+		var p int32
+		var stored int64
+		if err := rows.Scan(&p, &stored); err != nil {
+			return nil, fmt.Errorf("save position: %w", err)
+		}
+		saved++
+		if stored > next[p] {
+			if ahead == nil {
+				ahead = map[int32]int64{}
+			}
+			ahead[p] = stored
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("save position: %w", err)
+	}
+	if saved == 0 {
+		return nil, errRejoining
+	}
+	return ahead, nil
 }
 
 // saveWatermarkSQL moves a partition's watermark forward, never back: a
@@ -411,12 +449,14 @@ func (c *consumer) commit(ctx context.Context, tx *sql.Tx, b batch, partitions i
 // this database's clock without a margin: it is a time of this region's own,
 // so a later one is forged. The watermark in this region's clock ($7) and
 // the echo it was computed from ($8) are the latest heartbeat's that had
-// them, not the greatest: both must come from one heartbeat (lag.go).
+// them, not the greatest: both must come from one heartbeat (lag.go). The
+// peer's highest published seq ($9) only grows (rejoin.go).
 const saveWatermarkSQL = `
-INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, seen, echo_bound, echo_seen, applied_at)
-VALUES ($1, $2, $3, LEAST($4, clock_timestamp() + $5 * interval '1 millisecond'), LEAST($6, clock_timestamp()), $7, $8, now())
+INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, seen, echo_bound, echo_seen, published, applied_at)
+VALUES ($1, $2, $3, LEAST($4, clock_timestamp() + $5 * interval '1 millisecond'), LEAST($6, clock_timestamp()), $7, $8, $9, now())
 ON CONFLICT (peer_region, partition) DO UPDATE
 SET watermark  = GREATEST(replication_watermarks.watermark, EXCLUDED.watermark),
+    published  = GREATEST(replication_watermarks.published, EXCLUDED.published),
     seen       = GREATEST(replication_watermarks.seen, EXCLUDED.seen),
     echo_bound = coalesce(EXCLUDED.echo_bound, replication_watermarks.echo_bound),
     echo_seen  = coalesce(EXCLUDED.echo_seen, replication_watermarks.echo_seen),
@@ -426,12 +466,17 @@ SET watermark  = GREATEST(replication_watermarks.watermark, EXCLUDED.watermark),
 // savePositionsSQL moves this region's position in partitions $2 of topic
 // $1 to offsets $3, never back: an instance that lost its partitions while
 // applying a batch must not undo what the instance that took them over has
-// applied since.
+// applied since, nor a batch read before a rejoin what the rejoin's
+// snapshot brought. It saves nothing while the region waits for a snapshot
+// (a rejoin row before its phase 'log'), and returns the positions as they
+// stand after it.
 const savePositionsSQL = `
 INSERT INTO replication_positions (topic, partition, next_offset)
 SELECT $1, p.partition, p.next_offset FROM unnest($2::int[], $3::bigint[]) AS p(partition, next_offset)
+WHERE NOT EXISTS (SELECT FROM rejoin WHERE phase <> 'log')
 ON CONFLICT (topic, partition) DO UPDATE
-SET next_offset = GREATEST(replication_positions.next_offset, EXCLUDED.next_offset)`
+SET next_offset = GREATEST(replication_positions.next_offset, EXCLUDED.next_offset)
+RETURNING partition, next_offset`
 
 // holdNewPartitionsSQL gives each partition the peer declares ($2) and this
 // region has no watermark of a watermark: the smallest of the others, as

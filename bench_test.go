@@ -805,7 +805,7 @@ func BenchmarkRelayDrain(b *testing.B) {
 	b.Cleanup(func() { relayDB.Close() })
 	topic := fmt.Sprintf("bench-drain-%d", time.Now().UnixNano())
 	brokers := stackBrokers()
-	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), relayDB, relayDB, "us", brokers, topic, 1, defaultRetention)
+	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), relayDB, relayDB, "us", brokers, topic, 1, defaultRetention, nil)
 	if err != nil {
 		b.Fatal(err)
 	}

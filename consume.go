@@ -66,6 +66,10 @@ type consumer struct {
 	// declared is the most partitions the peer's heartbeats have declared
 	// as this consumer knows (commit); only the consumer's goroutine uses it.
 	declared int32
+	// ahead is what the last committed batch found: partitions whose stored
+	// position a rejoin moved past the batch (savePositions); the consumer
+	// goes on from there. Only the consumer's goroutine uses it.
+	ahead map[int32]int64
 
 	stats replicationStats
 }
@@ -275,6 +279,8 @@ type mark struct {
 	// one heartbeat, so that a step of the peer's clock cancels out), and
 	// echo the Seen it came from; nil without an echo (lag.go).
 	bound, echo *time.Time
+	// published is the greatest heartbeat.Published.
+	published int64
 }
 
 // batch is one poll's records, sorted out: the peer's events to apply (and
@@ -314,6 +320,7 @@ func (c *consumer) decodeRecords(records []*kgo.Record) batch {
 			if w := m.heartbeat.Watermark; w.After(mk.watermark) {
 				mk.watermark = w
 			}
+			mk.published = max(mk.published, m.heartbeat.Published)
 			if seen := m.heartbeat.Seen; seen != nil && (mk.seen == nil || seen.After(*mk.seen)) {
 				mk.seen = seen
 			}
@@ -361,6 +368,7 @@ func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions
 		return false
 	}
 	c.stats.deadLettered.Add(int64(len(b.dead)))
+	c.seekAhead()
 	// Counted and logged only once committed, so a retried batch counts once.
 	for i, e := range b.events {
 		c.count(e, outcomes[i])
@@ -372,6 +380,24 @@ func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions
 			"won_request_id", l.won.requestID, "won", l.won.tag())
 	}
 	return true
+}
+
+// seekAhead moves the consumer to the stored positions the last batch
+// found ahead of it (savePositions): what lies between was brought by a
+// rejoin's snapshot and its replay of the log. It runs between a poll and
+// AllowRebalance, so that no partition can be revoked meanwhile, as
+// SetOffsets asks.
+func (c *consumer) seekAhead() {
+	if len(c.ahead) == 0 {
+		return
+	}
+	to := map[int32]kgo.EpochOffset{}
+	for p, next := range c.ahead {
+		to[p] = kgo.EpochOffset{Epoch: -1, Offset: next}
+	}
+	c.client.SetOffsets(map[string]map[int32]kgo.EpochOffset{c.topic: to})
+	c.logger.Info("consume: reading on from the positions a rejoin left", "positions", c.ahead)
+	c.ahead = nil
 }
 
 // retry runs f until it succeeds, with backoff between attempts, and returns
@@ -392,7 +418,7 @@ func (c *consumer) retry(ctx context.Context, what string, detached bool, f func
 		if err == nil {
 			return true
 		}
-		if attempt%10 == 0 {
+		if attempt%10 == 0 && !errors.Is(err, errRejoining) {
 			c.logger.Warn("consume: "+what+" failed; retrying", "attempt", attempt+1, "err", err)
 		}
 		if !sleep(ctx, backoff(attempt)) {

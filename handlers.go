@@ -44,17 +44,24 @@ func newServer(logger *slog.Logger, region string, db *sql.DB, rep replication, 
 // serves either region's traffic, which is what NGINX failover needs. NGINX
 // passes on only the prefixed ones.
 func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.DB, rep replication, metrics http.Handler) {
-	notify, lag, stopped := rep.notify, rep.lagReport, rep.stoppedReason
+	notify, lag, stopped, state := rep.notify, rep.lagReport, rep.stoppedReason, rep.rejoinStatus
+	// The listings are served only while the region serves (rejoin.go):
+	// until then a 503 sends their clients to the other region.
+	listings := func(h http.Handler) http.Handler { return knownRegion(logger, whileServing(state, h)) }
 	mux.Handle("GET /metrics", metrics)
-	mux.Handle("GET /health", handleHealth(region, db, stopped))
-	mux.Handle("GET /{region}/health", knownRegion(logger, handleHealth(region, db, stopped)))
-	mux.Handle("GET /{region}/properties/{id}", knownRegion(logger, handleGetProperty(logger, db)))
-	mux.Handle("PUT /{region}/properties/{id}", knownRegion(logger, handleUpdateProperty(logger, region, db, notify)))
-	mux.Handle("DELETE /{region}/properties/{id}", knownRegion(logger, handleDeleteProperty(logger, region, db, notify)))
-	mux.Handle("POST /{region}/properties", knownRegion(logger, handleCreateProperty(logger, region, db, notify)))
-	mux.Handle("GET /{region}/properties", knownRegion(logger, handleListProperties(logger, db)))
-	mux.Handle("GET /{region}/replication-lag", knownRegion(logger, handleReplicationLag(logger, lag)))
-	mux.Handle("GET /{region}/conflicts", knownRegion(logger, handleListConflicts(logger, db)))
+	mux.Handle("GET /health", handleHealth(region, db, stopped, state))
+	mux.Handle("GET /{region}/health", knownRegion(logger, handleHealth(region, db, stopped, state)))
+	mux.Handle("GET /{region}/properties/{id}", listings(handleGetProperty(logger, db)))
+	mux.Handle("PUT /{region}/properties/{id}", listings(handleUpdateProperty(logger, region, db, notify)))
+	mux.Handle("DELETE /{region}/properties/{id}", listings(handleDeleteProperty(logger, region, db, notify)))
+	mux.Handle("POST /{region}/properties", listings(handleCreateProperty(logger, region, db, notify)))
+	mux.Handle("GET /{region}/properties", listings(handleListProperties(logger, db)))
+	mux.Handle("GET /{region}/replication-lag", knownRegion(logger, handleReplicationLag(logger, lag, state)))
+	mux.Handle("GET /{region}/conflicts", listings(handleListConflicts(logger, db)))
+	// Between the regions' backends, never through NGINX, which forwards
+	// only the region prefixes (rejoin.go, snapshot.go).
+	mux.Handle("GET /internal/published/{region}", handlePublished(logger, db))
+	mux.Handle("GET /internal/snapshot/{region}", rep.snapshot())
 }
 
 // replication is what the handlers need of the replicator (replicate.go).
@@ -73,27 +80,80 @@ type replication interface {
 	// purgeStats is what the purge of expired request ids and tombstones
 	// has done (retention.go).
 	purgeStats() purgeStats
+	// rejoinStatus is whether the region serves, and if not, why and how
+	// far its rejoining has come (rejoin.go).
+	rejoinStatus() rejoinStatus
+	// snapshot serves this region's snapshot to the other (snapshot.go).
+	snapshot() http.Handler
 }
 
-// handleHealth answers 200 when the database answers, and 503 otherwise so
-// that NGINX moves the region's traffic to the other backend. A replication
-// that stopped for good (stopped) is said in the body, not in the status:
-// the region still serves its clients, and NGINX must not move them.
-func handleHealth(region string, db *sql.DB, stopped func() string) http.Handler {
+// handleHealth answers 200 when the database answers and the region
+// serves, and 503 otherwise so that NGINX moves the region's traffic to the
+// other backend: a region that is starting or rejoining (state) says so,
+// with its progress. A replication that stopped for good (stopped) is said
+// in the body, not in the status: the region still serves its clients, and
+// NGINX must not move them.
+func handleHealth(region string, db *sql.DB, stopped func() string, state func() rejoinStatus) http.Handler {
 	type response struct {
-		Status             string `json:"status"`
-		Region             string `json:"region"`
-		Error              string `json:"error,omitempty"`
-		ReplicationStopped string `json:"replication_stopped,omitempty"`
+		Status             string        `json:"status"`
+		Region             string        `json:"region"`
+		Error              string        `json:"error,omitempty"`
+		ReplicationStopped string        `json:"replication_stopped,omitempty"`
+		Rejoining          *rejoinStatus `json:"rejoining,omitempty"`
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), time.Second)
 		defer cancel()
 		if err := db.PingContext(ctx); err != nil {
-			encode(w, http.StatusServiceUnavailable, response{"unavailable", region, "database unreachable", stopped()})
+			encode(w, http.StatusServiceUnavailable, response{"unavailable", region, "database unreachable", stopped(), nil})
+			return
+		}
+		if s := state(); s.State != stateServing {
+			encode(w, http.StatusServiceUnavailable, response{Status: s.State, Region: region, ReplicationStopped: stopped(), Rejoining: &s})
 			return
 		}
 		encode(w, http.StatusOK, response{Status: "ok", Region: region, ReplicationStopped: stopped()})
+	})
+}
+
+// errNotServing is a request to a region that is starting or rejoining
+// (rejoin.go).
+var errNotServing = errors.New("this region is not serving yet")
+
+// whileServing answers 503, with Retry-After, while the region is not
+// serving, so that NGINX sends the request to the other region.
+func whileServing(state func() rejoinStatus, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if s := state(); s.State != stateServing {
+			w.Header().Set("Retry-After", "1")
+			encode(w, http.StatusServiceUnavailable, errorBody{Error: "this region is " + s.State + "; the other region serves its listings meanwhile"})
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// handlePublished answers the other region's check (rejoin.go): the
+// highest outbox seq of {region}'s events that this region has seen it
+// publish.
+func handlePublished(logger *slog.Logger, db *sql.DB) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		region := r.PathValue("region")
+		if !validRegion(region) {
+			encodeError(w, r, logger, errUnknownRegion)
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
+		defer cancel()
+		var published int64
+		if err := db.QueryRowContext(ctx, snapshotPublishedSQL, region).Scan(&published); err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		encode(w, http.StatusOK, struct {
+			Region    string `json:"region"`
+			Published int64  `json:"published"`
+		}{region, published})
 	})
 }
 
@@ -381,7 +441,7 @@ type lagFunc func(context.Context) (LagReport, error)
 
 // handleReplicationLag reports how far this region trails the other one; see
 // lag.go for what the number means.
-func handleReplicationLag(logger *slog.Logger, lag lagFunc) http.Handler {
+func handleReplicationLag(logger *slog.Logger, lag lagFunc, state func() rejoinStatus) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
 		defer cancel()
@@ -389,6 +449,9 @@ func handleReplicationLag(logger *slog.Logger, lag lagFunc) http.Handler {
 		if err != nil {
 			encodeError(w, r, logger, err)
 			return
+		}
+		if s := state(); s.State != stateServing {
+			report.Rejoining = &s
 		}
 		encode(w, http.StatusOK, report)
 	})

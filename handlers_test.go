@@ -54,6 +54,14 @@ func (r idleReplication) stoppedReason() string  { return "" }
 func (r idleReplication) produceErrors() int64   { return 0 }
 func (r idleReplication) published() int64       { return 0 }
 func (r idleReplication) purgeStats() purgeStats { return purgeStats{} }
+func (r idleReplication) rejoinStatus() rejoinStatus {
+	return rejoinStatus{State: stateServing}
+}
+func (r idleReplication) snapshot() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		encode(w, http.StatusServiceUnavailable, errorBody{Error: "no replication in this test"})
+	})
+}
 func (r idleReplication) lagReport(ctx context.Context) (LagReport, error) {
 	return readLag(ctx, r.db, r.region, r.started, &replicationStats{})
 }

@@ -64,7 +64,7 @@ func TestFullRelayRoundSendsHeartbeat(t *testing.T) {
 	fillOutbox(t, db, queued)
 	topic := fmt.Sprintf("test-full-round-%d", time.Now().UnixNano())
 	brokers := stackBrokers()
-	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), db, db, "us", brokers, topic, 1, defaultRetention)
+	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), db, db, "us", brokers, topic, 1, defaultRetention, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -201,3 +201,29 @@ CREATE TABLE IF NOT EXISTS conflicts (
 );
 CREATE INDEX IF NOT EXISTS conflicts_property_idx ON conflicts (property_id);
 CREATE INDEX IF NOT EXISTS conflicts_found_at_idx ON conflicts (found_at);
+
+-- published is the highest outbox seq of the peer's events that the peer
+-- said, in a heartbeat, it had published: a number this region holds for
+-- the peer. The peer asks for it (GET /internal/published/{region}) and
+-- compares it with its own outbox sequence: a database that hands out a
+-- seq below it has lost writes that left it, restored from an older backup
+-- or replaced by an empty one (rejoin.go).
+ALTER TABLE replication_watermarks ADD COLUMN IF NOT EXISTS published BIGINT NOT NULL DEFAULT 0;
+
+-- rejoin holds one row while this region rejoins: it found its database is
+-- not what its position says (rejoin.go), and rebuilds its copy from the
+-- peer, a snapshot and then the log after it. While the row exists the
+-- region sends its clients away (503, so NGINX goes to the peer), and its
+-- consumers apply nothing until the snapshot is in (phase 'snapshot'); in
+-- phase 'log' they catch up from the snapshot's low watermark on. The row
+-- is deleted when the region has caught up. from_nothing asks for the
+-- region's copy to be emptied first (property-listing rejoin --from-nothing).
+CREATE TABLE IF NOT EXISTS rejoin (
+    one          BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+    reason       TEXT NOT NULL,
+    from_nothing BOOLEAN NOT NULL DEFAULT false,
+    phase        TEXT NOT NULL DEFAULT 'waiting' CHECK (phase IN ('waiting', 'snapshot', 'log')),
+    listings     BIGINT NOT NULL DEFAULT 0,
+    requests     BIGINT NOT NULL DEFAULT 0,
+    started_at   TIMESTAMPTZ NOT NULL DEFAULT now()
+);

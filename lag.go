@@ -100,6 +100,10 @@ type LagReport struct {
 	// needs, and the region must be re-seeded (docs/operations.md). Absent while
 	// replication runs.
 	ReplicationStopped string `json:"replication_stopped,omitempty"`
+	// Rejoining is the region's state while it is not serving: starting,
+	// or rejoining from its peer, with the progress (rejoin.go). Absent
+	// while it serves.
+	Rejoining *rejoinStatus `json:"rejoining,omitempty"`
 }
 
 // replicationStats are the consumer's counters, which the lag report shows.

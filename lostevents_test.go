@@ -88,7 +88,7 @@ func kafkaAdmin(t *testing.T) *kgo.Client {
 func deleteReadRecords(t *testing.T, kafka *kgo.Client, live *sql.DB) {
 	t.Helper()
 	topic := setting("KAFKA_TOPIC", "property-updates")
-	ends := endOffsets(t, kafka, topic)
+	ends := topicEnds(t, kafka, topic)
 	waitFor(t, 30*time.Second, "the live region to read to the topic's end", func() bool {
 		rows, err := live.Query(`SELECT partition, next_offset FROM replication_positions WHERE topic = $1`, topic)
 		if err != nil {
@@ -140,7 +140,7 @@ func reseed(t *testing.T, s *stack, kafka *kgo.Client, from, to *sql.DB, region 
 	t.Helper()
 	s.control(t, "stop", "backend-"+region)
 	topic := setting("KAFKA_TOPIC", "property-updates")
-	ends := endOffsets(t, kafka, topic)
+	ends := topicEnds(t, kafka, topic)
 
 	mergeInto(t, from, to, topic, ends)
 	s.start(t, "backend-"+region)
@@ -148,30 +148,12 @@ func reseed(t *testing.T, s *stack, kafka *kgo.Client, from, to *sql.DB, region 
 	waitIdentical(t, from, to, 30*time.Second)
 }
 
-// endOffsets returns the end of each partition of topic.
-func endOffsets(t *testing.T, kafka *kgo.Client, topic string) map[int32]int64 {
+// topicEnds returns the end of each partition of topic.
+func topicEnds(t *testing.T, kafka *kgo.Client, topic string) map[int32]int64 {
 	t.Helper()
-	req := kmsg.NewPtrListOffsetsRequest()
-	rt := kmsg.NewListOffsetsRequestTopic()
-	rt.Topic = topic
-	for p := range topicPartitionCount(t, kafka, topic) {
-		rp := kmsg.NewListOffsetsRequestTopicPartition()
-		rp.Partition, rp.Timestamp = p, -1 // -1: the end
-		rt.Partitions = append(rt.Partitions, rp)
-	}
-	req.Topics = append(req.Topics, rt)
-	resp, err := req.RequestWith(context.Background(), kafka)
+	ends, err := endOffsets(context.Background(), kafka, topic)
 	if err != nil {
-		t.Fatalf("list offsets: %v", err)
-	}
-	ends := map[int32]int64{}
-	for _, topic := range resp.Topics {
-		for _, p := range topic.Partitions {
-			if err := kerr.ErrorForCode(p.ErrorCode); err != nil {
-				t.Fatalf("list offsets of partition %d: %v", p.Partition, err)
-			}
-			ends[p.Partition] = p.Offset
-		}
+		t.Fatal(err)
 	}
 	return ends
 }

@@ -45,6 +45,9 @@
 //   - conflict.go: the conflict rule that makes both databases converge,
 //     and the lost writes it leaves, served at GET /{region}/conflicts.
 //   - lag.go: what the replication lag means and how it is measured.
+//   - rejoin.go: a region whose database went back in time (restored from
+//     a backup, or replaced) finds out and rebuilds its copy from the
+//     other region; snapshot.go: the consistent copy it rebuilds from.
 //   - retention.go: how long request ids and tombstones are kept, and the
 //     purge that deletes them after.
 //   - metrics.go: what GET /metrics tells Prometheus.
@@ -56,7 +59,9 @@
 //
 // The program also has a health-check mode, "property-listing healthcheck",
 // that asks a running instance for GET /health and exits 0 or 1, so that a
-// container image without curl can still have a healthcheck.
+// container image without curl can still have a healthcheck; and
+// "property-listing rejoin [--from-nothing]", which makes its region
+// rebuild its copy from the other region (rejoin.go).
 package main
 
 import (
@@ -125,6 +130,10 @@ type config struct {
 	dbMaxConns  int    // the size of the connection pool
 	debugAddr   string // where to serve pprof; empty for nowhere
 
+	// peerURLs are the other region's backends, base URLs (PEER_URL,
+	// comma-separated): where a region that rejoins asks (rejoin.go).
+	peerURLs []string
+
 	kafkaBrokers  []string // seed brokers, host:port
 	kafkaTopic    string   // the replication topic; its DLQ is kafkaTopic + ".dlq"
 	kafkaReplicas int      // the topics' replication factor, KAFKA_REPLICATION_FACTOR
@@ -153,6 +162,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return config{}, err
 	}
 	if cfg.databaseURL, err = databaseURL(getenv); err != nil {
+		return config{}, err
+	}
+	if cfg.peerURLs, err = peerURLs(getenv("PEER_URL")); err != nil {
 		return config{}, err
 	}
 	if cfg.kafkaBrokers, err = brokers(getenv("KAFKA_BROKER")); err != nil {
@@ -213,6 +225,23 @@ func brokers(s string) ([]string, error) {
 			return nil, fmt.Errorf("KAFKA_BROKER must be host:port[,host:port...], got %q", s)
 		}
 		list = append(list, b)
+	}
+	return list, nil
+}
+
+// peerURLs parses PEER_URL: the other region's backends, as
+// comma-separated http:// base URLs without a path.
+func peerURLs(s string) ([]string, error) {
+	if s == "" {
+		return nil, errors.New("PEER_URL is not set (the other region's backend, such as http://backend-eu:8000; comma-separated for several)")
+	}
+	var list []string
+	for _, p := range strings.Split(s, ",") {
+		u, err := url.Parse(strings.TrimSpace(p))
+		if err != nil || u.Scheme != "http" && u.Scheme != "https" || u.Host == "" || strings.Trim(u.Path, "/") != "" || u.RawQuery != "" || u.User != nil {
+			return nil, fmt.Errorf("PEER_URL must be http://host:port[,http://host:port...], got %q", s)
+		}
+		list = append(list, u.Scheme+"://"+u.Host)
 	}
 	return list, nil
 }
@@ -281,12 +310,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if len(args) > 0 && args[0] == "healthcheck" {
 		return healthcheck(ctx, getenv)
 	}
-	if len(args) > 0 {
-		return fmt.Errorf("unknown argument %q (the only one is healthcheck)", args[0])
+	if len(args) > 0 && args[0] != "rejoin" {
+		return fmt.Errorf("unknown argument %q (the commands are healthcheck and rejoin)", args[0])
 	}
 	cfg, err := loadConfig(getenv)
 	if err != nil {
 		return err
+	}
+	if len(args) > 0 {
+		return rejoinCommand(ctx, args[1:], cfg, func(line string) { fmt.Fprintln(stdout, line) })
 	}
 	if getenv("GOGC") == "" {
 		debug.SetGCPercent(defaultGCPercent)
@@ -300,7 +332,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	// Closed last, after everything that uses them has stopped.
 	defer db.Close()
 	defer replicationDB.Close()
-	rep, err := newReplicator(logger, replicationDB, db, cfg.region, cfg.kafkaBrokers, cfg.kafkaTopic, cfg.kafkaReplicas, cfg.retention)
+	rep, err := newReplicator(logger, replicationDB, db, cfg.region, cfg.kafkaBrokers, cfg.kafkaTopic, cfg.kafkaReplicas, cfg.retention, cfg.peerURLs)
 	if err != nil {
 		return err
 	}

@@ -237,7 +237,7 @@ func seedProperty(id int64) Property {
 }
 
 func TestLoadConfig(t *testing.T) {
-	base := map[string]string{"REGION": "us", "DATABASE_URL": "postgres://u:p@db:5432/property_db", "KAFKA_BROKER": "kafka:29092"}
+	base := map[string]string{"REGION": "us", "DATABASE_URL": "postgres://u:p@db:5432/property_db", "KAFKA_BROKER": "kafka:29092", "PEER_URL": "http://backend-eu:8000"}
 	with := func(kv ...string) func(string) string {
 		env := map[string]string{}
 		for k, v := range base {
@@ -254,20 +254,26 @@ func TestLoadConfig(t *testing.T) {
 		want    config
 		wantErr string
 	}{
-		{"defaults", with(), config{region: "us", listenAddr: ":8000", databaseURL: "postgres://u:p@db:5432/property_db", dbMaxConns: 16,
+		{"defaults", with(), config{region: "us", peerURLs: []string{"http://backend-eu:8000"}, listenAddr: ":8000", databaseURL: "postgres://u:p@db:5432/property_db", dbMaxConns: 16,
 			kafkaBrokers: []string{"kafka:29092"}, kafkaTopic: "property-updates", kafkaReplicas: 1, retention: defaultRetention}, ""},
-		{"kafka_brokers", with("KAFKA_BROKER", "k1:9092, k2:9092", "KAFKA_TOPIC", "updates.v2"), config{region: "us", listenAddr: ":8000",
+		{"kafka_brokers", with("KAFKA_BROKER", "k1:9092, k2:9092", "KAFKA_TOPIC", "updates.v2"), config{region: "us", peerURLs: []string{"http://backend-eu:8000"}, listenAddr: ":8000",
 			databaseURL: "postgres://u:p@db:5432/property_db", dbMaxConns: 16, kafkaBrokers: []string{"k1:9092", "k2:9092"}, kafkaTopic: "updates.v2", kafkaReplicas: 1, retention: defaultRetention}, ""},
+		{"peer_urls", with("PEER_URL", "http://10.0.0.7:8000/, https://eu-2.internal:8443"), config{region: "us", peerURLs: []string{"http://10.0.0.7:8000", "https://eu-2.internal:8443"},
+			listenAddr: ":8000", databaseURL: "postgres://u:p@db:5432/property_db", dbMaxConns: 16, kafkaBrokers: []string{"kafka:29092"}, kafkaTopic: "property-updates", kafkaReplicas: 1, retention: defaultRetention}, ""},
+		{"peer_url_missing", with("PEER_URL", ""), config{},
+			"PEER_URL is not set (the other region's backend, such as http://backend-eu:8000; comma-separated for several)"},
+		{"peer_url_with_path", with("PEER_URL", "http://backend-eu:8000/eu"), config{}, `PEER_URL must be http://host:port[,http://host:port...], got "http://backend-eu:8000/eu"`},
+		{"peer_url_no_scheme", with("PEER_URL", "backend-eu:8000"), config{}, `PEER_URL must be http://host:port[,http://host:port...], got "backend-eu:8000"`},
 		{"kafka_broker_missing", with("KAFKA_BROKER", ""), config{},
 			"KAFKA_BROKER is not set (host:port of a Kafka broker, comma-separated for several)"},
 		{"kafka_broker_no_port", with("KAFKA_BROKER", "kafka"), config{}, `KAFKA_BROKER must be host:port[,host:port...], got "kafka"`},
 		{"kafka_topic_invalid", with("KAFKA_TOPIC", "bad topic"), config{}, `KAFKA_TOPIC must be 1 to 200 of a-z A-Z 0-9 . _ -, got "bad topic"`},
 		{"debug_addr_invalid", with("DEBUG_ADDR", "6060"), config{}, `DEBUG_ADDR must be host:port, got "6060"`},
-		{"retention_days", with("RETENTION", "10d"), config{region: "us", listenAddr: ":8000", databaseURL: "postgres://u:p@db:5432/property_db", dbMaxConns: 16,
+		{"retention_days", with("RETENTION", "10d"), config{region: "us", peerURLs: []string{"http://backend-eu:8000"}, listenAddr: ":8000", databaseURL: "postgres://u:p@db:5432/property_db", dbMaxConns: 16,
 			kafkaBrokers: []string{"kafka:29092"}, kafkaTopic: "property-updates", kafkaReplicas: 1, retention: 240 * time.Hour}, ""},
-		{"retention_duration", with("RETENTION", "90s"), config{region: "us", listenAddr: ":8000", databaseURL: "postgres://u:p@db:5432/property_db", dbMaxConns: 16,
+		{"retention_duration", with("RETENTION", "90s"), config{region: "us", peerURLs: []string{"http://backend-eu:8000"}, listenAddr: ":8000", databaseURL: "postgres://u:p@db:5432/property_db", dbMaxConns: 16,
 			kafkaBrokers: []string{"kafka:29092"}, kafkaTopic: "property-updates", kafkaReplicas: 1, retention: 90 * time.Second}, ""},
-		{"replication_factor", with("KAFKA_REPLICATION_FACTOR", "3"), config{region: "us", listenAddr: ":8000", databaseURL: "postgres://u:p@db:5432/property_db", dbMaxConns: 16,
+		{"replication_factor", with("KAFKA_REPLICATION_FACTOR", "3"), config{region: "us", peerURLs: []string{"http://backend-eu:8000"}, listenAddr: ":8000", databaseURL: "postgres://u:p@db:5432/property_db", dbMaxConns: 16,
 			kafkaBrokers: []string{"kafka:29092"}, kafkaTopic: "property-updates", kafkaReplicas: 3, retention: defaultRetention}, ""},
 		{"replication_factor_zero", with("KAFKA_REPLICATION_FACTOR", "0"), config{}, `KAFKA_REPLICATION_FACTOR must be an integer from 1 to 7, got "0"`},
 		{"retention_invalid", with("RETENTION", "a week"), config{}, `RETENTION must be a duration such as 8d or 192h, got "a week"`},
@@ -276,13 +282,13 @@ func TestLoadConfig(t *testing.T) {
 		{"region_unknown", with("REGION", "asia"), config{}, `REGION must be us or eu, got "asia"`},
 		{"port_not_a_number", with("PORT", "http"), config{}, `PORT must be an integer from 1 to 65535, got "http"`},
 		{"port_out_of_range", with("PORT", "70000"), config{}, `PORT must be an integer from 1 to 65535, got "70000"`},
-		{"listen_addr", with("LISTEN_ADDR", "127.0.0.1:8001", "PORT", "9"), config{region: "us", listenAddr: "127.0.0.1:8001", databaseURL: "postgres://u:p@db:5432/property_db", dbMaxConns: 16,
+		{"listen_addr", with("LISTEN_ADDR", "127.0.0.1:8001", "PORT", "9"), config{region: "us", peerURLs: []string{"http://backend-eu:8000"}, listenAddr: "127.0.0.1:8001", databaseURL: "postgres://u:p@db:5432/property_db", dbMaxConns: 16,
 			kafkaBrokers: []string{"kafka:29092"}, kafkaTopic: "property-updates", kafkaReplicas: 1, retention: defaultRetention}, ""},
 		{"listen_addr_no_port", with("LISTEN_ADDR", "127.0.0.1"), config{}, `LISTEN_ADDR must be host:port with a port from 1 to 65535, got "127.0.0.1"`},
 		{"listen_addr_bad_port", with("LISTEN_ADDR", "127.0.0.1:http"), config{}, `LISTEN_ADDR must be host:port with a port from 1 to 65535, got "127.0.0.1:http"`},
 		{"database_url_invalid", with("DATABASE_URL", "postgres://%zz"), config{}, "DATABASE_URL is not a valid PostgreSQL connection string"},
 		{"db_parts", with("DATABASE_URL", "", "DB_HOST", "db-eu", "DB_USER", "app", "DB_PASSWORD", "p@ss word", "DB_NAME", "property_db"),
-			config{region: "us", listenAddr: ":8000", databaseURL: "postgres://app:p%40ss%20word@db-eu:5432/property_db", dbMaxConns: 16,
+			config{region: "us", peerURLs: []string{"http://backend-eu:8000"}, listenAddr: ":8000", databaseURL: "postgres://app:p%40ss%20word@db-eu:5432/property_db", dbMaxConns: 16,
 				kafkaBrokers: []string{"kafka:29092"}, kafkaTopic: "property-updates", kafkaReplicas: 1, retention: defaultRetention}, ""},
 		{"db_parts_missing_password", with("DATABASE_URL", "", "DB_HOST", "db-eu", "DB_USER", "app", "DB_NAME", "property_db"), config{},
 			"DB_PASSWORD is not set (set DATABASE_URL, or DB_HOST, DB_PORT, DB_USER, DB_PASSWORD and DB_NAME)"},
@@ -311,7 +317,7 @@ func TestRunStartsAndStops(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	// Kafka on a closed port: the service must start, serve and stop while
 	// Kafka is down.
-	env := map[string]string{"REGION": "eu", "LISTEN_ADDR": "127.0.0.1:18931", "DATABASE_URL": scratchURL, "KAFKA_BROKER": "127.0.0.1:1"}
+	env := map[string]string{"REGION": "eu", "LISTEN_ADDR": "127.0.0.1:18931", "DATABASE_URL": scratchURL, "KAFKA_BROKER": "127.0.0.1:1", "PEER_URL": "http://127.0.0.1:1"}
 	var out bytes.Buffer
 	done := make(chan error, 1)
 	go func() { done <- run(ctx, nil, func(k string) string { return env[k] }, &out) }()

@@ -61,6 +61,10 @@ func (w *jsonErrorWriter) WriteHeader(status int) {
 	encode(w.ResponseWriter, status, errorBody{Error: msg})
 }
 
+// Unwrap gives http.ResponseController the writer underneath, for a
+// response that streams (snapshot.go).
+func (w *jsonErrorWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
 // Write drops the body of a replaced response.
 func (w *jsonErrorWriter) Write(b []byte) (int, error) {
 	if w.replaced {
@@ -140,6 +144,9 @@ func (s *statusRecorder) WriteHeader(status int) {
 	}
 	s.ResponseWriter.WriteHeader(status)
 }
+
+// Unwrap gives http.ResponseController the writer underneath.
+func (s *statusRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter }
 
 // Write records the implicit 200 of a body written without a status.
 func (s *statusRecorder) Write(b []byte) (int, error) {

@@ -63,6 +63,12 @@ type heartbeat struct {
 	// one, whatever the clocks say: the other region uses it to measure its
 	// lag without trusting the two clocks to agree (lag.go).
 	Sent *time.Time `json:"sent,omitempty"`
+	// Published is the highest outbox seq of this region's events that
+	// its relay has published: committed writes, which no crash of the
+	// database can take back. The other region keeps the greatest it saw,
+	// and a database of this region whose outbox sequence is below it has
+	// lost writes that left it (rejoin.go).
+	Published int64 `json:"published,omitempty"`
 }
 
 // Kafka record headers. Every record on the topic says what it is and which
@@ -174,6 +180,18 @@ func decodeMessage(rec *kgo.Record) (message, error) {
 // values obey the same rules as a client's (checkValues).
 func (e event) validate() error {
 	switch {
+	case !validRequestID(e.RequestID):
+		return errors.New("invalid request_id")
+	case !validFingerprint(e.fingerprint):
+		return fmt.Errorf("missing or invalid %q header", headerFingerprint)
+	}
+	return e.validateState()
+}
+
+// validateState checks the state e carries, which a listing copied from a
+// snapshot (snapshot.go) has too, with no request id if it is a seed's.
+func (e event) validateState() error {
+	switch {
 	case e.ID < 1:
 		return errors.New("id must be positive")
 	case !validRegion(e.RegionOrigin):
@@ -182,12 +200,10 @@ func (e event) validate() error {
 		return errors.New("version must be positive")
 	case e.UpdatedAt.IsZero():
 		return errors.New("updated_at missing")
-	case !validRequestID(e.RequestID):
-		return errors.New("invalid request_id")
-	case !validFingerprint(e.fingerprint):
-		return fmt.Errorf("missing or invalid %q header", headerFingerprint)
 	case e.Parent != "" && !validTag(e.Parent):
 		return errors.New("parent is not a state's tag")
+	case e.RequestID != "" && !validRequestID(e.RequestID):
+		return errors.New("invalid request_id")
 	}
 	return checkValues(e.Price, e.Bedrooms, e.Bathrooms)
 }

@@ -91,6 +91,9 @@ type relay struct {
 	// this instance published, for the metrics.
 	failedRounds atomic.Int64
 	published    atomic.Int64
+	// highestSeq is the highest outbox seq this instance has published
+	// (heartbeat.Published).
+	highestSeq int64
 }
 
 // newRelay returns the relay of region's outbox, publishing with producer.
@@ -284,7 +287,13 @@ func (r *relay) publishRound(ctx context.Context) (full bool, err error) {
 	}
 	full = len(seqs) == relayBatchSize
 	if heartbeatDue {
-		hb, err := r.heartbeats(ctx, tx, heartbeat{Region: r.region, Watermark: watermark, Seen: seen, Sent: sent}, full)
+		published := r.highestSeq
+		if len(seqs) > 0 {
+			// In seq order: the last is the highest. The heartbeats follow
+			// these events, so they may vouch for them.
+			published = max(published, seqs[len(seqs)-1])
+		}
+		hb, err := r.heartbeats(ctx, tx, heartbeat{Region: r.region, Watermark: watermark, Seen: seen, Sent: sent, Published: published}, full)
 		if err != nil {
 			return false, fmt.Errorf("relay: %w", err)
 		}
@@ -310,6 +319,9 @@ func (r *relay) publishRound(ctx context.Context) (full bool, err error) {
 		return false, fmt.Errorf("relay: commit: %w", err)
 	}
 	r.published.Add(int64(len(seqs)))
+	if len(seqs) > 0 {
+		r.highestSeq = max(r.highestSeq, seqs[len(seqs)-1])
+	}
 	if heartbeatDue {
 		r.lastHeartbeat = time.Now()
 	}

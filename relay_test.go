@@ -46,7 +46,7 @@ func TestRelayDrainsAfterLongOutage(t *testing.T) {
 
 	topic := fmt.Sprintf("test-long-outage-%d", time.Now().UnixNano())
 	brokers := stackBrokers()
-	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), relayDB, relayDB, "us", brokers, topic, 1, defaultRetention)
+	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), relayDB, relayDB, "us", brokers, topic, 1, defaultRetention, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -38,6 +38,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"strconv"
 	"sync"
 	"time"
@@ -77,13 +78,17 @@ type replicator struct {
 	purger *purger
 	// reports reads the lag report, at most every reportInterval (lag.go).
 	reports *sharedReport
+	// rejoin finds a database that went back in time, and rebuilds it
+	// from the peer (rejoin.go).
+	rejoin *rejoiner
+	db     *sql.DB // the replication's pool
 }
 
 // newReplicator creates the Kafka clients for region, replicating through
 // topic on brokers, with db for replication's own work and reportDB (the
 // pool of requests) for the lag report. It does not connect: Kafka may be down at start, and
 // writes then wait in the outbox until it is back.
-func newReplicator(logger *slog.Logger, db, reportDB *sql.DB, region string, brokers []string, topic string, replicas int, retention time.Duration) (*replicator, error) {
+func newReplicator(logger *slog.Logger, db, reportDB *sql.DB, region string, brokers []string, topic string, replicas int, retention time.Duration, peers []string) (*replicator, error) {
 	logger = logger.With("component", "replication")
 	producer, err := kgo.NewClient(
 		kgo.SeedBrokers(brokers...),
@@ -114,7 +119,9 @@ func newReplicator(logger *slog.Logger, db, reportDB *sql.DB, region string, bro
 		replicas: replicas,
 		producer: producer,
 		relay:    newRelay(logger, db, producer, region, topic),
+		db:       db,
 	}
+	r.rejoin = newRejoiner(logger, db, region, topic, peers, brokers, retention, r.topicEnds, r.topicStarts)
 	r.purger = newPurger(logger, db, region, retention, r.topicKeeps)
 	r.consumer, err = newConsumer(logger, db, producer, region, brokers, topic, r.dlqTopic, retention)
 	if err != nil {
@@ -148,19 +155,38 @@ func (r *replicator) published() int64 { return r.relay.published.Load() }
 // purgeStats is what the purge has done (retention.go).
 func (r *replicator) purgeStats() purgeStats { return r.purger.stats() }
 
-// run creates the topics (retrying until Kafka answers), then relays,
-// consumes and purges until ctx is cancelled. Each loop finishes its current
-// batch before it returns; run returns when all have.
+// rejoinStatus is whether the region serves (rejoin.go).
+func (r *replicator) rejoinStatus() rejoinStatus { return r.rejoin.current() }
+
+// snapshot serves this region's snapshot to the other one (snapshot.go).
+func (r *replicator) snapshot() http.Handler {
+	return handleSnapshot(r.logger, r.db, r.topic, r.topicEnds)
+}
+
+// topicEnds and topicStarts read the end and the start of each partition
+// of the topic.
+func (r *replicator) topicEnds(ctx context.Context) (map[int32]int64, error) {
+	return endOffsets(ctx, r.producer, r.topic)
+}
+func (r *replicator) topicStarts(ctx context.Context) (map[int32]int64, error) {
+	return startOffsets(ctx, r.producer, r.topic)
+}
+
+// run checks the region's database against its peer (rejoin.go) from the
+// start, and creates the topics (retrying until Kafka answers), then
+// relays, consumes and purges, until ctx is cancelled. Each loop finishes
+// its current batch before it returns; run returns when all have.
 func (r *replicator) run(ctx context.Context) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { r.rejoin.run(ctx) }) // exits when ctx is cancelled
 	partitions, ok := r.ensureTopics(ctx)
 	if !ok {
 		return
 	}
-	var wg sync.WaitGroup
 	wg.Go(func() { r.relay.run(ctx, partitions) })    // exits when ctx is cancelled
 	wg.Go(func() { r.consumer.run(ctx, partitions) }) // exits when ctx is cancelled
 	wg.Go(func() { r.purger.run(ctx) })               // exits when ctx is cancelled
-	wg.Wait()
 }
 
 // topicKeeps asks the broker how long the topic may keep an event:
@@ -297,4 +323,51 @@ func partitionCount(ctx context.Context, client *kgo.Client, topic string) (int3
 		}
 	}
 	return 0, fmt.Errorf("topic %s has no partitions yet", topic)
+}
+
+// endOffsets asks the brokers for the end of each partition of topic: the
+// offset the next record appended to it will take.
+func endOffsets(ctx context.Context, client *kgo.Client, topic string) (map[int32]int64, error) {
+	return listOffsets(ctx, client, topic, -1)
+}
+
+// startOffsets asks the brokers for the start of each partition of topic:
+// the offset of its oldest retained record.
+func startOffsets(ctx context.Context, client *kgo.Client, topic string) (map[int32]int64, error) {
+	return listOffsets(ctx, client, topic, -2)
+}
+
+// listOffsets asks the brokers for an offset of each partition of topic:
+// at -1 the end, at -2 the start.
+func listOffsets(ctx context.Context, client *kgo.Client, topic string, at int64) (map[int32]int64, error) {
+	n, err := partitionCount(ctx, client, topic)
+	if err != nil {
+		return nil, err
+	}
+	req := kmsg.NewPtrListOffsetsRequest()
+	rt := kmsg.NewListOffsetsRequestTopic()
+	rt.Topic = topic
+	for p := range n {
+		rp := kmsg.NewListOffsetsRequestTopicPartition()
+		rp.Partition, rp.Timestamp = p, at
+		rt.Partitions = append(rt.Partitions, rp)
+	}
+	req.Topics = append(req.Topics, rt)
+	resp, err := req.RequestWith(ctx, client)
+	if err != nil {
+		return nil, fmt.Errorf("list offsets of %s: %w", topic, err)
+	}
+	ends := map[int32]int64{}
+	for _, t := range resp.Topics {
+		for _, p := range t.Partitions {
+			if err := kerr.ErrorForCode(p.ErrorCode); err != nil {
+				return nil, fmt.Errorf("list offsets of %s partition %d: %w", topic, p.Partition, err)
+			}
+			ends[p.Partition] = p.Offset
+		}
+	}
+	if len(ends) != int(n) {
+		return nil, fmt.Errorf("list offsets of %s: %d of %d partitions answered", topic, len(ends), n)
+	}
+	return ends, nil
 }

@@ -12,6 +12,7 @@
 # Usage: ./stack.sh up [single|ha] | down | ps | logs SERVICE | stop SERVICE | start SERVICE
 #                  | kill SERVICE | pause SERVICE | unpause SERVICE
 #                  | partition REGION|BACKEND | heal REGION|BACKEND | skew DATABASE OFFSET | unskew DATABASE
+#                  | backup DATABASE | restore DATABASE | wipe DATABASE | rejoin REGION [--from-nothing]
 #                  | test | check | bench | soak [DURATION [RATE [NAME]]] | chaos [DURATION [SEED [NAME]]]
 #
 #   test    about 3 minutes: gofmt, vet, the compose check, promtool, and the
@@ -328,17 +329,75 @@ start_backend() {
 	region=${region%-2}
 	running "$svc" && return
 	[ -x "$state/bin/property-listing" ] || build_backend
-	local debug=$(($(port_of "$svc") - 8001 + 6061)) replicas=1
-	[ "$(topology)" = ha ] && replicas=3
+	local debug=$(($(port_of "$svc") - 8001 + 6061))
 	# As root, each backend runs as a user id of its own (backend_uid), as
 	# in a container: that is what lets `partition` drop its packets alone.
 	local as=()
 	[ "$(id -u)" = 0 ] && as=(setpriv --reuid="$(backend_uid "$svc")" --regid="$(backend_uid "$svc")" --clear-groups)
-	spawn "$svc" "${as[@]}" env REGION="$region" LISTEN_ADDR="127.0.0.1:$(port_of "$svc")" \
-		DATABASE_URL="$(service_db_url "db-$region")" \
-		KAFKA_BROKER="$(kafka_brokers)" KAFKA_REPLICATION_FACTOR=$replicas KAFKA_TOPIC=property-updates RETENTION="${RETENTION:-9d}" \
+	spawn "$svc" "${as[@]}" env $(backend_env "$region") LISTEN_ADDR="127.0.0.1:$(port_of "$svc")" \
 		DEBUG_ADDR="127.0.0.1:$debug" \
 		"$state/bin/property-listing"
+}
+
+# backend_env REGION: the environment of a backend of REGION, but where it
+# listens: what `rejoin` runs the binary with too.
+backend_env() {
+	local region=$1 peer replicas=1
+	peer=$( [ "$region" = us ] && echo eu || echo us)
+	[ "$(topology)" = ha ] && replicas=3
+	local peers="http://127.0.0.1:$(port_of "backend-$peer")"
+	[ "$(topology)" = ha ] && peers+=",http://127.0.0.1:$(port_of "backend-$peer-2")"
+	echo REGION="$region" DATABASE_URL="$(service_db_url "db-$region")" PEER_URL="$peers" \
+		KAFKA_BROKER="$(kafka_brokers)" KAFKA_REPLICATION_FACTOR=$replicas KAFKA_TOPIC=property-updates RETENTION="${RETENTION:-9d}"
+}
+
+# ------------------------------------------------------ backups and rejoining
+
+# backup DATABASE: a physical copy of the cluster as it is now
+# (pg_basebackup), kept in .stack/backups/DATABASE for `restore`.
+cmd_backup() {
+	local svc=${1:?usage: stack.sh backup db-us|db-eu}
+	case "$svc" in db-us | db-eu) ;; *) die "backup takes db-us or db-eu, not $svc" ;; esac
+	mkdir -p "$state/backups"
+	if [ "$(id -u)" = 0 ]; then chown postgres "$state/backups"; fi
+	as_pg rm -rf "$state/backups/$svc.new"
+	as_pg "$pgbin/pg_basebackup" -h "$state/pg" -p "$(port_of "$svc")" -U "$POSTGRES_USER" \
+		-D "$state/backups/$svc.new" -X stream -c fast >>"$state/logs/$svc-backup.log" 2>&1 ||
+		die "pg_basebackup of $svc failed: see $state/logs/$svc-backup.log"
+	as_pg rm -rf "$state/backups/$svc"
+	as_pg mv "$state/backups/$svc.new" "$state/backups/$svc"
+}
+
+# restore DATABASE: the cluster goes back to the copy `backup` took: it
+# stops at once, as if it died, its data is replaced by the copy's, and it
+# starts again, its backends still running.
+cmd_restore() {
+	local svc=${1:?usage: stack.sh restore db-us|db-eu}
+	[ -d "$state/backups/$svc" ] || die "no backup of $svc: run ./stack.sh backup $svc first"
+	stop_service "$svc" KILL
+	as_pg rm -rf "$state/pg/$svc"
+	as_pg cp -a "$state/backups/$svc" "$state/pg/$svc"
+	start_db "$svc"
+}
+
+# wipe DATABASE: the cluster is replaced by a new one that holds the schema
+# and the seeds only, as a lost disk would be replaced.
+cmd_wipe() {
+	local svc=${1:?usage: stack.sh wipe db-us|db-eu}
+	case "$svc" in db-us | db-eu) ;; *) die "wipe takes db-us or db-eu, not $svc" ;; esac
+	stop_service "$svc" KILL
+	as_pg rm -rf "$state/pg/$svc"
+	init_db "$svc"
+}
+
+# rejoin REGION [--from-nothing]: makes REGION rebuild its copy from the
+# other region, and waits until it serves again (property-listing rejoin).
+cmd_rejoin() {
+	local region=${1:?usage: stack.sh rejoin us|eu [--from-nothing]}
+	shift
+	case "$region" in us | eu) ;; *) die "rejoin takes us or eu, not $region" ;; esac
+	[ -x "$state/bin/property-listing" ] || build_backend
+	env $(backend_env "$region") "$state/bin/property-listing" rejoin "$@"
 }
 
 # backend_uid BACKEND: the user id a backend runs as, under root: one per
@@ -908,6 +967,10 @@ main() {
 	skew) cmd_skew "$@" ;;
 	unskew) cmd_unskew "$@" ;;
 	bench) exec "$root/bench.sh" ;;
+	backup) cmd_backup "$@" ;;
+	restore) cmd_restore "$@" ;;
+	wipe) cmd_wipe "$@" ;;
+	rejoin) cmd_rejoin "$@" ;;
 	rotate-logs) while sleep 10; do rotate_logs; done ;; # the rotator itself (start_log_rotation)
 	*) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 	esac

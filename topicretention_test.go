@@ -97,7 +97,7 @@ func TestPurgePausesOnUnsafeTopic(t *testing.T) {
 	replicatedUntil(t, db, time.Now())
 	topic := fmt.Sprintf("test-purge-pause-%d", time.Now().UnixNano())
 	brokers := stackBrokers()
-	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), db, db, "us", brokers, topic, 1, defaultRetention)
+	rep, err := newReplicator(slog.New(slog.NewTextHandler(io.Discard, nil)), db, db, "us", brokers, topic, 1, defaultRetention, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

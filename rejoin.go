@@ -1,0 +1,784 @@
+package main
+
+// Rejoining: a region whose database is not what its position says finds
+// out, sends its clients away, and rebuilds its copy from the peer by
+// itself, while the peer goes on serving.
+//
+// What goes wrong without it. A database restored from a backup, or
+// replaced by an empty one, has gone back in time, and so have its
+// position in the topic (which catches up again: the consumer reads on
+// from it), its own writes after the backup (which only the peer and the
+// topic still hold, and the consumer skips its own region's records) and
+// its id sequence (whose next POST would hand out an id the peer holds).
+//
+// How a region finds out. Every heartbeat carries the highest outbox seq
+// its region has published (heartbeat.Published), a committed write's, and
+// the peer keeps the greatest it saw. Outbox seqs only grow: a crash of the
+// database keeps every committed one, and only a database that went back
+// in time hands out a seq below one it published. So each instance asks
+// the peer, at start and every rejoinCheckInterval, for that number
+// (GET /internal/published/{region}), and compares it with its outbox
+// sequence. A database that is behind has lost writes that left it: the
+// region rejoins. So does one whose position the broker no longer holds
+// (consume.go: the events it needs are gone, and only a snapshot has their
+// effect), and one an operator asks to (property-listing rejoin). Until the
+// first check has an answer, or has failed to get one, the instance serves
+// nothing: its next POST could take an id the peer holds.
+//
+// How it rebuilds. A row in the rejoin table says the region is rejoining;
+// every instance reads it, answers 503 to clients (NGINX then sends them
+// to the peer, nginx.conf) and stops applying the peer's records. One
+// instance, holding an advisory lock, does the work:
+//
+//  1. (from nothing only) empties the region's copy: listings, request
+//     records, positions and watermarks.
+//  2. copies the peer's snapshot (snapshot.go) under the conflict rule:
+//     every listing and request record, a copy greater than what the
+//     region holds replacing it.
+//  3. reads the log from the snapshot's low watermark back to where the
+//     peer stood (the smaller of the two), up to the low watermark, and
+//     copies its events the same way: its own region's writes that the
+//     peer had not applied yet come back this way.
+//  4. moves the positions to the low watermark (never back), the outbox
+//     sequence past what the peer saw published, and lets the consumers
+//     go on (phase 'log'): the peer's writes during and after the snapshot
+//     are in the log above the low watermark.
+//  5. when the consumers have reached the end of the log as it was after
+//     step 4, moves the id sequence past every id of the region's it now
+//     holds and deletes the row: the region serves again.
+//
+// A copy is not judged again: the write it carries was judged by the
+// region that applied it, and any conflict it lost was recorded there. So
+// the copy writes no conflict records and no outbox rows. What is lost is
+// only what never left the database that was lost: writes that were still
+// in its outbox (docs/semantics.md, §11).
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+// rejoinCheckInterval is how often an instance compares its database with
+// what the peer holds of it, and reads the rejoin row that tells it the
+// region is rejoining. A database restored under a running instance is
+// found within it.
+const rejoinCheckInterval = time.Second
+
+// peerCheckTimeout bounds the peer's answer to a check. A peer that does
+// not answer in time cannot tell, and the region serves.
+const peerCheckTimeout = time.Second
+
+// copyBatchSize is how many listings or request records one transaction of
+// the copy writes.
+const copyBatchSize = 5000
+
+// rejoinLockKey names the advisory lock held by the one instance of a
+// region that rebuilds it.
+const rejoinLockKey = 0x72656a6f696e // "rejoin"
+
+// The states of a region, as /health and the lag report name them.
+const (
+	stateStarting  = "starting"  // the first check has not answered yet
+	stateServing   = "serving"   // the region serves its clients
+	stateRejoining = "rejoining" // the region rebuilds its copy from the peer
+)
+
+// errRejoining is a consumer's batch refused while the region waits for a
+// snapshot (apply.go): it is applied after.
+var errRejoining = errors.New("this region is rejoining: the peer's records wait for the snapshot")
+
+// rejoinStatus is what a region says of itself while it is not serving.
+type rejoinStatus struct {
+	State  string `json:"state"`
+	Reason string `json:"reason,omitempty"`
+	// Phase is where the rebuild stands: waiting (for an instance to take
+	// it up), snapshot (copying it), log (catching up from its low
+	// watermark).
+	Phase     string     `json:"phase,omitempty"`
+	Listings  int64      `json:"listings_copied"`
+	Requests  int64      `json:"requests_copied"`
+	StartedAt *time.Time `json:"started_at,omitempty"`
+}
+
+// rejoiner watches one region's database for the signs above, and rebuilds
+// it when they show.
+type rejoiner struct {
+	logger    *slog.Logger
+	db        *sql.DB // the replication pool
+	region    string
+	topic     string
+	peers     []string // the peer's backends, base URLs (PEER_URL)
+	brokers   []string
+	retention time.Duration
+	client    *http.Client
+	// ends reads the end of each partition of the topic.
+	ends func(context.Context) (map[int32]int64, error)
+	// starts reads the start of each partition: its oldest retained record.
+	starts func(context.Context) (map[int32]int64, error)
+
+	status atomic.Pointer[rejoinStatus]
+	// rejoins counts the rebuilds this instance finished.
+	rejoins atomic.Int64
+	// peerDown remembers that the last check found no peer to ask, so
+	// that it is logged once, not every second.
+	peerDown bool
+}
+
+// newRejoiner returns the rejoiner of region, starting.
+func newRejoiner(logger *slog.Logger, db *sql.DB, region, topic string, peers, brokers []string, retention time.Duration,
+	ends, starts func(context.Context) (map[int32]int64, error)) *rejoiner {
+	j := &rejoiner{
+		logger: logger, db: db, region: region, topic: topic,
+		peers: peers, brokers: brokers, retention: retention, ends: ends, starts: starts,
+		// No timeout of the whole exchange: a snapshot takes as long as the
+		// peer's tables. Each call bounds itself with its context.
+		client: &http.Client{Transport: &http.Transport{ResponseHeaderTimeout: 30 * time.Second}},
+	}
+	j.status.Store(&rejoinStatus{State: stateStarting})
+	return j
+}
+
+// current is the region's state as this instance last found it.
+func (j *rejoiner) current() rejoinStatus { return *j.status.Load() }
+
+// serving reports whether the instance serves clients.
+func (j *rejoiner) serving() bool { return j.status.Load().State == stateServing }
+
+// run checks every rejoinCheckInterval, and rebuilds when a check says so,
+// until ctx is cancelled.
+func (j *rejoiner) run(ctx context.Context) {
+	for {
+		j.step(ctx)
+		if !sleep(ctx, rejoinCheckInterval) {
+			return
+		}
+	}
+}
+
+// step is one check: the rejoin row if there is one, the peer's word
+// otherwise; and the rebuild, if the region rejoins and no other instance
+// is doing it.
+func (j *rejoiner) step(ctx context.Context) {
+	row, err := j.readRow(ctx)
+	if err != nil {
+		// The database does not answer: neither do the requests, which
+		// answer 503 on their own. Try again.
+		return
+	}
+	if row == nil {
+		reason, err := j.check(ctx)
+		if err != nil || reason == "" {
+			j.status.Store(&rejoinStatus{State: stateServing})
+			return
+		}
+		if err := requestRejoin(ctx, j.db, reason, false); err != nil {
+			j.logger.Warn("rejoin: the rejoin row could not be written", "err", err)
+			return
+		}
+		j.logger.Error("rejoin: this region's database is behind what it published; rejoining from the peer", "reason", reason)
+		if row, err = j.readRow(ctx); err != nil || row == nil {
+			return
+		}
+	}
+	j.status.Store(row)
+	if err := j.rebuildIfFree(ctx); err != nil && ctx.Err() == nil {
+		j.logger.Warn("rejoin: the rebuild failed; it starts again", "err", err)
+	}
+}
+
+// readRejoinSQL reads the rejoin row, if there is one.
+const readRejoinSQL = `SELECT reason, phase, listings, requests, started_at FROM rejoin`
+
+// readRow reads the rejoin row as a status, or nil if there is none.
+func (j *rejoiner) readRow(ctx context.Context) (*rejoinStatus, error) {
+	ctx, cancel := context.WithTimeout(ctx, peerCheckTimeout)
+	defer cancel()
+	s := rejoinStatus{State: stateRejoining}
+	var started time.Time
+	err := j.db.QueryRowContext(ctx, readRejoinSQL).Scan(&s.Reason, &s.Phase, &s.Listings, &s.Requests, &started)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	s.StartedAt = &started
+	return &s, nil
+}
+
+// requestRejoinSQL writes the rejoin row; a region already rejoining
+// keeps its reason, and rebuilds from nothing if either asks for it.
+const requestRejoinSQL = `
+INSERT INTO rejoin (reason, from_nothing) VALUES ($1, $2)
+ON CONFLICT (one) DO UPDATE SET from_nothing = rejoin.from_nothing OR EXCLUDED.from_nothing`
+
+// requestRejoin makes db's region rejoin, for reason.
+func requestRejoin(ctx context.Context, db *sql.DB, reason string, fromNothing bool) error {
+	_, err := db.ExecContext(ctx, requestRejoinSQL, reason, fromNothing)
+	return err
+}
+
+// outboxSeqSQL is the highest outbox seq this database has handed out (0
+// before the first).
+const outboxSeqSQL = `SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM outbox_seq_seq`
+
+// check asks the peer for the highest outbox seq of this region's it has
+// seen published, and returns why the region must rejoin, or "" if it need
+// not. An error means the peer could not be asked: the region cannot tell.
+func (j *rejoiner) check(ctx context.Context) (reason string, err error) {
+	published, err := j.peerPublished(ctx)
+	if err != nil {
+		if !j.peerDown {
+			j.logger.Warn("rejoin: the peer cannot be asked what it holds of this region; serving meanwhile", "err", err)
+		}
+		j.peerDown = true
+		return "", err
+	}
+	j.peerDown = false
+	var local int64
+	if err := j.db.QueryRowContext(ctx, outboxSeqSQL).Scan(&local); err != nil {
+		return "", err
+	}
+	if published <= local {
+		return "", nil
+	}
+	return fmt.Sprintf("this database's outbox has handed out seqs up to %d, but %s saw this region publish up to %d: "+
+		"it lost writes that had left it (restored from an older backup, or replaced)", local, peerOf(j.region), published), nil
+}
+
+// peerPublished asks the peer's backends, one after the other, for the
+// highest outbox seq of this region's they have seen published.
+func (j *rejoiner) peerPublished(ctx context.Context) (int64, error) {
+	var errs []error
+	for _, base := range j.peers {
+		var body struct {
+			Published int64 `json:"published"`
+		}
+		err := j.get(ctx, base+"/internal/published/"+j.region, peerCheckTimeout, &body)
+		if err == nil {
+			return body.Published, nil
+		}
+		errs = append(errs, err)
+	}
+	return 0, errors.Join(errs...)
+}
+
+// get GETs url within timeout and decodes its JSON answer into v.
+func (j *rejoiner) get(ctx context.Context, url string, timeout time.Duration, v any) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := j.client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
+}
+
+// rebuildIfFree rebuilds the region if no other instance is doing it: it
+// holds the rejoin lock, on a connection of its own, for the whole
+// rebuild. An instance that dies lets the lock go with its connection, and
+// the next instance to check starts over.
+func (j *rejoiner) rebuildIfFree(ctx context.Context) error {
+	conn, err := j.db.Conn(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	var locked bool
+	if err := conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1)`, rejoinLockKey).Scan(&locked); err != nil || !locked {
+		return err // another instance rebuilds
+	}
+	defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, rejoinLockKey)
+	return j.rebuild(ctx)
+}
+
+// rebuild runs the steps at the top of this file.
+func (j *rejoiner) rebuild(ctx context.Context) error {
+	start := time.Now()
+	if err := j.begin(ctx); err != nil {
+		return err
+	}
+	h, err := j.copySnapshot(ctx)
+	if err != nil {
+		return err
+	}
+	copied := time.Since(start)
+	if err := j.replayLog(ctx, h); err != nil {
+		return err
+	}
+	target, err := j.resume(ctx, h)
+	if err != nil {
+		return err
+	}
+	if err := j.awaitConsumers(ctx, target); err != nil {
+		return err
+	}
+	if err := j.finish(ctx); err != nil {
+		return err
+	}
+	j.rejoins.Add(1)
+	j.status.Store(&rejoinStatus{State: stateServing})
+	j.logger.Info("rejoin: done; serving again", "took", time.Since(start).Round(time.Millisecond).String(),
+		"snapshot_took", copied.Round(time.Millisecond).String())
+	return nil
+}
+
+// The statements of begin. emptySQL is the rebuild from nothing: the
+// region's copy goes, its outbox (writes not yet published) and its
+// conflict records (its own findings) stay.
+const (
+	startSnapshotSQL = `UPDATE rejoin SET phase = 'snapshot', listings = 0, requests = 0 RETURNING from_nothing`
+	// Waits for every consumer transaction that saved positions before the
+	// rejoin row was there: after it, none applies anything (apply.go).
+	barrierSQL = `LOCK TABLE replication_positions IN SHARE MODE`
+	emptySQL   = `
+DELETE FROM properties;
+DELETE FROM processed_requests;
+DELETE FROM replication_positions;
+DELETE FROM replication_watermarks;
+UPDATE rejoin SET from_nothing = false`
+)
+
+// begin enters phase 'snapshot' once no consumer transaction can still
+// commit, and empties the region's copy if asked to.
+func (j *rejoiner) begin(ctx context.Context) error {
+	tx, err := j.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, `SET LOCAL statement_timeout = 0`); err != nil {
+		return err
+	}
+	var fromNothing bool
+	if err := tx.QueryRowContext(ctx, startSnapshotSQL).Scan(&fromNothing); err != nil {
+		return fmt.Errorf("rejoin: start: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, barrierSQL); err != nil {
+		return fmt.Errorf("rejoin: wait for the consumers: %w", err)
+	}
+	if fromNothing {
+		// The other instances stop serving within a check interval of the
+		// row; give them two before their clients could see the copy go.
+		if !sleep(ctx, 2*rejoinCheckInterval) {
+			return ctx.Err()
+		}
+		if _, err := tx.ExecContext(ctx, emptySQL); err != nil {
+			return fmt.Errorf("rejoin: empty the copy: %w", err)
+		}
+		j.logger.Info("rejoin: this region's copy emptied, to be rebuilt from nothing")
+	}
+	if err := tx.Commit(); err != nil {
+		return err
+	}
+	j.setPhase("snapshot", 0, 0)
+	return nil
+}
+
+// setPhase updates this instance's status; the other instances read it
+// from the row.
+func (j *rejoiner) setPhase(phase string, listings, requests int64) {
+	s := j.current()
+	s.State, s.Phase, s.Listings, s.Requests = stateRejoining, phase, listings, requests
+	j.status.Store(&s)
+}
+
+// copySnapshot copies the snapshot of the first peer backend that serves
+// one, and returns its header.
+func (j *rejoiner) copySnapshot(ctx context.Context) (snapshotHeader, error) {
+	var errs []error
+	for _, base := range j.peers {
+		h, err := j.copySnapshotFrom(ctx, base+"/internal/snapshot/"+j.region)
+		if err == nil {
+			return h, nil
+		}
+		errs = append(errs, err)
+	}
+	return snapshotHeader{}, errors.Join(errs...)
+}
+
+// copySnapshotFrom copies the snapshot at url, a batch per transaction.
+func (j *rejoiner) copySnapshotFrom(ctx context.Context, url string) (snapshotHeader, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return snapshotHeader{}, err
+	}
+	resp, err := j.client.Do(req)
+	if err != nil {
+		return snapshotHeader{}, fmt.Errorf("snapshot: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return snapshotHeader{}, fmt.Errorf("snapshot: GET %s: %s", url, resp.Status)
+	}
+	s, err := newSnapshotReader(resp.Body)
+	if err != nil {
+		return snapshotHeader{}, err
+	}
+	if s.header.Topic != j.topic {
+		return snapshotHeader{}, fmt.Errorf("snapshot: the peer replicates through %q, this region through %q", s.header.Topic, j.topic)
+	}
+	var listings, requests int64
+	for !s.done() {
+		ls, rs, err := s.batch(copyBatchSize)
+		if err != nil {
+			return snapshotHeader{}, err
+		}
+		listings, requests = listings+int64(len(ls)), requests+int64(len(rs))
+		if err := j.copyBatch(ctx, ls, rs, time.Time{}, listings, requests); err != nil {
+			return snapshotHeader{}, err
+		}
+		j.setPhase("snapshot", listings, requests)
+	}
+	j.logger.Info("rejoin: snapshot copied", "from", url, "listings", listings, "requests", requests,
+		"low", s.header.Low, "peer_applied", s.header.Applied)
+	return s.header, nil
+}
+
+// copyListingsSQL writes copies of listings under the conflict rule: a row
+// is replaced only by a greater write, compared as compareWrites does.
+const copyListingsSQL = upsertPropertiesSQL + `
+WHERE (EXCLUDED.version, EXCLUDED.updated_at, EXCLUDED.region_origin COLLATE "C")
+    > (properties.version, properties.updated_at, properties.region_origin COLLATE "C")`
+
+// progressSQL records the copy's progress in the rejoin row, for the
+// other instances to report.
+const progressSQL = `UPDATE rejoin SET listings = $1, requests = $2`
+
+// copyBatch writes copies of listings (one per id) and of request records
+// in one transaction, with the progress. A listing updated before
+// expiredBefore that the region holds no row of is not copied: its
+// tombstone may have been purged here (retention.go). A zero expiredBefore
+// copies everything.
+func (j *rejoiner) copyBatch(ctx context.Context, listings, requests []event, expiredBefore time.Time, copiedListings, copiedRequests int64) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	tx, err := j.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if !expiredBefore.IsZero() {
+		if listings, err = withoutExpired(ctx, tx, listings, expiredBefore); err != nil {
+			return err
+		}
+		requests = listings
+	}
+	if len(listings) > 0 {
+		var c propertyColumns
+		for _, e := range greatestPerListing(listings) {
+			c.addWrite(e.Property, e.RequestID, e.Parent)
+		}
+		if _, err := tx.ExecContext(ctx, copyListingsSQL, c.args()...); err != nil {
+			return fmt.Errorf("copy listings: %w", err)
+		}
+	}
+	if len(requests) > 0 {
+		if err := recordReplicatedRequests(ctx, tx, requests); err != nil {
+			return fmt.Errorf("copy request records: %w", err)
+		}
+	}
+	if copiedListings+copiedRequests > 0 {
+		if _, err := tx.ExecContext(ctx, progressSQL, copiedListings, copiedRequests); err != nil {
+			return err
+		}
+	}
+	return tx.Commit()
+}
+
+// greatestPerListing keeps, of several writes of one listing, the
+// greatest: one INSERT may touch a row once only.
+func greatestPerListing(events []event) []event {
+	greatest := map[int64]event{}
+	for _, e := range events {
+		if g, ok := greatest[e.ID]; !ok || compareWrites(e.Property, g.Property) > 0 {
+			greatest[e.ID] = e
+		}
+	}
+	out := make([]event, 0, len(greatest))
+	for _, e := range greatest {
+		out = append(out, e)
+	}
+	return out
+}
+
+// withoutExpired drops the events older than expiredBefore for listings
+// with no row here.
+func withoutExpired(ctx context.Context, tx *sql.Tx, events []event, expiredBefore time.Time) ([]event, error) {
+	ids := make([]int64, 0, len(events))
+	for _, e := range events {
+		ids = append(ids, e.ID)
+	}
+	rows, err := tx.QueryContext(ctx, `SELECT id FROM properties WHERE id = ANY($1)`, ids)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	held := map[int64]bool{}
+	for rows.Next() {
+		var id int64
+		if err := rows.Scan(&id); err != nil {
+			return nil, err
+		}
+		held[id] = true
+	}
+	kept := events[:0:0]
+	for _, e := range events {
+		if held[e.ID] || !e.UpdatedAt.Before(expiredBefore) {
+			kept = append(kept, e)
+		}
+	}
+	return kept, rows.Err()
+}
+
+// replayLog copies the events of the log from where the peer stood (or
+// the low watermark, if lower) up to the low watermark: among them, this
+// region's own writes that the peer had not applied when it took the
+// snapshot, which nothing else holds. The peer's own events there are in
+// the snapshot already; copied again, they change nothing.
+func (j *rejoiner) replayLog(ctx context.Context, h snapshotHeader) error {
+	// Below the log's start nothing is left to read: what was there is in
+	// the snapshot, or was the peer's to apply long before.
+	logStarts, err := j.starts(ctx)
+	if err != nil {
+		return fmt.Errorf("rejoin: replay the log: %w", err)
+	}
+	from := map[int32]kgo.Offset{}
+	for p, low := range h.Low {
+		start := max(min(h.Applied[p], low), logStarts[p]) // no position there: from the start
+		if start < low {
+			from[p] = kgo.NewOffset().At(start)
+		}
+	}
+	if len(from) == 0 {
+		return nil
+	}
+	client, err := kgo.NewClient(
+		kgo.SeedBrokers(j.brokers...),
+		kgo.ConsumePartitions(map[string]map[int32]kgo.Offset{j.topic: from}),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
+		kgo.FetchMaxWait(500*time.Millisecond),
+	)
+	if err != nil {
+		return fmt.Errorf("rejoin: replay the log: %w", err)
+	}
+	defer client.Close()
+	left := len(from)
+	done := map[int32]bool{}
+	var replayed int64
+	for left > 0 {
+		fetches := client.PollRecords(ctx, copyBatchSize)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		fetches.EachError(func(topic string, partition int32, err error) {
+			j.logger.Warn("rejoin: replay: fetch error", "partition", partition, "err", err)
+		})
+		var events []event
+		for _, rec := range fetches.Records() {
+			if done[rec.Partition] {
+				continue
+			}
+			if rec.Offset+1 >= h.Low[rec.Partition] {
+				done[rec.Partition] = true
+				left--
+			}
+			if rec.Offset >= h.Low[rec.Partition] {
+				continue
+			}
+			if header(rec, headerKind) != kindEvent {
+				continue
+			}
+			m, err := decodeMessage(rec)
+			if err != nil {
+				continue // the consumers sent it to the dead-letter queue when it came
+			}
+			events = append(events, *m.event)
+		}
+		if len(events) > 0 {
+			if err := j.copyBatch(ctx, events, nil, time.Now().Add(-j.retention), 0, 0); err != nil {
+				return fmt.Errorf("rejoin: replay the log: %w", err)
+			}
+			replayed += int64(len(events))
+		}
+	}
+	j.logger.Info("rejoin: the log replayed up to the low watermark", "events", replayed, "from", from, "to", h.Low)
+	return nil
+}
+
+// resumeSQL moves the positions to the low watermark, never back, and
+// the outbox sequence past the highest seq the peer saw published, and
+// lets the consumers apply again (phase 'log').
+const resumeSQL = `
+INSERT INTO replication_positions (topic, partition, next_offset)
+SELECT $1, p.partition, p.next_offset FROM unnest($2::int[], $3::bigint[]) AS p(partition, next_offset)
+ON CONFLICT (topic, partition) DO UPDATE
+SET next_offset = GREATEST(replication_positions.next_offset, EXCLUDED.next_offset)`
+
+// resume ends the snapshot phase (step 4 at the top of this file) and
+// returns the end of the log just after it: where the consumers must
+// reach before the region serves.
+func (j *rejoiner) resume(ctx context.Context, h snapshotHeader) (map[int32]int64, error) {
+	tx, err := j.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback()
+	ps, offsets := make([]int32, 0, len(h.Low)), make([]int64, 0, len(h.Low))
+	for p, low := range h.Low {
+		ps, offsets = append(ps, p), append(offsets, low)
+	}
+	if _, err := tx.ExecContext(ctx, resumeSQL, j.topic, ps, offsets); err != nil {
+		return nil, fmt.Errorf("rejoin: move the positions: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, `SELECT setval('outbox_seq_seq', GREATEST(last_value, $1)) FROM outbox_seq_seq WHERE $1 > 0`, h.Published); err != nil {
+		return nil, fmt.Errorf("rejoin: move the outbox sequence: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, `UPDATE rejoin SET phase = 'log'`); err != nil {
+		return nil, err
+	}
+	if err := tx.Commit(); err != nil {
+		return nil, err
+	}
+	j.setPhase("log", j.current().Listings, j.current().Requests)
+	endCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	return j.ends(endCtx)
+}
+
+// awaitConsumers waits until the region's stored positions have reached
+// target in every partition: the consumers have applied the log up to
+// there.
+func (j *rejoiner) awaitConsumers(ctx context.Context, target map[int32]int64) error {
+	for {
+		rows, err := j.db.QueryContext(ctx, `SELECT partition, next_offset FROM replication_positions WHERE topic = $1`, j.topic)
+		if err != nil {
+			return err
+		}
+		at := map[int32]int64{}
+		for rows.Next() {
+			var p int32
+			var next int64
+			if err := rows.Scan(&p, &next); err != nil {
+				rows.Close()
+				return err
+			}
+			at[p] = next
+		}
+		rows.Close()
+		behind := false
+		for p, end := range target {
+			// A partition whose records were all the region's own, or
+			// heartbeats, moves too: the consumer saves every position.
+			behind = behind || at[p] < end
+		}
+		if !behind {
+			return nil
+		}
+		if !sleep(ctx, 100*time.Millisecond) {
+			return ctx.Err()
+		}
+	}
+}
+
+// finish moves the region's id sequence past every id of its own that it
+// holds now, the peer's included, and deletes the rejoin row: the region
+// serves again. Ids from 1001 on alternate between the regions, US the odd
+// ones (init.sql).
+func (j *rejoiner) finish(ctx context.Context) error {
+	seq := "property_ids_" + j.region
+	parity := 1
+	if j.region == regionEU {
+		parity = 0
+	}
+	tx, err := j.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	var highest sql.NullInt64
+	if err := tx.QueryRowContext(ctx, `SELECT max(id) FROM properties WHERE id > 1000 AND id % 2 = $1`, parity).Scan(&highest); err != nil {
+		return fmt.Errorf("rejoin: highest id: %w", err)
+	}
+	if highest.Valid {
+		// seq is one of two constant names: no injection is possible.
+		if _, err := tx.ExecContext(ctx, `SELECT setval('`+seq+`', GREATEST(last_value, $1)) FROM `+seq, highest.Int64); err != nil {
+			return fmt.Errorf("rejoin: move the id sequence: %w", err)
+		}
+	}
+	if _, err := tx.ExecContext(ctx, `DELETE FROM rejoin`); err != nil {
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return err
+	}
+	j.logger.Info("rejoin: the id sequence is past every id of this region's", "sequence", seq, "highest_held", highest.Int64)
+	return nil
+}
+
+// rejoinCommand is "property-listing rejoin [--from-nothing]": it makes the
+// region of the environment's database rejoin, and waits until its running
+// instances have rebuilt it, printing the progress.
+func rejoinCommand(ctx context.Context, args []string, cfg config, out func(string)) error {
+	fromNothing := false
+	for _, a := range args {
+		switch a {
+		case "--from-nothing":
+			fromNothing = true
+		default:
+			return fmt.Errorf("rejoin: unknown argument %q (the only one is --from-nothing)", a)
+		}
+	}
+	db, err := openDB(cfg.databaseURL, 1, replicationLimits)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	reason := "asked for by an operator"
+	if fromNothing {
+		reason += ", from nothing"
+	}
+	if err := requestRejoin(ctx, db, reason, fromNothing); err != nil {
+		return fmt.Errorf("rejoin: %w", err)
+	}
+	out("region " + cfg.region + " is rejoining; the running instances rebuild it from " + peerOf(cfg.region))
+	last := ""
+	for {
+		var phase string
+		var listings, requests int64
+		err := db.QueryRowContext(ctx, `SELECT phase, listings, requests FROM rejoin`).Scan(&phase, &listings, &requests)
+		switch {
+		case errors.Is(err, sql.ErrNoRows):
+			out("region " + cfg.region + " has rejoined and serves again")
+			return nil
+		case err != nil && ctx.Err() != nil:
+			return ctx.Err()
+		case err == nil:
+			if line := phase + ": " + strconv.FormatInt(listings, 10) + " listings, " + strconv.FormatInt(requests, 10) + " request records copied"; line != last {
+				out(line)
+				last = line
+			}
+		}
+		if !sleep(ctx, time.Second) {
+			return ctx.Err()
+		}
+	}
+}
