@@ -19,7 +19,8 @@ package main
 // from a backup goes back to read what it lost. On assignment the consumer
 // seeks to the stored position; a partition with none is read from its
 // oldest retained record; a stored position the broker no longer holds is
-// the loud stop (eventsLost), never a jump to what is left.
+// a loud stop (eventsLost), never a jump to what is left, until the region
+// has rejoined from a snapshot of the peer (rejoin.go).
 //
 // The dead-letter topic (the replication topic's name + ".dlq") is where a
 // record goes that cannot be applied, with the reason, so that one bad
@@ -191,21 +192,31 @@ func (c *consumer) run(ctx context.Context, partitions int32) {
 			return
 		}
 		fetchErrors := 0
+		var lost []int32
 		fetches.EachError(func(topic string, partition int32, err error) {
 			fetchErrors++
 			if eventsLost(err) {
 				c.stop(fmt.Sprintf("events lost: partition %d of %s no longer holds the next event this region needs (%v); "+
-					"re-seed this region from the other one (docs/operations.md)", partition, topic, err))
+					"this region rejoins from the other one", partition, topic, err))
+				lost = append(lost, partition)
 				return
 			}
 			c.logger.Warn("consume: fetch error", "topic", topic, "partition", partition, "err", err)
 		})
-		if c.stats.stopped.Load() != nil {
-			// Nothing of this poll is applied and no offset moves: the
-			// region stays exactly where the loss was found.
-			return
-		}
 		records := fetches.Records()
+		if len(lost) > 0 {
+			// Nothing of this poll is applied and no position moves: the
+			// region stays where the loss was found until a snapshot of
+			// the peer has brought what the broker lost.
+			for _, rec := range records {
+				lost = append(lost, rec.Partition)
+			}
+			if !c.rejoinForLostEvents(ctx, lost) {
+				return
+			}
+			c.client.AllowRebalance()
+			continue
+		}
 		if fetchErrors > 0 && len(records) == 0 {
 			// The client retries by itself; do not spin on a failing broker.
 			if !sleep(ctx, maxBackoff) {
@@ -236,13 +247,52 @@ func eventsLost(err error) bool {
 	return errors.Is(err, kerr.OffsetOutOfRange) || errors.As(err, &dataLoss)
 }
 
-// stop ends the consumer's work for good, with the reason: the lag report
-// and /health's body show it from now on, and the log says it at error
-// level. Skipping ahead would leave the regions different for ever without a
-// word; stopping keeps the lag growing, which is the truth.
+// stop stops the consumer's work until the region has rejoined, with the
+// reason: the lag report and /health's body show it meanwhile, and the log
+// says it at error level. Skipping ahead would leave the regions different
+// for ever without a word; stopping keeps the lag growing, which is the
+// truth, until the rejoin brings what was lost.
 func (c *consumer) stop(reason string) {
 	if c.stats.stopped.CompareAndSwap(nil, &reason) {
 		c.logger.Error("consume: replication stopped", "reason", reason)
+	}
+}
+
+// rejoinForLostEvents makes the region rejoin (rejoin.go), waits until the
+// rejoin has copied the peer's snapshot and moved the positions past what
+// the broker lost, and reads the given partitions on from the positions
+// stored then. It returns false if ctx is cancelled first.
+func (c *consumer) rejoinForLostEvents(ctx context.Context, partitions []int32) bool {
+	reason, requested := *c.stats.stopped.Load(), false
+	for attempt := 0; ; attempt++ {
+		if attempt > 0 && !sleep(ctx, backoff(attempt)) {
+			return false
+		}
+		if !requested {
+			requested = requestRejoin(ctx, c.db, reason, false) == nil
+			continue
+		}
+		var snapshotting bool
+		if err := c.db.QueryRowContext(ctx, `SELECT EXISTS (SELECT FROM rejoin WHERE phase <> 'log')`).Scan(&snapshotting); err != nil || snapshotting {
+			continue
+		}
+		rows, err := c.db.QueryContext(ctx, readPositionsSQL, c.topic, partitions)
+		if err != nil {
+			continue
+		}
+		to := map[int32]kgo.EpochOffset{}
+		for rows.Next() {
+			var p int32
+			var next int64
+			if rows.Scan(&p, &next) == nil {
+				to[p] = kgo.EpochOffset{Epoch: -1, Offset: next}
+			}
+		}
+		rows.Close()
+		c.client.SetOffsets(map[string]map[int32]kgo.EpochOffset{c.topic: to})
+		c.stats.stopped.Store(nil)
+		c.logger.Info("consume: the rejoin brought what the broker lost; reading on", "positions", to)
+		return true
 	}
 }
 

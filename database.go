@@ -6,6 +6,7 @@ package main
 // relay.go, consume.go, conflict.go, lag.go).
 
 import (
+	"context"
 	"database/sql"
 	"errors"
 	"strconv"
@@ -45,8 +46,15 @@ var (
 // requests queued on a locked row cannot hold back the other region's
 // writes, and a relay waiting on a slow Kafka with its transaction open
 // cannot take a connection from a request.
-func openPools(dsn string, requestConns int) (requests, replication *sql.DB, err error) {
-	if requests, err = openDB(dsn, requestConns, requestLimits); err != nil {
+//
+// admit, if not nil, vets every new connection of the request pool before
+// a request uses it (rejoin.go).
+func openPools(dsn string, requestConns int, admit func(context.Context, *pgx.Conn) error) (requests, replication *sql.DB, err error) {
+	var opts []stdlib.OptionOpenDB
+	if admit != nil {
+		opts = append(opts, stdlib.OptionAfterConnect(admit))
+	}
+	if requests, err = openDB(dsn, requestConns, requestLimits, opts...); err != nil {
 		return nil, nil, err
 	}
 	if replication, err = openDB(dsn, replicationConns, replicationLimits); err != nil {
@@ -59,7 +67,7 @@ func openPools(dsn string, requestConns int) (requests, replication *sql.DB, err
 // openDB opens a pool of at most maxConns connections with the given limits.
 // It does not wait for the database: the service starts and answers 503
 // until the database is reachable.
-func openDB(dsn string, maxConns int, limits sessionLimits) (*sql.DB, error) {
+func openDB(dsn string, maxConns int, limits sessionLimits, opts ...stdlib.OptionOpenDB) (*sql.DB, error) {
 	pgcfg, err := pgx.ParseConfig(dsn)
 	if err != nil {
 		return nil, errors.New("DATABASE_URL is not a valid PostgreSQL connection string")
@@ -74,7 +82,7 @@ func openDB(dsn string, maxConns int, limits sessionLimits) (*sql.DB, error) {
 			pgcfg.RuntimeParams[name] = strconv.FormatInt(d.Milliseconds(), 10)
 		}
 	}
-	db := stdlib.OpenDB(*pgcfg)
+	db := stdlib.OpenDB(*pgcfg, opts...)
 	// A bounded pool: enough connections to keep two cores busy while some wait
 	// on commits, few enough that the region's database (PostgreSQL's
 	// default max_connections is 100) holds the request and replication

@@ -17,7 +17,7 @@ import (
 // run opens, and the other must still reach the database at once.
 func TestPoolsDoNotStarveEachOther(t *testing.T) {
 	testDB(t) // fails early, with the explanation, when there is no database
-	requests, replication, err := openPools(scratchURL, 2)
+	requests, replication, err := openPools(scratchURL, 2, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,7 +52,7 @@ func TestPoolsDoNotStarveEachOther(t *testing.T) {
 // runs on it, so that the database gives up first.
 func TestSessionLimits(t *testing.T) {
 	testDB(t) // fails early, with the explanation, when there is no database
-	requests, replication, err := openPools(scratchURL, 2)
+	requests, replication, err := openPools(scratchURL, 2, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

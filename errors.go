@@ -85,6 +85,9 @@ func encodeError(w http.ResponseWriter, r *http.Request, logger *slog.Logger, er
 	case errors.Is(err, errKeptChanging):
 		w.Header().Set("Retry-After", "1")
 		encode(w, http.StatusServiceUnavailable, errorBody{Error: "the listing kept changing under this write: retry with the same X-Request-ID"})
+	case errors.Is(err, errDatabaseRestarted):
+		w.Header().Set("Retry-After", "1")
+		encode(w, http.StatusServiceUnavailable, errorBody{Error: "this region's database restarted; the other region serves while it is checked"})
 	case databaseUnreachable(err):
 		logger.WarnContext(r.Context(), "database unreachable", "method", r.Method, "path", r.URL.Path, "err", err)
 		encode(w, http.StatusServiceUnavailable, errorBody{Error: "service unavailable, try again"})

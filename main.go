@@ -325,14 +325,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	}
 	logger := slog.New(slog.NewJSONHandler(stdout, nil)).With("region", cfg.region)
 
-	db, replicationDB, err := openPools(cfg.databaseURL, cfg.dbMaxConns)
+	// A request's connection is admitted by the rejoiner (rejoin.go), made
+	// below: no connection is opened before a request comes.
+	var rep *replicator
+	db, replicationDB, err := openPools(cfg.databaseURL, cfg.dbMaxConns, func(ctx context.Context, conn *pgx.Conn) error {
+		return rep.rejoin.admit(ctx, conn)
+	})
 	if err != nil {
 		return err
 	}
 	// Closed last, after everything that uses them has stopped.
 	defer db.Close()
 	defer replicationDB.Close()
-	rep, err := newReplicator(logger, replicationDB, db, cfg.region, cfg.kafkaBrokers, cfg.kafkaTopic, cfg.kafkaReplicas, cfg.retention, cfg.peerURLs)
+	rep, err = newReplicator(logger, replicationDB, db, cfg.region, cfg.kafkaBrokers, cfg.kafkaTopic, cfg.kafkaReplicas, cfg.retention, cfg.peerURLs)
 	if err != nil {
 		return err
 	}

@@ -65,6 +65,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
@@ -88,7 +89,7 @@ const rejoinLockKey = 0x72656a6f696e // "rejoin"
 
 // The states of a region, as /health and the lag report name them.
 const (
-	stateStarting  = "starting"  // the first check has not answered yet
+	stateChecking  = "checking"  // the database is not checked yet: at start, or after it restarted
 	stateServing   = "serving"   // the region serves its clients
 	stateRejoining = "rejoining" // the region rebuilds its copy from the peer
 )
@@ -132,6 +133,12 @@ type rejoiner struct {
 	// peerDown remembers that the last check found no peer to ask, so
 	// that it is logged once, not every second.
 	peerDown bool
+	// checked is when the database last checked had started
+	// (pg_postmaster_start_time), nil before the first check: a
+	// connection to a database started since is not admitted (admit).
+	checked atomic.Pointer[time.Time]
+	// recheck wakes the loop for a check at once.
+	recheck chan struct{}
 }
 
 // newRejoiner returns the rejoiner of region, starting.
@@ -142,9 +149,10 @@ func newRejoiner(logger *slog.Logger, db *sql.DB, region, topic string, peers, b
 		peers: peers, brokers: brokers, retention: retention, ends: ends, starts: starts,
 		// No timeout of the whole exchange: a snapshot takes as long as the
 		// peer's tables. Each call bounds itself with its context.
-		client: &http.Client{Transport: &http.Transport{ResponseHeaderTimeout: 30 * time.Second}},
+		client:  &http.Client{Transport: &http.Transport{ResponseHeaderTimeout: 30 * time.Second}},
+		recheck: make(chan struct{}, 1),
 	}
-	j.status.Store(&rejoinStatus{State: stateStarting})
+	j.status.Store(&rejoinStatus{State: stateChecking})
 	return j
 }
 
@@ -159,10 +167,46 @@ func (j *rejoiner) serving() bool { return j.status.Load().State == stateServing
 func (j *rejoiner) run(ctx context.Context) {
 	for {
 		j.step(ctx)
-		if !sleep(ctx, rejoinCheckInterval) {
+		select {
+		case <-ctx.Done():
 			return
+		case <-j.recheck:
+		case <-time.After(rejoinCheckInterval):
 		}
 	}
+}
+
+// errDatabaseRestarted is a request's connection to a database that
+// started since it was last checked (admit).
+var errDatabaseRestarted = errors.New("this region's database restarted and is being checked against the other region")
+
+// admit runs on every new connection of the request pool. A database that
+// started since the last check (it restarted, or was restored from a
+// backup, which takes a restart) is checked again before it serves: the
+// connection is refused, the request answered 503 (NGINX then asks the
+// other region), and the check runs at once. Without it, a request in the
+// second before the next check could read the restored past, or a POST take
+// an id the peer holds.
+func (j *rejoiner) admit(ctx context.Context, conn *pgx.Conn) error {
+	checked := j.checked.Load()
+	if checked == nil {
+		return nil // the first check has not run: nothing is served yet
+	}
+	var started time.Time
+	if err := conn.QueryRow(ctx, `SELECT pg_postmaster_start_time()`).Scan(&started); err != nil {
+		return err
+	}
+	if started.Equal(*checked) {
+		return nil
+	}
+	if s := j.status.Load(); s.State == stateServing {
+		j.status.CompareAndSwap(s, &rejoinStatus{State: stateChecking})
+	}
+	select {
+	case j.recheck <- struct{}{}:
+	default:
+	}
+	return errDatabaseRestarted
 }
 
 // step is one check: the rejoin row if there is one, the peer's word
@@ -176,10 +220,15 @@ func (j *rejoiner) step(ctx context.Context) {
 		return
 	}
 	if row == nil {
-		reason, err := j.check(ctx)
-		if err != nil || reason == "" {
+		reason, started, err := j.check(ctx)
+		if started != nil && reason == "" {
+			// Checked, or the peer cannot tell: this database serves.
+			j.checked.Store(started)
 			j.status.Store(&rejoinStatus{State: stateServing})
 			return
+		}
+		if err != nil {
+			return // the database did not answer: check again
 		}
 		if err := requestRejoin(ctx, j.db, reason, false); err != nil {
 			j.logger.Warn("rejoin: the rejoin row could not be written", "err", err)
@@ -229,31 +278,38 @@ func requestRejoin(ctx context.Context, db *sql.DB, reason string, fromNothing b
 }
 
 // outboxSeqSQL is the highest outbox seq this database has handed out (0
-// before the first).
-const outboxSeqSQL = `SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM outbox_seq_seq`
+// before the first), and when the database started.
+const outboxSeqSQL = `SELECT CASE WHEN is_called THEN last_value ELSE 0 END, pg_postmaster_start_time() FROM outbox_seq_seq`
 
 // check asks the peer for the highest outbox seq of this region's it has
 // seen published, and returns why the region must rejoin, or "" if it need
-// not. An error means the peer could not be asked: the region cannot tell.
-func (j *rejoiner) check(ctx context.Context) (reason string, err error) {
+// not, and when the database it checked started. With the database
+// unreachable, started is nil; with the peer unreachable, the region cannot
+// tell, and the answer is "" with the error.
+func (j *rejoiner) check(ctx context.Context) (reason string, started *time.Time, err error) {
+	// The database first: a check is about the database as it is now.
+	var local int64
+	var at time.Time
+	if err := j.db.QueryRowContext(ctx, outboxSeqSQL).Scan(&local, &at); err != nil {
+		return "", nil, err
+	}
 	published, err := j.peerPublished(ctx)
 	if err != nil {
 		if !j.peerDown {
 			j.logger.Warn("rejoin: the peer cannot be asked what it holds of this region; serving meanwhile", "err", err)
 		}
 		j.peerDown = true
-		return "", err
+		return "", &at, err
 	}
 	j.peerDown = false
-	var local int64
-	if err := j.db.QueryRowContext(ctx, outboxSeqSQL).Scan(&local); err != nil {
-		return "", err
-	}
 	if published <= local {
-		return "", nil
+		if j.checked.Load() == nil || !j.checked.Load().Equal(at) {
+			j.logger.Info("rejoin: the database checked against the peer", "outbox_seq", local, "peer_saw_published", published, "database_started", at)
+		}
+		return "", &at, nil
 	}
 	return fmt.Sprintf("this database's outbox has handed out seqs up to %d, but %s saw this region publish up to %d: "+
-		"it lost writes that had left it (restored from an older backup, or replaced)", local, peerOf(j.region), published), nil
+		"it lost writes that had left it (restored from an older backup, or replaced)", local, peerOf(j.region), published), &at, nil
 }
 
 // peerPublished asks the peer's backends, one after the other, for the
