@@ -190,7 +190,7 @@ type ruleResult struct {
 }
 
 // check judges the final state and the history by the six rules.
-func check(history []op, initial map[int64]Property, f chaosFinal, samples []lagSample) []ruleResult {
+func check(history []op, initial map[int64]Property, f chaosFinal, samples []lagSample, restores []restoreWindow) []ruleResult {
 	final := map[int64]Property{}
 	for _, p := range f.us {
 		final[p.ID] = p
@@ -204,9 +204,9 @@ func check(history []op, initial map[int64]Property, f chaosFinal, samples []lag
 	writes := func(id int64) string { return describeWrites(byListing[id]) }
 	return []ruleResult{
 		ruleIdentical(f, writes),
-		ruleNoneLost(history, final, f, writes),
+		ruleNoneLost(history, final, f, writes, restores),
 		ruleNothingInvented(history, initial, final, writes),
-		ruleRequestIDs(history, f),
+		ruleRequestIDs(history, f, restores),
 		ruleNothingStuck(f),
 		ruleLagHonest(history, samples, writes),
 	}
@@ -249,7 +249,27 @@ func ruleIdentical(f chaosFinal, writes func(int64) string) ruleResult {
 	return r
 }
 
-func ruleNoneLost(history []op, final map[int64]Property, f chaosFinal, writes func(int64) string) ruleResult {
+// restoreWindow is a region's database restored from a backup: taken at
+// from, restored at to. A write the region acknowledged in between may be
+// lost with it, if it had not left the region's outbox when the database
+// was taken back: the restore's RPO, counted, not a failure of rule 2.
+type restoreWindow struct {
+	region   string
+	from, to time.Time
+}
+
+// lostToRestore reports whether o's write may have been lost to a restore:
+// acknowledged by the restored region within the window.
+func lostToRestore(o op, restores []restoreWindow) bool {
+	for _, w := range restores {
+		if o.Row != nil && o.Row.RegionOrigin == w.region && !o.End.Before(w.from) && !o.End.After(w.to) {
+			return true
+		}
+	}
+	return false
+}
+
+func ruleNoneLost(history []op, final map[int64]Property, f chaosFinal, writes func(int64) string, restores []restoreWindow) ruleResult {
 	r := ruleResult{rule: 2, name: "no acknowledged write lost without a trace", pass: true}
 	// Each listing's writes by tag, from both regions' request records: the
 	// request that made it and the state it was built on.
@@ -312,7 +332,7 @@ func ruleNoneLost(history []op, final map[int64]Property, f chaosFinal, writes f
 		}
 	}
 	chains := map[int64]map[string]bool{}
-	n, builtOn, recorded, recordedUnder := 0, 0, 0, 0
+	n, builtOn, recorded, recordedUnder, restored := 0, 0, 0, 0, 0
 	for _, o := range history {
 		if o.Outcome != opOK || o.Row == nil || o.Kind == "GET" {
 			continue
@@ -330,6 +350,8 @@ func ruleNoneLost(history []op, final map[int64]Property, f chaosFinal, writes f
 			recorded++
 		case lostWith[o.RequestID]:
 			recordedUnder++
+		case lostToRestore(o, restores):
+			restored++
 		default:
 			r.pass = false
 			r.counterexample = fmt.Sprintf("%s %s (request %s) acknowledged %s at %s, but the final row is %s, not built on it, and no region recorded it lost; writes: %s",
@@ -338,7 +360,10 @@ func ruleNoneLost(history []op, final map[int64]Property, f chaosFinal, writes f
 		}
 	}
 	r.detail = fmt.Sprintf("%d acknowledged writes: %d final, %d built upon by the final row, %d recorded lost, %d built upon by a write recorded lost",
-		n, n-builtOn-recorded-recordedUnder, builtOn, recorded, recordedUnder)
+		n, n-builtOn-recorded-recordedUnder-restored, builtOn, recorded, recordedUnder)
+	if len(restores) > 0 {
+		r.detail += fmt.Sprintf("; %d restores from a backup lost %d writes that had not left the restored region's outbox (the RPO)", len(restores), restored)
+	}
 	return r
 }
 
@@ -412,7 +437,7 @@ func (o op) mayHaveWritten(id, version int64, region string) bool {
 	return region == o.Row.RegionOrigin || failedOver && region == o.Prefix
 }
 
-func ruleRequestIDs(history []op, f chaosFinal) ruleResult {
+func ruleRequestIDs(history []op, f chaosFinal, restores []restoreWindow) ruleResult {
 	r := ruleResult{rule: 4, name: "one record, one write per request id", pass: true}
 	if d := gocmp.Diff(f.requests["us"], f.requests["eu"]); d != "" {
 		r.pass = false
@@ -424,8 +449,17 @@ func ruleRequestIDs(history []op, f chaosFinal) ruleResult {
 	acks := map[string]map[string]*Property{}
 	ackOps := map[string][]op{}
 	raced := 0
+	// A request id whose write a restore may have taken back is one the
+	// region may write again, under the same id: after its loss, not a
+	// second write of one request.
+	restored := map[string]bool{}
 	for _, o := range history {
-		if o.Row == nil || o.Kind == "GET" {
+		if o.Kind != "GET" && lostToRestore(o, restores) {
+			restored[o.RequestID] = true
+		}
+	}
+	for _, o := range history {
+		if o.Row == nil || o.Kind == "GET" || restored[o.RequestID] {
 			continue
 		}
 		byRegion := acks[o.RequestID]
@@ -807,8 +841,9 @@ func TestCheckerCatches(t *testing.T) {
 		return history, final, samples
 	}
 	initial := map[int64]Property{601: start}
+	var restores []restoreWindow
 	verdicts := func(history []op, final chaosFinal, samples []lagSample) (failed []int) {
-		for _, r := range check(history, initial, final, samples) {
+		for _, r := range check(history, initial, final, samples, restores) {
 			if !r.pass {
 				failed = append(failed, r.rule)
 			}
@@ -850,6 +885,26 @@ func TestCheckerCatches(t *testing.T) {
 	if failed := failover("us"); !slices.Contains(failed, 3) || !slices.Contains(failed, 4) {
 		t.Fatalf("a tombstone no request that reached its region wrote: failed rules %v, want 3 and 4", failed)
 	}
+	// EU's database restored from a backup taken before r1: r1 is gone
+	// from both regions, with its record, as a write that had not left
+	// EU's outbox is. Within the restore's window it is the restore's
+	// loss (the RPO); outside it, a write lost without a trace.
+	h, f, s = clean()
+	f.us, f.eu = []Property{start}, []Property{start}
+	f.requests = map[string][]requestRecord{"us": nil, "eu": nil}
+	s = nil
+	if failed := verdicts(h, f, s); !slices.Contains(failed, 2) || !slices.Contains(failed, 4) {
+		t.Fatalf("a write gone without a restore: failed rules %v, want 2 and 4", failed)
+	}
+	restores = []restoreWindow{{region: "eu", from: at(5), to: at(15)}}
+	if failed := verdicts(h, f, s); len(failed) > 0 {
+		t.Fatalf("a write lost with a database restored from a backup taken before it: failed rules %v", failed)
+	}
+	restores = []restoreWindow{{region: "us", from: at(5), to: at(15)}}
+	if failed := verdicts(h, f, s); !slices.Contains(failed, 2) {
+		t.Fatalf("a write of EU's gone with US's restore: failed rules %v, want 2", failed)
+	}
+	restores = nil
 	// A sample that had not yet heard of a write does not vouch for it,
 	// and a row read by an earlier sample still counts in a later one.
 	h, f, s = clean()

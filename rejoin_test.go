@@ -100,15 +100,15 @@ func execAll(t *testing.T, db *sql.DB, stmts []string) {
 	}
 }
 
-// requestRecord is a request record as both regions must hold it.
-type requestRecord struct {
+// heldRequest is a request record as both regions must hold it.
+type heldRequest struct {
 	RequestID, Fingerprint string
 	Write                  Property
 	Parent                 string
 }
 
 // allRequestRecords reads db's request records, by request id.
-func allRequestRecords(t *testing.T, db *sql.DB) []requestRecord {
+func allRequestRecords(t *testing.T, db *sql.DB) []heldRequest {
 	t.Helper()
 	rows, err := db.Query(`
 SELECT property_id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, request_id, fingerprint, coalesce(parent, '')
@@ -117,9 +117,9 @@ FROM processed_requests ORDER BY request_id`)
 		t.Fatal(err)
 	}
 	defer rows.Close()
-	var records []requestRecord
+	var records []heldRequest
 	for rows.Next() {
-		var r requestRecord
+		var r heldRequest
 		if r.Write, err = scanProperty(rows, &r.RequestID, &r.Fingerprint, &r.Parent); err != nil {
 			t.Fatal(err)
 		}
