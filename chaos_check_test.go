@@ -208,7 +208,7 @@ func check(history []op, initial map[int64]Property, f chaosFinal, samples []lag
 		ruleNothingInvented(history, initial, final, writes),
 		ruleRequestIDs(history, f, restores),
 		ruleNothingStuck(f),
-		ruleLagHonest(history, samples, writes),
+		ruleLagHonest(history, samples, writes, restores),
 	}
 }
 
@@ -529,7 +529,7 @@ func ruleNothingStuck(f chaosFinal) ruleResult {
 	return r
 }
 
-func ruleLagHonest(history []op, samples []lagSample, writes func(int64) string) ruleResult {
+func ruleLagHonest(history []op, samples []lagSample, writes func(int64) string, restores []restoreWindow) ruleResult {
 	r := ruleResult{rule: 6, name: "the lag report never understates", pass: true}
 	type ackedOp struct {
 		op
@@ -567,7 +567,9 @@ func ruleLagHonest(history []op, samples []lagSample, writes func(int64) string)
 			if !o.End.Before(vouched) || o.i >= s.heard {
 				break
 			}
-			if o.Row.RegionOrigin != peerOf(s.region) {
+			// A write a restore took back from its region (the RPO) is
+			// no longer one the peer committed: nothing can bring it.
+			if o.Row.RegionOrigin != peerOf(s.region) || lostToRestore(o.op, restores) {
 				continue
 			}
 			checks++

@@ -207,6 +207,7 @@ func longOutage(t *testing.T, s *stack, us, eu *sql.DB) ruleResult {
 		}
 	}
 	deleteReadRecords(t, kafka, us)
+	logged := len(s.control(t, "logs", "backend-eu"))
 	s.control(t, "heal", "eu")
 
 	// Until EU has rejoined, its lag must not read about 0 while a listing
@@ -223,7 +224,7 @@ func longOutage(t *testing.T, s *stack, us, eu *sql.DB) ruleResult {
 	start := time.Now()
 	var understated string
 	rejoined := waitUntil(90*time.Second, func() bool {
-		if rejoinedAfterLoss(s.control(t, "logs", "backend-eu")) {
+		if rejoinedAfterLoss(s.control(t, "logs", "backend-eu"), logged) {
 			return true
 		}
 		if report := s.lag(t, "eu"); report.LagSeconds < 1 && understated == "" {

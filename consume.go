@@ -67,6 +67,9 @@ type consumer struct {
 	// declared is the most partitions the peer's heartbeats have declared
 	// as this consumer knows (commit); only the consumer's goroutine uses it.
 	declared int32
+	// outboxSeq is this region's outbox sequence as last read
+	// (behindOwnPublished). Only the consumer's goroutine uses it.
+	outboxSeq int64
 	// ahead is what the last committed batch found: partitions whose stored
 	// position a rejoin moved past the batch (savePositions); the consumer
 	// goes on from there. Only the consumer's goroutine uses it.
@@ -345,6 +348,9 @@ type batch struct {
 	partitions int32
 	dead       []*kgo.Record
 	next       map[int32]int64
+	// ownPublished is the highest heartbeat.Published of this region's own
+	// heartbeats in the poll.
+	ownPublished int64
 }
 
 // decodeRecords decodes one poll's records into a batch. Its own region's
@@ -355,6 +361,13 @@ func (c *consumer) decodeRecords(records []*kgo.Record) batch {
 	for _, rec := range records {
 		b.next[rec.Partition] = max(b.next[rec.Partition], rec.Offset+1)
 		if header(rec, headerRegion) == c.region {
+			// Only this region's heartbeats are read, for what they say
+			// it published: a database below it went back in time.
+			if header(rec, headerKind) == kindHeartbeat {
+				if m, err := decodeMessage(rec); err == nil {
+					b.ownPublished = max(b.ownPublished, m.heartbeat.Published)
+				}
+			}
 			continue
 		}
 		m, err := decodeMessage(rec)
@@ -397,6 +410,9 @@ func (c *consumer) decodeRecords(records []*kgo.Record) batch {
 // queue with the reason, alone. It returns false if ctx was cancelled first.
 func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions int32) bool {
 	b := c.decodeRecords(records)
+	if b.ownPublished > c.outboxSeq && !c.behindOwnPublished(ctx, b.ownPublished) {
+		return false
+	}
 	var (
 		outcomes []outcome
 		lost     []lostWrite
@@ -430,6 +446,32 @@ func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions
 			"won_request_id", l.won.requestID, "won", l.won.tag())
 	}
 	return true
+}
+
+// behindOwnPublished compares the database's outbox sequence with what
+// one of this region's heartbeats said it had published (rejoin.go): a
+// database below it went back in time, and the region rejoins. The
+// sequence is read again only when a heartbeat passes the value last read.
+// It returns false if ctx is cancelled first.
+func (c *consumer) behindOwnPublished(ctx context.Context, published int64) bool {
+	var local int64
+	var started time.Time
+	ok := c.retry(ctx, "read the outbox sequence", false, func(ctx context.Context) error {
+		return c.db.QueryRowContext(ctx, outboxSeqSQL).Scan(&local, &started)
+	})
+	if !ok {
+		return false
+	}
+	c.outboxSeq = local
+	if published <= local {
+		return true
+	}
+	reason := fmt.Sprintf("the topic holds a heartbeat of this region's saying it published up to %d, but this database's outbox is at %d: "+
+		"it lost writes that had left it (restored from an older backup, or replaced)", published, local)
+	c.logger.Error("consume: this region's database is behind what it published; rejoining from the peer", "reason", reason)
+	return c.retry(ctx, "ask for a rejoin", false, func(ctx context.Context) error {
+		return requestRejoin(ctx, c.db, reason, false)
+	})
 }
 
 // seekAhead moves the consumer to the stored positions the last batch

@@ -11,6 +11,7 @@ package main
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -60,7 +61,7 @@ func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.D
 	mux.Handle("GET /{region}/conflicts", listings(handleListConflicts(logger, db)))
 	// Between the regions' backends, never through NGINX, which forwards
 	// only the region prefixes (rejoin.go, snapshot.go).
-	mux.Handle("GET /internal/published/{region}", handlePublished(logger, db))
+	mux.Handle("GET /internal/published/{region}", handlePublished(logger, db, rep.topicName()))
 	mux.Handle("GET /internal/snapshot/{region}", rep.snapshot())
 }
 
@@ -83,8 +84,10 @@ type replication interface {
 	// rejoinStatus is whether the region serves, and if not, why and how
 	// far its rejoining has come (rejoin.go).
 	rejoinStatus() rejoinStatus
-	// snapshot serves this region's snapshot to the other (snapshot.go).
+	// snapshot serves this region's snapshot to the other (snapshot.go),
+	// and topicName is the replication topic.
 	snapshot() http.Handler
+	topicName() string
 }
 
 // handleHealth answers 200 when the database answers and the region
@@ -133,27 +136,42 @@ func whileServing(state func() rejoinStatus, h http.Handler) http.Handler {
 	})
 }
 
-// handlePublished answers the other region's check (rejoin.go): the
-// highest outbox seq of {region}'s events that this region has seen it
-// publish.
-func handlePublished(logger *slog.Logger, db *sql.DB) http.Handler {
+// publishedAnswer is the answer to the other region's check (rejoin.go).
+type publishedAnswer struct {
+	Region string `json:"region"`
+	// Published is the highest outbox seq of Region's events that this
+	// region has seen it publish, and Positions where this region stands
+	// in each partition of the topic, read with it.
+	Published int64           `json:"published"`
+	Positions map[int32]int64 `json:"positions"`
+}
+
+// publishedSQL reads publishedAnswer's figures in one statement, so that
+// they go together.
+const publishedSQL = `
+SELECT (SELECT coalesce(max(published), 0) FROM replication_watermarks WHERE peer_region = $1),
+       coalesce((SELECT json_object_agg(partition, next_offset) FROM replication_positions WHERE topic = $2), '{}')`
+
+// handlePublished answers the other region's check (rejoin.go) on topic.
+func handlePublished(logger *slog.Logger, db *sql.DB, topic string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		region := r.PathValue("region")
-		if !validRegion(region) {
+		a := publishedAnswer{Region: r.PathValue("region")}
+		if !validRegion(a.Region) {
 			encodeError(w, r, logger, errUnknownRegion)
 			return
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
 		defer cancel()
-		var published int64
-		if err := db.QueryRowContext(ctx, snapshotPublishedSQL, region).Scan(&published); err != nil {
+		var positions []byte
+		if err := db.QueryRowContext(ctx, publishedSQL, a.Region, topic).Scan(&a.Published, &positions); err != nil {
 			encodeError(w, r, logger, err)
 			return
 		}
-		encode(w, http.StatusOK, struct {
-			Region    string `json:"region"`
-			Published int64  `json:"published"`
-		}{region, published})
+		if err := json.Unmarshal(positions, &a.Positions); err != nil {
+			encodeError(w, r, logger, err)
+			return
+		}
+		encode(w, http.StatusOK, a)
 	})
 }
 

@@ -57,6 +57,7 @@ func (r idleReplication) purgeStats() purgeStats { return purgeStats{} }
 func (r idleReplication) rejoinStatus() rejoinStatus {
 	return rejoinStatus{State: stateServing}
 }
+func (r idleReplication) topicName() string { return "property-updates" }
 func (r idleReplication) snapshot() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		encode(w, http.StatusServiceUnavailable, errorBody{Error: "no replication in this test"})

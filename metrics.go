@@ -175,6 +175,12 @@ func writeReplication(ctx context.Context, e *exposition, r replication) {
 	e.sample("listing_replication_produce_errors_total", float64(r.produceErrors()))
 	e.family("listing_replication_published_events_total", "counter", "Events this instance's relay published to Kafka (with several instances per region, the one holding the relay's lock publishes).")
 	e.sample("listing_replication_published_events_total", float64(r.published()))
+	rejoining := 0.0
+	if r.rejoinStatus().State != stateServing {
+		rejoining = 1
+	}
+	e.family("listing_rejoining", "gauge", "1 while this instance does not serve: its database is being checked against the peer region, or the region rejoins from it (rejoin.go); else 0.")
+	e.sample("listing_rejoining", rejoining)
 	rep, err := r.lagReport(ctx)
 	e.family("listing_replication_report_up", "gauge", "1 if the replication figures below could be read (the database answered), else 0.")
 	if err != nil {
@@ -194,7 +200,7 @@ func writeReplication(ctx context.Context, e *exposition, r replication) {
 		{"listing_replication_records_behind", "gauge", "Records of the topic this region's consumer has yet to read.", float64(rep.RecordsBehind)},
 		{"listing_outbox_backlog", "gauge", "Local writes waiting in the outbox to be published to Kafka.", float64(rep.OutboxBacklog)},
 		{"listing_outbox_oldest_age_seconds", "gauge", "How long the oldest event in the outbox has waited; 0 when it is empty.", rep.OldestOutboxSeconds},
-		{"listing_replication_stopped", "gauge", "1 if replication stopped for good (events lost: re-seed the region), else 0.", stopped},
+		{"listing_replication_stopped", "gauge", "1 while replication is stopped because the broker lost events this region needs, until the region has rejoined; else 0.", stopped},
 		{"listing_replication_applied_total", "counter", "Writes of the peer region applied here.", float64(rep.Applied)},
 		{"listing_replication_conflicts_total", "counter", "Concurrent writes of one version in both regions, resolved by the conflict rule (one lost).", float64(rep.Conflicts)},
 		{"listing_replication_lost_writes_total", "counter", "Acknowledged writes found lost (replaced by a write not built on them) and recorded at /{region}/conflicts.", float64(rep.LostWrites)},

@@ -35,6 +35,7 @@ func TestMetrics(t *testing.T) {
 		`listing_http_request_duration_seconds_count{route="/{region}/properties/{id}"} 3`,
 		`listing_replication_report_up 1`,
 		`listing_replication_stopped 0`,
+		`listing_rejoining 0`,
 		"# TYPE listing_outbox_backlog gauge",
 		`listing_replication_applied_total 0`,
 		`listing_replication_produce_errors_total 0`,

@@ -79,6 +79,12 @@ const rejoinCheckInterval = time.Second
 // not answer in time cannot tell, and the region serves.
 const peerCheckTimeout = time.Second
 
+// peerCatchUpWait is how long an instance, at its start, waits for the
+// peer, or its own consumer, to read the topic far enough to tell (check);
+// after it, the instance serves: a region must be able to start while the
+// other is down and Kafka too.
+const peerCatchUpWait = 10 * time.Second
+
 // copyBatchSize is how many listings or request records one transaction of
 // the copy writes.
 const copyBatchSize = 5000
@@ -139,6 +145,8 @@ type rejoiner struct {
 	checked atomic.Pointer[time.Time]
 	// recheck wakes the loop for a check at once.
 	recheck chan struct{}
+	// born is when the instance started.
+	born time.Time
 }
 
 // newRejoiner returns the rejoiner of region, starting.
@@ -151,6 +159,7 @@ func newRejoiner(logger *slog.Logger, db *sql.DB, region, topic string, peers, b
 		// peer's tables. Each call bounds itself with its context.
 		client:  &http.Client{Transport: &http.Transport{ResponseHeaderTimeout: 30 * time.Second}},
 		recheck: make(chan struct{}, 1),
+		born:    time.Now(),
 	}
 	j.status.Store(&rejoinStatus{State: stateChecking})
 	return j
@@ -167,11 +176,17 @@ func (j *rejoiner) serving() bool { return j.status.Load().State == stateServing
 func (j *rejoiner) run(ctx context.Context) {
 	for {
 		j.step(ctx)
+		// An instance that does not serve checks again sooner: the peer
+		// that could not tell a moment ago usually can now.
+		wait := rejoinCheckInterval
+		if !j.serving() {
+			wait = rejoinCheckInterval / 5
+		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-j.recheck:
-		case <-time.After(rejoinCheckInterval):
+		case <-time.After(wait):
 		}
 	}
 }
@@ -221,14 +236,25 @@ func (j *rejoiner) step(ctx context.Context) {
 	}
 	if row == nil {
 		reason, started, err := j.check(ctx)
-		if started != nil && reason == "" {
-			// Checked, or the peer cannot tell: this database serves.
+		switch {
+		case started == nil:
+			return // the database did not answer: check again
+		case err != nil && j.restartedUnder(started):
+			// The database restarted under this instance, and the peer
+			// cannot say whether it came back from a backup. Serving it
+			// could hand out ids the peer holds, or build on writes the
+			// peer knows were lost: wait until the peer can tell.
+			return
+		case err != nil && time.Since(j.born) < peerCatchUpWait:
+			// At start, the peer or this region's own consumer is given a
+			// moment to read on.
+			return
+		case reason == "":
+			// Checked, or, at this instance's start, the peer cannot tell:
+			// this database serves.
 			j.checked.Store(started)
 			j.status.Store(&rejoinStatus{State: stateServing})
 			return
-		}
-		if err != nil {
-			return // the database did not answer: check again
 		}
 		if err := requestRejoin(ctx, j.db, reason, false); err != nil {
 			j.logger.Warn("rejoin: the rejoin row could not be written", "err", err)
@@ -243,6 +269,13 @@ func (j *rejoiner) step(ctx context.Context) {
 	if err := j.rebuildIfFree(ctx); err != nil && ctx.Err() == nil {
 		j.logger.Warn("rejoin: the rebuild failed; it starts again", "err", err)
 	}
+}
+
+// restartedUnder reports whether the database, started at started, has
+// restarted since this instance last checked it.
+func (j *rejoiner) restartedUnder(started *time.Time) bool {
+	checked := j.checked.Load()
+	return checked != nil && !checked.Equal(*started)
 }
 
 // readRejoinSQL reads the rejoin row, if there is one.
@@ -284,8 +317,9 @@ const outboxSeqSQL = `SELECT CASE WHEN is_called THEN last_value ELSE 0 END, pg_
 // check asks the peer for the highest outbox seq of this region's it has
 // seen published, and returns why the region must rejoin, or "" if it need
 // not, and when the database it checked started. With the database
-// unreachable, started is nil; with the peer unreachable, the region cannot
-// tell, and the answer is "" with the error.
+// unreachable, started is nil. When the peer cannot tell (it does not
+// answer, or has not read the topic as far as it ended when the check
+// began, or the topic cannot be read), the answer is "" with the error.
 func (j *rejoiner) check(ctx context.Context) (reason string, started *time.Time, err error) {
 	// The database first: a check is about the database as it is now.
 	var local int64
@@ -294,9 +328,20 @@ func (j *rejoiner) check(ctx context.Context) (reason string, started *time.Time
 		return "", nil, err
 	}
 	published, err := j.peerPublished(ctx)
+	if err != nil && j.readTopicOurselves(ctx) {
+		// The peer cannot tell, but this region's own consumer has read
+		// every record the topic held when the check began, this region's
+		// heartbeats among them, and would have found one above the outbox
+		// sequence (consume.go, behindOwnPublished).
+		published, err = 0, nil
+	}
 	if err != nil {
 		if !j.peerDown {
-			j.logger.Warn("rejoin: the peer cannot be asked what it holds of this region; serving meanwhile", "err", err)
+			then := "serving meanwhile"
+			if j.restartedUnder(&at) {
+				then = "the database restarted: not serving until the peer can tell"
+			}
+			j.logger.Warn("rejoin: the peer cannot tell what it holds of this region; "+then, "err", err)
 		}
 		j.peerDown = true
 		return "", &at, err
@@ -312,16 +357,66 @@ func (j *rejoiner) check(ctx context.Context) (reason string, started *time.Time
 		"it lost writes that had left it (restored from an older backup, or replaced)", local, peerOf(j.region), published), &at, nil
 }
 
+// readTopicOurselves reports whether this region's consumer has read the
+// topic as far as it ends now, with no rejoin asked for meanwhile.
+func (j *rejoiner) readTopicOurselves(ctx context.Context) bool {
+	endCtx, cancel := context.WithTimeout(ctx, peerCheckTimeout)
+	ends, err := j.ends(endCtx)
+	cancel()
+	if err != nil {
+		return false
+	}
+	rows, err := j.db.QueryContext(ctx, `SELECT partition, next_offset FROM replication_positions WHERE topic = $1`, j.topic)
+	if err != nil {
+		return false
+	}
+	defer rows.Close()
+	at := map[int32]int64{}
+	for rows.Next() {
+		var p int32
+		var next int64
+		if rows.Scan(&p, &next) != nil {
+			return false
+		}
+		at[p] = next
+	}
+	for p, end := range ends {
+		if at[p] < end {
+			return false
+		}
+	}
+	row, err := j.readRow(ctx)
+	return err == nil && row == nil
+}
+
+// errPeerBehind is a peer that has not yet read every record of the topic
+// this region published before the check began: its word on what this
+// region published may be short.
+var errPeerBehind = errors.New("the peer has not read the topic as far as it ended when the check began")
+
 // peerPublished asks the peer's backends, one after the other, for the
-// highest outbox seq of this region's they have seen published.
+// highest outbox seq of this region's they have seen published. The
+// answer counts only from a peer whose position has reached the end of
+// every partition as it was before the question: then it has read every
+// heartbeat this region sent before (a database that just went back in
+// time sent its last ones before the check), and its number is complete.
 func (j *rejoiner) peerPublished(ctx context.Context) (int64, error) {
+	endCtx, cancel := context.WithTimeout(ctx, peerCheckTimeout)
+	ends, err := j.ends(endCtx)
+	cancel()
+	if err != nil {
+		return 0, fmt.Errorf("the topic's end: %w", err)
+	}
 	var errs []error
 	for _, base := range j.peers {
-		var body struct {
-			Published int64 `json:"published"`
-		}
+		var body publishedAnswer
 		err := j.get(ctx, base+"/internal/published/"+j.region, peerCheckTimeout, &body)
 		if err == nil {
+			for p, end := range ends {
+				if body.Positions[p] < end {
+					return 0, fmt.Errorf("%w: partition %d at %d of %d", errPeerBehind, p, body.Positions[p], end)
+				}
+			}
 			return body.Published, nil
 		}
 		errs = append(errs, err)

@@ -163,6 +163,9 @@ func (r *replicator) snapshot() http.Handler {
 	return handleSnapshot(r.logger, r.db, r.topic, r.topicEnds)
 }
 
+// topicName is the replication topic.
+func (r *replicator) topicName() string { return r.topic }
+
 // topicEnds and topicStarts read the end and the start of each partition
 // of the topic.
 func (r *replicator) topicEnds(ctx context.Context) (map[int32]int64, error) {

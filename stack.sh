@@ -651,7 +651,7 @@ healthy() {
 	case "$svc" in
 	db-*) "$pgbin/pg_isready" -q -h 127.0.0.1 -p "$(port_of "$svc")" ;;
 	kafka*) grep -q "Kafka Server started" "$state/logs/$svc.log" 2>/dev/null && (: </dev/tcp/127.0.0.1/"$(port_of "$svc")") 2>/dev/null ;;
-	backend-*) curl -fsS -o /dev/null -m 2 "http://127.0.0.1:$(port_of "$svc")/health" ;;
+	backend-*) curl -fsS -o /dev/null -m 2 "http://127.0.0.1:$(port_of "$svc")/health" 2>/dev/null ;;
 	nginx) curl -fsS -o /dev/null -m 2 "http://127.0.0.1:8080/nginx-health" ;;
 	prometheus) curl -fsS -o /dev/null -m 2 "http://127.0.0.1:$(port_of prometheus)/-/ready" ;;
 	esac
