@@ -133,7 +133,15 @@ func TestChaos(t *testing.T) {
 	final := finalState(t, s, dbs, w.requestPrefix)
 	final.dlqAdded = deadLetters(t) - dlqBefore
 	final.converged = converged
-	results := check(w.history(), w.initial, final, samples, restoreWindows(n.log()))
+	restores := restoreWindows(n.log())
+	mayBeRestored := map[string]bool{}
+	for _, o := range w.history() {
+		if o.Outcome == opOK && o.Kind != "GET" && lostToRestore(o, restores) {
+			mayBeRestored[o.RequestID] = true
+		}
+	}
+	final.published = publishedRequests(t, mayBeRestored)
+	results := check(w.history(), w.initial, final, samples, restores)
 	if topology == "single" {
 		results = append(results, longOutage(t, s, us, eu))
 	}
