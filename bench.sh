@@ -125,11 +125,13 @@ list_pages() {
 	local started region
 	listings 1 10000
 	gobench ListPage 2000x
+	gobench Rejoin 1x
 	log "generating 990,000 more listings in each region"
 	started=$(date +%s)
 	listings 10001 1000000
 	echo "$(($(date +%s) - started))" >"$out/generate-seconds"
 	gobench ListPage 2000x
+	gobench Rejoin 1x
 	for region in us eu; do
 		sql_in "$region" "DELETE FROM properties WHERE id > 10000000"
 		sql_in "$region" "VACUUM ANALYZE properties"
@@ -207,6 +209,11 @@ table() {
 		"$(target "$(m PutDuringPurge p_value)" '>=' 0.05 'within noise: p ≥ 0.05')"
 	printf '| the relay draining a backlog of 1,000,000 events (Kafka back after hours away), to a topic of its own | %.0f events/s; a write made as the drain began left the outbox after %s s (first in, first out) | - | - |\n' \
 		"$(m RelayDrain events/s)" "$(m RelayDrain new_write_delay_s)"
+	for n in 10000 1000000; do
+		printf '| EU rebuilt from nothing (`rejoin --from-nothing`) with %s generated listings: from the command to EU serving again; US'"'"'s GET p99 at 500 req/s, before and while EU copies from it | %.1f s; p99 %s ms before, %s ms during | - | %s |\n' \
+			"$n" "$(m "Rejoin/generated=$n" rejoin_s)" "$(m "Rejoin/generated=$n" p99_before_ms)" "$(m "Rejoin/generated=$n" p99_during_ms)" \
+			"$(target "$(m "Rejoin/generated=$n" rejoin_s)" '<' "$([ "$n" = 10000 ] && echo 60 || echo 600)" "$([ "$n" = 10000 ] && echo '< 1 minute' || echo '< 10 minutes')")"
+	done
 	printf '| errors, all runs | %s | - | %s |\n' "$errors" "$(target "$errors" '<' 1 'none')"
 }
 

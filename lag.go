@@ -97,10 +97,10 @@ type LagReport struct {
 	DeadLettered  int64 `json:"dead_lettered"`
 	// ReplicationStopped says why this region stopped applying the other
 	// region's writes, when it did: the broker no longer holds events it
-	// needs, and the region must be re-seeded (docs/operations.md). Absent while
+	// needs, until the region has rejoined (rejoin.go). Absent while
 	// replication runs.
 	ReplicationStopped string `json:"replication_stopped,omitempty"`
-	// Rejoining is the region's state while it is not serving: starting,
+	// Rejoining is the region's state while it is not serving: checking,
 	// or rejoining from its peer, with the progress (rejoin.go). Absent
 	// while it serves.
 	Rejoining *rejoinStatus `json:"rejoining,omitempty"`

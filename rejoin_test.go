@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -286,14 +287,24 @@ func TestRejoinUnderLoad(t *testing.T) {
 	waitRejoined(t, s, us, eu, "eu")
 }
 
-// rejoin runs the service's rejoin command for region: ./stack.sh rejoin,
-// or the binary in the region's container.
+// rejoin runs the service's rejoin command for region and returns what
+// it printed.
 func (s *stack) rejoin(t *testing.T, region string, args ...string) string {
 	t.Helper()
-	if strings.HasSuffix(s.cmd[0], "stack.sh") {
-		return s.control(t, append([]string{"rejoin", region}, args...)...)
+	out, err := rejoinCmd(s, region, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("rejoin %s %v: %v\n%s", region, args, err, out)
 	}
-	return s.control(t, append([]string{"exec", "-T", "backend-" + region, "property-listing", "rejoin"}, args...)...)
+	return string(out)
+}
+
+// rejoinCmd is the service's rejoin command for region: ./stack.sh
+// rejoin, or the binary in the region's container.
+func rejoinCmd(s *stack, region string, args ...string) *exec.Cmd {
+	if strings.HasSuffix(s.cmd[0], "stack.sh") {
+		return exec.Command(s.cmd[0], append(append(s.cmd[1:], "rejoin", region), args...)...)
+	}
+	return exec.Command(s.cmd[0], append(append(s.cmd[1:], "exec", "-T", "backend-"+region, "property-listing", "rejoin"), args...)...)
 }
 
 // addListings adds n listings, with ids from 10,000,001 on, to every one

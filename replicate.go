@@ -54,7 +54,7 @@ const (
 	// property's events always share a partition, which keeps them ordered.
 	topicPartitions = 3
 	// topicRetention is how long an event waits for a region that is down:
-	// a region away for longer must be re-seeded from the other one.
+	// a region away for longer rejoins from the other one (rejoin.go).
 	topicRetention = 7 * 24 * time.Hour
 	// topicSegment is how long a segment of the log stays open. Kafka
 	// deletes whole segments only, so an event may stay up to

@@ -891,7 +891,7 @@ cmd_check() {
 	go test -count=1 -tags=integration,hostile -run '^TestHostileClients$' -v . >"$state/logs/hostile.log" 2>&1 || status=1
 	grep -E '^(---|ok|FAIL)|hostile_test' "$state/logs/hostile.log" || true
 	# A short fault campaign with a fixed seed: every checker rule must pass.
-	(cmd_chaos 60s 1) || status=1
+	(cmd_chaos 60s 10) || status=1
 	# Last: it restarts the backends (with a short retention, then back).
 	(cmd_soak 2m 100) | grep -E '^\s*\||^(--- |ok|FAIL|PASS)|slope|Statuses|not judged' || status=1
 	[ "$status" = 0 ] && log "check: everything passed" || log "check: FAILED"
