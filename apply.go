@@ -380,11 +380,11 @@ func (c *consumer) commit(ctx context.Context, tx *sql.Tx, b batch, partitions i
 		}
 	}
 	for partition, mk := range b.watermarks {
-		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, mk.watermark, maxClockSkew.Milliseconds(), mk.seen, mk.bound, mk.echo, mk.published); err != nil {
+		if _, err := tx.ExecContext(ctx, saveWatermarkSQL, c.peer, partition, partitions, mk.watermark, maxClockSkew.Milliseconds(), mk.seen, mk.bound, mk.echo); err != nil {
 			return fmt.Errorf("save watermark: %w", err)
 		}
 	}
-	ahead, err := c.savePositions(ctx, tx, b.next)
+	ahead, err := c.savePositions(ctx, tx, b.next, b.published)
 	if err != nil {
 		return err
 	}
@@ -407,12 +407,12 @@ func (c *consumer) commit(ctx context.Context, tx *sql.Tx, b batch, partitions i
 // (rejoin.go), and the consumer reads on from there (handle). While the
 // region waits for a snapshot, nothing is saved, and the batch is refused
 // with errRejoining, to be applied after it.
-func (c *consumer) savePositions(ctx context.Context, tx *sql.Tx, next map[int32]int64) (ahead map[int32]int64, err error) {
-	ps, offsets := make([]int32, 0, len(next)), make([]int64, 0, len(next))
+func (c *consumer) savePositions(ctx context.Context, tx *sql.Tx, next, published map[int32]int64) (ahead map[int32]int64, err error) {
+	ps, offsets, seqs := make([]int32, 0, len(next)), make([]int64, 0, len(next)), make([]int64, 0, len(next))
 	for p, n := range next {
-		ps, offsets = append(ps, p), append(offsets, n)
+		ps, offsets, seqs = append(ps, p), append(offsets, n), append(seqs, published[p])
 	}
-	rows, err := tx.QueryContext(ctx, savePositionsSQL, c.topic, ps, offsets)
+	rows, err := tx.QueryContext(ctx, savePositionsSQL, c.topic, ps, offsets, seqs)
 	if err != nil {
 		return nil, fmt.Errorf("save position: %w", err)
 	}
@@ -449,14 +449,12 @@ func (c *consumer) savePositions(ctx context.Context, tx *sql.Tx, next map[int32
 // this database's clock without a margin: it is a time of this region's own,
 // so a later one is forged. The watermark in this region's clock ($7) and
 // the echo it was computed from ($8) are the latest heartbeat's that had
-// them, not the greatest: both must come from one heartbeat (lag.go). The
-// peer's highest published seq ($9) only grows (rejoin.go).
+// them, not the greatest: both must come from one heartbeat (lag.go).
 const saveWatermarkSQL = `
-INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, seen, echo_bound, echo_seen, published, applied_at)
-VALUES ($1, $2, $3, LEAST($4, clock_timestamp() + $5 * interval '1 millisecond'), LEAST($6, clock_timestamp()), $7, $8, $9, now())
+INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark, seen, echo_bound, echo_seen, applied_at)
+VALUES ($1, $2, $3, LEAST($4, clock_timestamp() + $5 * interval '1 millisecond'), LEAST($6, clock_timestamp()), $7, $8, now())
 ON CONFLICT (peer_region, partition) DO UPDATE
 SET watermark  = GREATEST(replication_watermarks.watermark, EXCLUDED.watermark),
-    published  = GREATEST(replication_watermarks.published, EXCLUDED.published),
     seen       = GREATEST(replication_watermarks.seen, EXCLUDED.seen),
     echo_bound = coalesce(EXCLUDED.echo_bound, replication_watermarks.echo_bound),
     echo_seen  = coalesce(EXCLUDED.echo_seen, replication_watermarks.echo_seen),
@@ -469,13 +467,17 @@ SET watermark  = GREATEST(replication_watermarks.watermark, EXCLUDED.watermark),
 // applied since, nor a batch read before a rejoin what the rejoin's
 // snapshot brought. It saves nothing while the region waits for a snapshot
 // (a rejoin row before its phase 'log'), and returns the positions as they
-// stand after it.
+// stand after it. With them it keeps the highest outbox seq of the peer's
+// events applied in each partition ($4), which the peer asks for
+// (rejoin.go).
 const savePositionsSQL = `
-INSERT INTO replication_positions (topic, partition, next_offset)
-SELECT $1, p.partition, p.next_offset FROM unnest($2::int[], $3::bigint[]) AS p(partition, next_offset)
+INSERT INTO replication_positions (topic, partition, next_offset, published)
+SELECT $1, p.partition, p.next_offset, p.published
+FROM unnest($2::int[], $3::bigint[], $4::bigint[]) AS p(partition, next_offset, published)
 WHERE NOT EXISTS (SELECT FROM rejoin WHERE phase <> 'log')
 ON CONFLICT (topic, partition) DO UPDATE
-SET next_offset = GREATEST(replication_positions.next_offset, EXCLUDED.next_offset)
+SET next_offset = GREATEST(replication_positions.next_offset, EXCLUDED.next_offset),
+    published   = GREATEST(replication_positions.published, EXCLUDED.published)
 RETURNING partition, next_offset`
 
 // holdNewPartitionsSQL gives each partition the peer declares ($2) and this

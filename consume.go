@@ -332,8 +332,6 @@ type mark struct {
 	// one heartbeat, so that a step of the peer's clock cancels out), and
 	// echo the Seen it came from; nil without an echo (lag.go).
 	bound, echo *time.Time
-	// published is the greatest heartbeat.Published.
-	published int64
 }
 
 // batch is one poll's records, sorted out: the peer's events to apply (and
@@ -348,8 +346,9 @@ type batch struct {
 	partitions int32
 	dead       []*kgo.Record
 	next       map[int32]int64
-	// ownPublished is the highest heartbeat.Published of this region's own
-	// heartbeats in the poll.
+	// published is the highest outbox seq of the peer's events in each
+	// partition, and ownPublished of this region's own (recordSeq).
+	published    map[int32]int64
 	ownPublished int64
 }
 
@@ -357,17 +356,13 @@ type batch struct {
 // records are skipped without decoding: there is nothing to apply, and each
 // region validates only what it applies. They still move the position.
 func (c *consumer) decodeRecords(records []*kgo.Record) batch {
-	b := batch{watermarks: map[int32]mark{}, next: map[int32]int64{}}
+	b := batch{watermarks: map[int32]mark{}, next: map[int32]int64{}, published: map[int32]int64{}}
 	for _, rec := range records {
 		b.next[rec.Partition] = max(b.next[rec.Partition], rec.Offset+1)
 		if header(rec, headerRegion) == c.region {
-			// Only this region's heartbeats are read, for what they say
-			// it published: a database below it went back in time.
-			if header(rec, headerKind) == kindHeartbeat {
-				if m, err := decodeMessage(rec); err == nil {
-					b.ownPublished = max(b.ownPublished, m.heartbeat.Published)
-				}
-			}
+			// Only the seqs of this region's own events are read: a
+			// database below one went back in time.
+			b.ownPublished = max(b.ownPublished, recordSeq(rec))
 			continue
 		}
 		m, err := decodeMessage(rec)
@@ -383,7 +378,6 @@ func (c *consumer) decodeRecords(records []*kgo.Record) batch {
 			if w := m.heartbeat.Watermark; w.After(mk.watermark) {
 				mk.watermark = w
 			}
-			mk.published = max(mk.published, m.heartbeat.Published)
 			if seen := m.heartbeat.Seen; seen != nil && (mk.seen == nil || seen.After(*mk.seen)) {
 				mk.seen = seen
 			}
@@ -397,6 +391,7 @@ func (c *consumer) decodeRecords(records []*kgo.Record) batch {
 		case m.event != nil:
 			b.events = append(b.events, *m.event)
 			b.sources = append(b.sources, rec)
+			b.published[rec.Partition] = max(b.published[rec.Partition], recordSeq(rec))
 		}
 	}
 	return b
@@ -448,10 +443,10 @@ func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions
 	return true
 }
 
-// behindOwnPublished compares the database's outbox sequence with what
-// one of this region's heartbeats said it had published (rejoin.go): a
-// database below it went back in time, and the region rejoins. The
-// sequence is read again only when a heartbeat passes the value last read.
+// behindOwnPublished compares the database's outbox sequence with the seq
+// of one of this region's events in the topic (rejoin.go): a database
+// below it went back in time, and the region rejoins. The sequence is read
+// again only when an event passes the value last read.
 // It returns false if ctx is cancelled first.
 func (c *consumer) behindOwnPublished(ctx context.Context, published int64) bool {
 	var local int64
@@ -466,7 +461,7 @@ func (c *consumer) behindOwnPublished(ctx context.Context, published int64) bool
 	if published <= local {
 		return true
 	}
-	reason := fmt.Sprintf("the topic holds a heartbeat of this region's saying it published up to %d, but this database's outbox is at %d: "+
+	reason := fmt.Sprintf("the topic holds an event of this region's with outbox seq %d, but this database's outbox is at %d: "+
 		"it lost writes that had left it (restored from an older backup, or replaced)", published, local)
 	c.logger.Error("consume: this region's database is behind what it published; rejoining from the peer", "reason", reason)
 	return c.retry(ctx, "ask for a rejoin", false, func(ctx context.Context) error {

@@ -61,7 +61,7 @@ func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.D
 	mux.Handle("GET /{region}/conflicts", listings(handleListConflicts(logger, db)))
 	// Between the regions' backends, never through NGINX, which forwards
 	// only the region prefixes (rejoin.go, snapshot.go).
-	mux.Handle("GET /internal/published/{region}", handlePublished(logger, db, rep.topicName()))
+	mux.Handle("GET /internal/published/{region}", handlePublished(logger, region, db, rep.topicName()))
 	mux.Handle("GET /internal/snapshot/{region}", rep.snapshot())
 }
 
@@ -140,30 +140,31 @@ func whileServing(state func() rejoinStatus, h http.Handler) http.Handler {
 type publishedAnswer struct {
 	Region string `json:"region"`
 	// Published is the highest outbox seq of Region's events that this
-	// region has seen it publish, and Positions where this region stands
-	// in each partition of the topic, read with it.
+	// region has applied, and Positions where this region stands in each
+	// partition of the topic, read with it.
 	Published int64           `json:"published"`
 	Positions map[int32]int64 `json:"positions"`
 }
 
 // publishedSQL reads publishedAnswer's figures in one statement, so that
-// they go together.
+// they go together. Every event this region applies is the other
+// region's: the highest seq of them is the other region's (event.seq).
 const publishedSQL = `
-SELECT (SELECT coalesce(max(published), 0) FROM replication_watermarks WHERE peer_region = $1),
-       coalesce((SELECT json_object_agg(partition, next_offset) FROM replication_positions WHERE topic = $2), '{}')`
+SELECT coalesce(max(published), 0), coalesce(json_object_agg(partition, next_offset), '{}')
+FROM replication_positions WHERE topic = $1`
 
 // handlePublished answers the other region's check (rejoin.go) on topic.
-func handlePublished(logger *slog.Logger, db *sql.DB, topic string) http.Handler {
+func handlePublished(logger *slog.Logger, region string, db *sql.DB, topic string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		a := publishedAnswer{Region: r.PathValue("region")}
-		if !validRegion(a.Region) {
+		if !validRegion(a.Region) || a.Region == region {
 			encodeError(w, r, logger, errUnknownRegion)
 			return
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
 		defer cancel()
 		var positions []byte
-		if err := db.QueryRowContext(ctx, publishedSQL, a.Region, topic).Scan(&a.Published, &positions); err != nil {
+		if err := db.QueryRowContext(ctx, publishedSQL, topic).Scan(&a.Published, &positions); err != nil {
 			encodeError(w, r, logger, err)
 			return
 		}

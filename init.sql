@@ -202,13 +202,14 @@ CREATE TABLE IF NOT EXISTS conflicts (
 CREATE INDEX IF NOT EXISTS conflicts_property_idx ON conflicts (property_id);
 CREATE INDEX IF NOT EXISTS conflicts_found_at_idx ON conflicts (found_at);
 
--- published is the highest outbox seq of the peer's events that the peer
--- said, in a heartbeat, it had published: a number this region holds for
--- the peer. The peer asks for it (GET /internal/published/{region}) and
--- compares it with its own outbox sequence: a database that hands out a
--- seq below it has lost writes that left it, restored from an older backup
--- or replaced by an empty one (rejoin.go).
-ALTER TABLE replication_watermarks ADD COLUMN IF NOT EXISTS published BIGINT NOT NULL DEFAULT 0;
+-- published is the highest outbox seq of the peer's events applied from
+-- the partition: a number this region holds for the peer. The peer asks
+-- for it (GET /internal/published/{region}) and compares it with its own
+-- outbox sequence: a database that hands out a seq below it has lost
+-- writes that left it, restored from an older backup or replaced by an
+-- empty one (rejoin.go).
+ALTER TABLE replication_positions ADD COLUMN IF NOT EXISTS published BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE replication_watermarks DROP COLUMN IF EXISTS published;
 
 -- rejoin holds one row while this region rejoins: it found its database is
 -- not what its position says (rejoin.go), and rebuilds its copy from the

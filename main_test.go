@@ -315,8 +315,9 @@ func TestLoadConfig(t *testing.T) {
 func TestRunStartsAndStops(t *testing.T) {
 	testDB(t) // fails early, with the explanation, when there is no database
 	ctx, cancel := context.WithCancel(context.Background())
-	// Kafka on a closed port: the service must start, serve and stop while
-	// Kafka is down.
+	// Kafka and the peer region on a closed port: the service must start,
+	// serve and stop while both are down (it serves once it has waited
+	// peerCatchUpWait for either to tell what it has published, rejoin.go).
 	env := map[string]string{"REGION": "eu", "LISTEN_ADDR": "127.0.0.1:18931", "DATABASE_URL": scratchURL, "KAFKA_BROKER": "127.0.0.1:1", "PEER_URL": "http://127.0.0.1:1"}
 	var out bytes.Buffer
 	done := make(chan error, 1)

@@ -36,6 +36,11 @@ type event struct {
 	// fingerprint names the request (requestFingerprint). It travels in the
 	// record's headerFingerprint, beside the event rather than in it.
 	fingerprint string
+	// seq is the event's outbox seq in its region, a committed write's,
+	// which no crash of the database takes back. It travels in the
+	// record's headerSeq: a database of that region whose outbox sequence
+	// is below a seq in the topic has lost writes that left it (rejoin.go).
+	seq int64
 }
 
 // heartbeat is the record a region's relay publishes to every partition every
@@ -63,12 +68,6 @@ type heartbeat struct {
 	// one, whatever the clocks say: the other region uses it to measure its
 	// lag without trusting the two clocks to agree (lag.go).
 	Sent *time.Time `json:"sent,omitempty"`
-	// Published is the highest outbox seq of this region's events that
-	// its relay has published: committed writes, which no crash of the
-	// database can take back. The other region keeps the greatest it saw,
-	// and a database of this region whose outbox sequence is below it has
-	// lost writes that left it (rejoin.go).
-	Published int64 `json:"published,omitempty"`
 }
 
 // Kafka record headers. Every record on the topic says what it is and which
@@ -81,6 +80,8 @@ const (
 	// headerFingerprint is an event's request fingerprint, so that a retry
 	// in the other region is told from a reused request id there too.
 	headerFingerprint = "request-fingerprint"
+	// headerSeq is an event's outbox seq in its region (event.seq).
+	headerSeq = "seq"
 
 	kindEvent     = "event"
 	kindHeartbeat = "heartbeat"
@@ -103,8 +104,18 @@ func eventRecord(topic string, e event) (*kgo.Record, error) {
 		Topic:   topic,
 		Key:     []byte(strconv.FormatInt(e.ID, 10)),
 		Value:   payload,
-		Headers: append(recordHeaders(kindEvent, e.RegionOrigin), kgo.RecordHeader{Key: headerFingerprint, Value: []byte(e.fingerprint)}),
+		Headers: append(recordHeaders(kindEvent, e.RegionOrigin),
+			kgo.RecordHeader{Key: headerFingerprint, Value: []byte(e.fingerprint)},
+			kgo.RecordHeader{Key: headerSeq, Value: strconv.AppendInt(nil, e.seq, 10)}),
 	}, nil
+}
+
+// recordSeq is an event record's outbox seq (headerSeq), or 0 for a record
+// without one (a heartbeat, or an event from a relay older than the
+// header).
+func recordSeq(rec *kgo.Record) int64 {
+	n, _ := strconv.ParseInt(header(rec, headerSeq), 10, 64)
+	return max(n, 0)
 }
 
 // header returns the value of a record's header, or "" if it has none.

@@ -11,19 +11,24 @@ package main
 // topic still hold, and the consumer skips its own region's records) and
 // its id sequence (whose next POST would hand out an id the peer holds).
 //
-// How a region finds out. Every heartbeat carries the highest outbox seq
-// its region has published (heartbeat.Published), a committed write's, and
-// the peer keeps the greatest it saw. Outbox seqs only grow: a crash of the
-// database keeps every committed one, and only a database that went back
-// in time hands out a seq below one it published. So each instance asks
-// the peer, at start and every rejoinCheckInterval, for that number
-// (GET /internal/published/{region}), and compares it with its outbox
-// sequence. A database that is behind has lost writes that left it: the
-// region rejoins. So does one whose position the broker no longer holds
+// How a region finds out. Every event carries its outbox seq (event.seq),
+// a committed write's, and the peer keeps the greatest it applied. Outbox
+// seqs only grow: a crash of the database keeps every committed one, and
+// only a database that went back in time hands out a seq below one it
+// published. So each instance asks the peer, at start, every
+// rejoinCheckInterval and at once when its database has restarted
+// (admit), for that number (GET /internal/published/{region}), and
+// compares it with its outbox sequence. The peer's number counts only once
+// it has read the topic as far as it ended when the check began; when the
+// peer cannot tell, this region's own consumer, which reads its region's
+// events too for their seqs (consume.go), can, once it has read that far.
+// A database that is behind has lost writes that left it: the region
+// rejoins. So does one whose position the broker no longer holds
 // (consume.go: the events it needs are gone, and only a snapshot has their
-// effect), and one an operator asks to (property-listing rejoin). Until the
-// first check has an answer, or has failed to get one, the instance serves
-// nothing: its next POST could take an id the peer holds.
+// effect), and one an operator asks to (property-listing rejoin). Until a
+// check can tell, the instance serves nothing (its next POST could take an
+// id the peer holds), but for peerCatchUpWait at its start: a region must
+// start while the other is down.
 //
 // How it rebuilds. A row in the rejoin table says the region is rejoining;
 // every instance reads it, answers 503 to clients (NGINX then sends them
@@ -83,7 +88,7 @@ const peerCheckTimeout = time.Second
 // peer, or its own consumer, to read the topic far enough to tell (check);
 // after it, the instance serves: a region must be able to start while the
 // other is down and Kafka too.
-const peerCatchUpWait = 10 * time.Second
+const peerCatchUpWait = 5 * time.Second
 
 // copyBatchSize is how many listings or request records one transaction of
 // the copy writes.

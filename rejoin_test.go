@@ -140,6 +140,11 @@ func waitRejoined(t *testing.T, s *stack, us, eu *sql.DB, region string) {
 	t.Helper()
 	waitIdentical(t, us, eu, 60*time.Second)
 	var diff string
+	defer func() {
+		if diff != "" {
+			t.Logf("the last difference of the request records (-us +eu):\n%s", diff)
+		}
+	}()
 	waitFor(t, 30*time.Second, "identical request records in both regions", func() bool {
 		diff = cmp.Diff(allRequestRecords(t, us), allRequestRecords(t, eu))
 		return diff == ""

@@ -91,9 +91,6 @@ type relay struct {
 	// this instance published, for the metrics.
 	failedRounds atomic.Int64
 	published    atomic.Int64
-	// highestSeq is the highest outbox seq this instance has published
-	// (heartbeat.Published).
-	highestSeq int64
 }
 
 // newRelay returns the relay of region's outbox, publishing with producer.
@@ -287,13 +284,7 @@ func (r *relay) publishRound(ctx context.Context) (full bool, err error) {
 	}
 	full = len(seqs) == relayBatchSize
 	if heartbeatDue {
-		published := r.highestSeq
-		if len(seqs) > 0 {
-			// In seq order: the last is the highest. The heartbeats follow
-			// these events, so they may vouch for them.
-			published = max(published, seqs[len(seqs)-1])
-		}
-		hb, err := r.heartbeats(ctx, tx, heartbeat{Region: r.region, Watermark: watermark, Seen: seen, Sent: sent, Published: published}, full)
+		hb, err := r.heartbeats(ctx, tx, heartbeat{Region: r.region, Watermark: watermark, Seen: seen, Sent: sent}, full)
 		if err != nil {
 			return false, fmt.Errorf("relay: %w", err)
 		}
@@ -319,9 +310,6 @@ func (r *relay) publishRound(ctx context.Context) (full bool, err error) {
 		return false, fmt.Errorf("relay: commit: %w", err)
 	}
 	r.published.Add(int64(len(seqs)))
-	if len(seqs) > 0 {
-		r.highestSeq = max(r.highestSeq, seqs[len(seqs)-1])
-	}
 	if heartbeatDue {
 		r.lastHeartbeat = time.Now()
 	}
@@ -394,8 +382,7 @@ func (r *relay) readOutbox(ctx context.Context, tx *sql.Tx) ([]int64, []*kgo.Rec
 	var records []*kgo.Record
 	for rows.Next() {
 		var e event
-		var seq int64
-		if e.Property, err = scanProperty(rows, &seq, &e.RequestID, &e.fingerprint, &e.Parent); err != nil {
+		if e.Property, err = scanProperty(rows, &e.seq, &e.RequestID, &e.fingerprint, &e.Parent); err != nil {
 			return nil, nil, err
 		}
 		rec, err := eventRecord(r.topic, e)
@@ -403,7 +390,7 @@ func (r *relay) readOutbox(ctx context.Context, tx *sql.Tx) ([]int64, []*kgo.Rec
 			return nil, nil, err
 		}
 		rec.Partition = int32(r.byKey.Partition(rec, int(r.partitions)))
-		seqs = append(seqs, seq)
+		seqs = append(seqs, e.seq)
 		records = append(records, rec)
 	}
 	return seqs, records, rows.Err()

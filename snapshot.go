@@ -47,7 +47,7 @@ type snapshotHeader struct {
 	// the snapshot yet (rejoin.go reads them from the log).
 	Applied map[int32]int64 `json:"applied"`
 	// Published is the highest outbox seq of the asking region's events
-	// that the peer has seen published (heartbeat.Published).
+	// that the peer has applied (event.seq).
 	Published int64 `json:"published"`
 }
 
@@ -75,7 +75,7 @@ type snapshotLine struct {
 // The snapshot's reads, all in one REPEATABLE READ transaction.
 const (
 	snapshotAppliedSQL   = `SELECT partition, next_offset FROM replication_positions WHERE topic = $1`
-	snapshotPublishedSQL = `SELECT coalesce(max(published), 0) FROM replication_watermarks WHERE peer_region = $1`
+	snapshotPublishedSQL = `SELECT coalesce(max(published), 0) FROM replication_positions WHERE topic = $1`
 	snapshotListingsSQL  = `
 SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted,
        coalesce(request_id, ''), coalesce(parent, '')
@@ -158,7 +158,7 @@ func readSnapshotHeader(ctx context.Context, tx *sql.Tx, asking string, h *snaps
 	if err := rows.Err(); err != nil {
 		return fmt.Errorf("snapshot positions: %w", err)
 	}
-	if err := tx.QueryRowContext(ctx, snapshotPublishedSQL, asking).Scan(&h.Published); err != nil {
+	if err := tx.QueryRowContext(ctx, snapshotPublishedSQL, h.Topic).Scan(&h.Published); err != nil {
 		return fmt.Errorf("snapshot published: %w", err)
 	}
 	return nil

@@ -34,7 +34,7 @@ import (
 func TestShortRetentionPausesThePurge(t *testing.T) {
 	testDB(t)
 	env := map[string]string{"REGION": "us", "PORT": "18932", "DATABASE_URL": scratchURL,
-		"KAFKA_BROKER": setting("STACK_KAFKA", "localhost:9092"), "RETENTION": "1h"}
+		"KAFKA_BROKER": setting("STACK_KAFKA", "localhost:9092"), "RETENTION": "1h", "PEER_URL": "http://127.0.0.1:1"}
 	ctx, cancel := context.WithCancel(context.Background())
 	var logs syncBuffer
 	var wg sync.WaitGroup
@@ -59,13 +59,16 @@ func TestShortRetentionPausesThePurge(t *testing.T) {
 	if !strings.Contains(logs.String(), `"level":"ERROR","msg":"purge: paused"`) {
 		t.Error("no error line in the log for the paused purge")
 	}
-	resp, err := http.Get("http://localhost:18932/us/health")
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Errorf("GET /us/health with the purge paused: %v %v, want 200", resp, err)
-	}
-	if resp != nil {
+	// It serves all the same: once it has waited for its peer (none here)
+	// for peerCatchUpWait (rejoin.go).
+	waitFor(t, 2*peerCatchUpWait, "GET /us/health to answer 200 with the purge paused", func() bool {
+		resp, err := http.Get("http://localhost:18932/us/health")
+		if err != nil {
+			return false
+		}
 		resp.Body.Close()
-	}
+		return resp.StatusCode == http.StatusOK
+	})
 }
 
 // syncBuffer is a bytes.Buffer that a logger and a test may use at once.
