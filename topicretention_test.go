@@ -34,7 +34,10 @@ import (
 func TestShortRetentionPausesThePurge(t *testing.T) {
 	testDB(t)
 	env := map[string]string{"REGION": "us", "PORT": "18932", "DATABASE_URL": scratchURL,
-		"KAFKA_BROKER": setting("STACK_KAFKA", "localhost:9092"), "RETENTION": "1h", "PEER_URL": "http://127.0.0.1:1"}
+		"KAFKA_BROKER": setting("STACK_KAFKA", "localhost:9092"), "RETENTION": "1h", "PEER_URL": "http://127.0.0.1:1",
+		// A topic of its own: on the stack's, this scratch database would be
+		// a US database behind what US published, and rejoin (rejoin.go).
+		"KAFKA_TOPIC": fmt.Sprintf("short-retention-%d", time.Now().UnixNano())}
 	ctx, cancel := context.WithCancel(context.Background())
 	var logs syncBuffer
 	var wg sync.WaitGroup
