@@ -101,9 +101,9 @@ func eventRecord(topic string, e event) (*kgo.Record, error) {
 		return nil, fmt.Errorf("encode event: %w", err)
 	}
 	return &kgo.Record{
-		Topic:   topic,
-		Key:     []byte(strconv.FormatInt(e.ID, 10)),
-		Value:   payload,
+		Topic: topic,
+		Key:   []byte(strconv.FormatInt(e.ID, 10)),
+		Value: payload,
 		Headers: append(recordHeaders(kindEvent, e.RegionOrigin),
 			kgo.RecordHeader{Key: headerFingerprint, Value: []byte(e.fingerprint)},
 			kgo.RecordHeader{Key: headerSeq, Value: strconv.AppendInt(nil, e.seq, 10)}),
