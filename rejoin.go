@@ -341,6 +341,11 @@ func (j *rejoiner) check(ctx context.Context) (reason string, started *time.Time
 		published, err = 0, nil
 	}
 	if err != nil {
+		if errors.Is(err, errPeerBehind) && j.serving() && !j.restartedUnder(&at) {
+			// Routine while serving: the peer is a few records behind,
+			// and the next check asks again.
+			return "", &at, err
+		}
 		if !j.peerDown {
 			then := "serving meanwhile"
 			if j.restartedUnder(&at) {
