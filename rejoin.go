@@ -152,6 +152,8 @@ type rejoiner struct {
 	recheck chan struct{}
 	// born is when the instance started.
 	born time.Time
+	// rejoined is called when a rebuild is done: the purge's wake.
+	rejoined func()
 }
 
 // newRejoiner returns the rejoiner of region, starting.
@@ -497,6 +499,9 @@ func (j *rejoiner) rebuild(ctx context.Context) error {
 	}
 	j.rejoins.Add(1)
 	j.status.Store(&rejoinStatus{State: stateServing})
+	if j.rejoined != nil {
+		j.rejoined()
+	}
 	j.logger.Info("rejoin: done; serving again", "took", time.Since(start).Round(time.Millisecond).String(),
 		"snapshot_took", copied.Round(time.Millisecond).String())
 	return nil

@@ -123,6 +123,7 @@ func newReplicator(logger *slog.Logger, db, reportDB *sql.DB, region string, bro
 	}
 	r.rejoin = newRejoiner(logger, db, region, topic, peers, brokers, retention, r.topicEnds, r.topicStarts)
 	r.purger = newPurger(logger, db, region, retention, r.topicKeeps)
+	r.rejoin.rejoined = r.purger.wake
 	r.consumer, err = newConsumer(logger, db, producer, region, brokers, topic, r.dlqTopic, retention)
 	if err != nil {
 		producer.Close()

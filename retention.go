@@ -137,10 +137,23 @@ type purger struct {
 	requestIDs, tombstones, conflicts atomic.Int64
 	oldest                            atomic.Pointer[time.Time]
 	paused                            atomic.Pointer[string]
+	// soon asks for a round at once (wake).
+	soon chan struct{}
 }
 
 func newPurger(logger *slog.Logger, db *sql.DB, region string, retention time.Duration, keeps func(context.Context) (time.Duration, error)) *purger {
-	return &purger{logger: logger, db: db, region: region, retention: retention, keeps: keeps, batchSize: purgeBatch}
+	return &purger{logger: logger, db: db, region: region, retention: retention, keeps: keeps, batchSize: purgeBatch, soon: make(chan struct{}, 1)}
+}
+
+// wake asks for a round at once. A region that rejoined from a database
+// restored from a backup holds request ids and tombstones that the other
+// region purged since the backup (a copy only adds or replaces): its own
+// purge deletes them (rejoin.go). It never blocks.
+func (p *purger) wake() {
+	select {
+	case p.soon <- struct{}{}:
+	default:
+	}
 }
 
 // stats returns what the purge has done so far.
@@ -182,8 +195,11 @@ func (p *purger) run(ctx context.Context) {
 		if err := p.round(ctx); err != nil && ctx.Err() == nil {
 			p.logger.Warn("purge failed; it tries again", "err", err)
 		}
-		if !sleep(ctx, purgeInterval) {
+		select {
+		case <-ctx.Done():
 			return
+		case <-p.soon:
+		case <-time.After(purgeInterval):
 		}
 	}
 }
