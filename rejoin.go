@@ -56,7 +56,7 @@ package main
 // region that applied it, and any conflict it lost was recorded there. So
 // the copy writes no conflict records and no outbox rows. What is lost is
 // only what never left the database that was lost: writes that were still
-// in its outbox (docs/semantics.md, §11).
+// in its outbox (docs/semantics.md, §12).
 
 import (
 	"context"
