@@ -378,19 +378,9 @@ func (j *rejoiner) readTopicOurselves(ctx context.Context) bool {
 	if err != nil {
 		return false
 	}
-	rows, err := j.db.QueryContext(ctx, `SELECT partition, next_offset FROM replication_positions WHERE topic = $1`, j.topic)
+	at, err := storedPositions(ctx, j.db, j.topic)
 	if err != nil {
 		return false
-	}
-	defer rows.Close()
-	at := map[int32]int64{}
-	for rows.Next() {
-		var p int32
-		var next int64
-		if rows.Scan(&p, &next) != nil {
-			return false
-		}
-		at[p] = next
 	}
 	for p, end := range ends {
 		if at[p] < end {
@@ -835,21 +825,10 @@ func (j *rejoiner) resume(ctx context.Context, h snapshotHeader) (map[int32]int6
 // there.
 func (j *rejoiner) awaitConsumers(ctx context.Context, target map[int32]int64) error {
 	for {
-		rows, err := j.db.QueryContext(ctx, `SELECT partition, next_offset FROM replication_positions WHERE topic = $1`, j.topic)
+		at, err := storedPositions(ctx, j.db, j.topic)
 		if err != nil {
 			return err
 		}
-		at := map[int32]int64{}
-		for rows.Next() {
-			var p int32
-			var next int64
-			if err := rows.Scan(&p, &next); err != nil {
-				rows.Close()
-				return err
-			}
-			at[p] = next
-		}
-		rows.Close()
 		behind := false
 		for p, end := range target {
 			// A partition whose records were all the region's own, or
@@ -863,6 +842,26 @@ func (j *rejoiner) awaitConsumers(ctx context.Context, target map[int32]int64) e
 			return ctx.Err()
 		}
 	}
+}
+
+// storedPositions reads where the region stands in each partition of
+// topic: the next record its consumer reads.
+func storedPositions(ctx context.Context, db *sql.DB, topic string) (map[int32]int64, error) {
+	rows, err := db.QueryContext(ctx, `SELECT partition, next_offset FROM replication_positions WHERE topic = $1`, topic)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	at := map[int32]int64{}
+	for rows.Next() {
+		var p int32
+		var next int64
+		if err := rows.Scan(&p, &next); err != nil {
+			return nil, err
+		}
+		at[p] = next
+	}
+	return at, rows.Err()
 }
 
 // finish moves the region's id sequence past every id of its own that it
