@@ -19,8 +19,9 @@ package main
 // rejoinCheckInterval and at once when its database has restarted
 // (admit), for that number (GET /internal/published/{region}), and
 // compares it with its outbox sequence. The peer's number counts only once
-// it has read the topic as far as it ended when the check began; when the
-// peer cannot tell, this region's own consumer, which reads its region's
+// it has read every record produced before the database started (a
+// database goes back in time by starting again); when the peer cannot
+// tell, this region's own consumer, which reads its region's
 // events too for their seqs (consume.go), can, once it has read that far.
 // A database that is behind has lost writes that left it: the region
 // rejoins. So does one whose position the broker no longer holds
@@ -137,6 +138,9 @@ type rejoiner struct {
 	ends func(context.Context) (map[int32]int64, error)
 	// starts reads the start of each partition: its oldest retained record.
 	starts func(context.Context) (map[int32]int64, error)
+	// offsetsAt reads, for each partition, the offset of the first record
+	// produced at or after a time, or the end.
+	offsetsAt func(context.Context, time.Time) (map[int32]int64, error)
 
 	status atomic.Pointer[rejoinStatus]
 	// rejoins counts the rebuilds this instance finished.
@@ -158,10 +162,10 @@ type rejoiner struct {
 
 // newRejoiner returns the rejoiner of region, starting.
 func newRejoiner(logger *slog.Logger, db *sql.DB, region, topic string, peers, brokers []string, retention time.Duration,
-	ends, starts func(context.Context) (map[int32]int64, error)) *rejoiner {
+	ends, starts func(context.Context) (map[int32]int64, error), offsetsAt func(context.Context, time.Time) (map[int32]int64, error)) *rejoiner {
 	j := &rejoiner{
 		logger: logger, db: db, region: region, topic: topic,
-		peers: peers, brokers: brokers, retention: retention, ends: ends, starts: starts,
+		peers: peers, brokers: brokers, retention: retention, ends: ends, starts: starts, offsetsAt: offsetsAt,
 		// No timeout of the whole exchange: a snapshot takes as long as the
 		// peer's tables. Each call bounds itself with its context.
 		client:  &http.Client{Transport: &http.Transport{ResponseHeaderTimeout: 30 * time.Second}},
@@ -334,10 +338,10 @@ func (j *rejoiner) check(ctx context.Context) (reason string, started *time.Time
 	if err := j.db.QueryRowContext(ctx, outboxSeqSQL).Scan(&local, &at); err != nil {
 		return "", nil, err
 	}
-	published, err := j.peerPublished(ctx)
-	if err != nil && j.readTopicOurselves(ctx) {
+	published, err := j.peerPublished(ctx, at)
+	if err != nil && j.readTopicOurselves(ctx, at) {
 		// The peer cannot tell, but this region's own consumer has read
-		// every record the topic held when the check began, this region's
+		// every record produced before the database started, this region's
 		// heartbeats among them, and would have found one above the outbox
 		// sequence (consume.go, behindOwnPublished).
 		published, err = 0, nil
@@ -369,12 +373,11 @@ func (j *rejoiner) check(ctx context.Context) (reason string, started *time.Time
 		"it lost writes that had left it (restored from an older backup, or replaced)", local, peerOf(j.region), published), &at, nil
 }
 
-// readTopicOurselves reports whether this region's consumer has read the
-// topic as far as it ends now, with no rejoin asked for meanwhile.
-func (j *rejoiner) readTopicOurselves(ctx context.Context) bool {
-	endCtx, cancel := context.WithTimeout(ctx, peerCheckTimeout)
-	ends, err := j.ends(endCtx)
-	cancel()
+// readTopicOurselves reports whether this region's consumer has read
+// every record produced before the database started (started), with no
+// rejoin asked for meanwhile.
+func (j *rejoiner) readTopicOurselves(ctx context.Context, started time.Time) bool {
+	ends, err := j.endsBefore(ctx, started)
 	if err != nil {
 		return false
 	}
@@ -391,21 +394,31 @@ func (j *rejoiner) readTopicOurselves(ctx context.Context) bool {
 	return err == nil && row == nil
 }
 
+// endsBefore is, for each partition of the topic, the offset of its first
+// record produced after started, or its end: every record below it was
+// produced before. Records carry their producer's clock and started is
+// the database's: maxClockSkew is allowed between them.
+func (j *rejoiner) endsBefore(ctx context.Context, started time.Time) (map[int32]int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, peerCheckTimeout)
+	defer cancel()
+	return j.offsetsAt(ctx, started.Add(maxClockSkew))
+}
+
 // errPeerBehind is a peer that has not yet read every record of the topic
-// this region published before the check began: its word on what this
+// this region published before its database started: its word on what this
 // region published may be short.
-var errPeerBehind = errors.New("the peer has not read the topic as far as it ended when the check began")
+var errPeerBehind = errors.New("the peer has not read every record produced before this database started")
 
 // peerPublished asks the peer's backends, one after the other, for the
-// highest outbox seq of this region's they have seen published. The
-// answer counts only from a peer whose position has reached the end of
-// every partition as it was before the question: then it has read every
-// heartbeat this region sent before (a database that just went back in
-// time sent its last ones before the check), and its number is complete.
-func (j *rejoiner) peerPublished(ctx context.Context) (int64, error) {
-	endCtx, cancel := context.WithTimeout(ctx, peerCheckTimeout)
-	ends, err := j.ends(endCtx)
-	cancel()
+// highest outbox seq of this region's they have applied. The answer
+// counts only from a peer that has read every record produced before the
+// database started (started): a database that went back in time did so
+// by starting again, and whatever the database it replaced published, it
+// published before that; then the peer's number is complete. For a
+// database that has run for a while the peer is long past that point, and
+// answers at once, under any load.
+func (j *rejoiner) peerPublished(ctx context.Context, started time.Time) (int64, error) {
+	ends, err := j.endsBefore(ctx, started)
 	if err != nil {
 		return 0, fmt.Errorf("the topic's end: %w", err)
 	}

@@ -121,7 +121,7 @@ func newReplicator(logger *slog.Logger, db, reportDB *sql.DB, region string, bro
 		relay:    newRelay(logger, db, producer, region, topic),
 		db:       db,
 	}
-	r.rejoin = newRejoiner(logger, db, region, topic, peers, brokers, retention, r.topicEnds, r.topicStarts)
+	r.rejoin = newRejoiner(logger, db, region, topic, peers, brokers, retention, r.topicEnds, r.topicStarts, r.topicOffsetsAt)
 	r.purger = newPurger(logger, db, region, retention, r.topicKeeps)
 	r.rejoin.rejoined = r.purger.wake
 	r.consumer, err = newConsumer(logger, db, producer, region, brokers, topic, r.dlqTopic, retention)
@@ -162,6 +162,25 @@ func (r *replicator) rejoinStatus() rejoinStatus { return r.rejoin.current() }
 // snapshot serves this region's snapshot to the other one (snapshot.go).
 func (r *replicator) snapshot() http.Handler {
 	return handleSnapshot(r.logger, r.db, r.topic, r.topicEnds)
+}
+
+// topicOffsetsAt reads, for each partition of the topic, the offset of
+// the first record produced at or after t, or the end if there is none.
+func (r *replicator) topicOffsetsAt(ctx context.Context, t time.Time) (map[int32]int64, error) {
+	at, err := listOffsets(ctx, r.producer, r.topic, t.UnixMilli())
+	if err != nil {
+		return nil, err
+	}
+	ends, err := endOffsets(ctx, r.producer, r.topic)
+	if err != nil {
+		return nil, err
+	}
+	for p, end := range ends {
+		if o, ok := at[p]; !ok || o < 0 {
+			at[p] = end
+		}
+	}
+	return at, nil
 }
 
 // topicName is the replication topic.
@@ -342,7 +361,8 @@ func startOffsets(ctx context.Context, client *kgo.Client, topic string) (map[in
 }
 
 // listOffsets asks the brokers for an offset of each partition of topic:
-// at -1 the end, at -2 the start.
+// at -1 the end, at -2 the start, at a time in Unix milliseconds the
+// first record produced at or after it (-1 if there is none).
 func listOffsets(ctx context.Context, client *kgo.Client, topic string, at int64) (map[int32]int64, error) {
 	n, err := partitionCount(ctx, client, topic)
 	if err != nil {
