@@ -332,17 +332,31 @@ const outboxSeqSQL = `SELECT CASE WHEN is_called THEN last_value ELSE 0 END, pg_
 // answer, or has not read the topic as far as it ended when the check
 // began, or the topic cannot be read), the answer is "" with the error.
 func (j *rejoiner) check(ctx context.Context) (reason string, started *time.Time, err error) {
-	// The database first: a check is about the database as it is now.
+	// When the database started first: a check is about the database as
+	// it is since then.
 	var local int64
 	var at time.Time
 	if err := j.db.QueryRowContext(ctx, outboxSeqSQL).Scan(&local, &at); err != nil {
 		return "", nil, err
 	}
 	published, err := j.peerPublished(ctx, at)
+	if err == nil {
+		// The outbox sequence again, after the peer's answer: the writes
+		// this region made and published while the question was on its
+		// way are in the answer, and must be in the comparison too (a
+		// region under load was once taken for one gone back in time).
+		var again time.Time
+		if err := j.db.QueryRowContext(ctx, outboxSeqSQL).Scan(&local, &again); err != nil {
+			return "", nil, err
+		}
+		if !again.Equal(at) {
+			return "", &again, errors.New("the database restarted during the check")
+		}
+	}
 	if err != nil && j.readTopicOurselves(ctx, at) {
 		// The peer cannot tell, but this region's own consumer has read
 		// every record produced before the database started, this region's
-		// heartbeats among them, and would have found one above the outbox
+		// events among them, and would have found one above the outbox
 		// sequence (consume.go, behindOwnPublished).
 		published, err = 0, nil
 	}
