@@ -274,8 +274,11 @@ func (s *snapshotReader) batch(n int) (listings, requests []event, err error) {
 			}
 			e := line.Request.event
 			e.fingerprint = line.Request.Fingerprint
-			if err := e.validate(); err != nil {
-				return nil, nil, fmt.Errorf("snapshot request record: %w", err)
+			// The fingerprint is copied as the peer holds it, not checked
+			// as an event's is: a record written before the fingerprint's
+			// form, or by hand, must not stop a rebuild for good.
+			if err := e.validateState(); err != nil || !validRequestID(e.RequestID) || e.fingerprint == "" || len(e.fingerprint) > 256 {
+				return nil, nil, fmt.Errorf("snapshot request record %q: %v", e.RequestID, err)
 			}
 			requests = append(requests, e)
 			s.requests++
