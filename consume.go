@@ -279,19 +279,16 @@ func (c *consumer) rejoinForLostEvents(ctx context.Context, partitions []int32) 
 		if err := c.db.QueryRowContext(ctx, `SELECT EXISTS (SELECT FROM rejoin WHERE phase <> 'log')`).Scan(&snapshotting); err != nil || snapshotting {
 			continue
 		}
-		rows, err := c.db.QueryContext(ctx, readPositionsSQL, c.topic, partitions)
+		stored, err := storedPositions(ctx, c.db, c.topic)
 		if err != nil {
 			continue
 		}
 		to := map[int32]kgo.EpochOffset{}
-		for rows.Next() {
-			var p int32
-			var next int64
-			if rows.Scan(&p, &next) == nil {
+		for _, p := range partitions {
+			if next, ok := stored[p]; ok {
 				to[p] = kgo.EpochOffset{Epoch: -1, Offset: next}
 			}
 		}
-		rows.Close()
 		c.client.SetOffsets(map[string]map[int32]kgo.EpochOffset{c.topic: to})
 		c.stats.stopped.Store(nil)
 		c.logger.Info("consume: the rejoin brought what the broker lost; reading on", "positions", to)
