@@ -172,6 +172,7 @@ func waitRejoined(t *testing.T, s *stack, us, eu *sql.DB, region, prefix string)
 	if held[got.ID] || got.ID%2 != parity {
 		t.Errorf("POST /%s/properties after the rejoin created id %d: held already %v, or not %s's", region, got.ID, held[got.ID], region)
 	}
+	s.caughtUp(t, 30*time.Second) // before a cleanup deletes it in both
 }
 
 // writeSome makes n updates of listings from first on and creates creates
@@ -318,12 +319,22 @@ func rejoinCmd(s *stack, region string, args ...string) *exec.Cmd {
 }
 
 // addListings adds n listings, with ids from 10,000,001 on, to every one
-// of dbs alike, as the seeds would, and deletes them when the test ends.
-// It returns n.
+// of dbs alike, as the seeds would, and deletes them, and any listing
+// created above them, when the test ends. A rebuild moves a region's id sequence past the highest id it copied:
+// the cleanup puts the sequences back too, or every later POST would get
+// an id among the ones the benchmarks generate. It returns n.
 func addListings(t *testing.T, n int, dbs ...*sql.DB) int {
 	t.Helper()
 	const first = 10_000_001
 	for _, db := range dbs {
+		for _, seq := range []string{"property_ids_us", "property_ids_eu"} {
+			var last int64
+			var called bool
+			if err := db.QueryRow(`SELECT last_value, is_called FROM ` + seq).Scan(&last, &called); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { db.Exec(`SELECT setval($1, $2, $3)`, seq, last, called) })
+		}
 		if _, err := db.Exec(`
 INSERT INTO properties (id, price, bedrooms, bathrooms, region_origin, version, updated_at)
 SELECT i, 100 + i % 1000, i % 5, i % 3, 'us', 1, '2026-01-01T00:00:00Z'
@@ -334,7 +345,8 @@ ON CONFLICT (id) DO NOTHING`, first, n); err != nil {
 	}
 	t.Cleanup(func() {
 		for _, db := range dbs {
-			db.Exec(`DELETE FROM properties WHERE id BETWEEN $1 AND $2`, first, first+n-1)
+			// And the listings a test created after them.
+			db.Exec(`DELETE FROM properties WHERE id >= $1`, first)
 		}
 	})
 	return n
