@@ -330,7 +330,7 @@ func addListings(t *testing.T, n int, dbs ...*sql.DB) int {
 		for _, seq := range []string{"property_ids_us", "property_ids_eu"} {
 			var last int64
 			var called bool
-			if err := db.QueryRow(`SELECT last_value, is_called FROM ` + seq).Scan(&last, &called); err != nil {
+			if err := db.QueryRow(`SELECT last_value, is_called FROM `+seq).Scan(&last, &called); err != nil {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { db.Exec(`SELECT setval($1, $2, $3)`, seq, last, called) })
