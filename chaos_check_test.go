@@ -5,7 +5,7 @@ package main
 // The fault campaign's checker and report (the campaign: chaos_test.go).
 // After the last fault is healed and both regions have drained their
 // backlogs, it reads the final state and judges it, with the history of
-// every request, by six rules:
+// every request, by these rules:
 //
 //  1. both regions hold identical rows, every listing;
 //  2. every acknowledged write is the final row, or built upon by it (on
@@ -25,6 +25,13 @@ package main
 //  6. whenever a region's lag report said L, every write of the peer
 //     acknowledged more than L before was there (a sample of the report,
 //     then of the rows, every half second of the run).
+//
+// Rule 7 is judged by its own scenario after the campaign (longOutage), and
+// rule 8 by the history alone:
+//
+//  8. no answer to a request that carried a session token shows a listing
+//     at an older version than one its session had seen or written (half
+//     the clients carry one, session.go).
 
 import (
 	"cmp"
@@ -245,7 +252,7 @@ type ruleResult struct {
 	counterexample string // the first violation, when it failed
 }
 
-// check judges the final state and the history by the six rules.
+// check judges the final state and the history by rules 1 to 6 and 8.
 func check(history []op, initial map[int64]Property, f chaosFinal, samples []lagSample, restores []restoreWindow) []ruleResult {
 	final := map[int64]Property{}
 	for _, p := range f.us {
@@ -265,7 +272,81 @@ func check(history []op, initial map[int64]Property, f chaosFinal, samples []lag
 		ruleRequestIDs(history, f, restores),
 		ruleNothingStuck(f),
 		ruleLagHonest(history, samples, writes, restores),
+		ruleSessions(history, restores),
 	}
+}
+
+// ruleSessions is rule 8. A session has seen what the answers that gave
+// it a token (2xx) showed; any later answer to it, a 404, 409, 410 or 412
+// included, must show the listing at that version or a later one. A state
+// seen from a region that a restore then took back (seen within the
+// restore's window, written there) is the restore's RPO, counted apart.
+func ruleSessions(history []op, restores []restoreWindow) ruleResult {
+	r := ruleResult{rule: 8, name: "a session never reads back in time", pass: true}
+	type state struct {
+		version int64
+		by      op // the answer that showed it
+	}
+	seen := map[int]map[int64]state{}
+	var requests, answers, waited, behind, excused int
+	var waits []time.Duration
+	for _, o := range history {
+		if !o.Session {
+			continue
+		}
+		requests++
+		if o.SessionWait > 0 {
+			waited++
+			waits = append(waits, o.SessionWait)
+		}
+		if o.SessionBehind {
+			behind++
+		}
+		if o.Shown == nil || o.ID == 0 {
+			continue
+		}
+		answers++
+		if seen[o.Client] == nil {
+			seen[o.Client] = map[int64]state{}
+		}
+		had, ok := seen[o.Client][o.ID]
+		if ok && o.Shown.Version < had.version {
+			if shownBeforeRestore(had.by, restores) {
+				excused++
+			} else if r.pass {
+				r.pass = false
+				r.counterexample = fmt.Sprintf("client %d saw listing %d at version %d (%s %s, %d, served by %s, at %s), then %s %s answered %d showing version %d (served by %s, at %s)",
+					o.Client, o.ID, had.version, had.by.Kind, had.by.path(), had.by.Status, had.by.ServedBy, had.by.End.Format("15:04:05.000"),
+					o.Kind, o.path(), o.Status, o.Shown.Version, o.ServedBy, o.End.Format("15:04:05.000"))
+			}
+		}
+		if o.Status/100 == 2 && (!ok || o.Shown.Version > had.version) {
+			seen[o.Client][o.ID] = state{o.Shown.Version, o}
+		}
+	}
+	slices.Sort(waits)
+	quantile := func(q float64) float64 {
+		if len(waits) == 0 {
+			return 0
+		}
+		return float64(waits[int(q*float64(len(waits)-1))].Microseconds()) / 1000
+	}
+	r.detail = fmt.Sprintf("%d requests of %d sessions carried a token, %d answers showing a listing checked against what their session had seen: "+
+		"%d waited for the serving region to catch up (p50 %.0f ms, p99 %.0f ms), %d answered 503 \"not caught up\"; %d older states excused by a restore",
+		requests, len(seen), answers, waited, quantile(0.5), quantile(0.99), behind, excused)
+	return r
+}
+
+// shownBeforeRestore reports whether o showed a state that a restore may
+// have taken back: a row of the restored region, shown within the
+// restore's window.
+func shownBeforeRestore(o op, restores []restoreWindow) bool {
+	for _, w := range restores {
+		if o.Shown != nil && o.Shown.RegionOrigin == w.region && !o.End.Before(w.from) && !o.End.After(w.to) {
+			return true
+		}
+	}
+	return false
 }
 
 func ruleIdentical(f chaosFinal, writes func(int64) string) ruleResult {
@@ -726,6 +807,41 @@ func (r report) markdown() string {
 	p("\nAcknowledged writes: %d. Lost races answered 409: %d. Conflicts the replication resolved (counters since each backend last started): us %d, eu %d.\n",
 		r.writes(), r.count(func(o op) bool { return o.Status == http.StatusConflict }), r.final.conflicts["us"], r.final.conflicts["eu"])
 
+	p("\nFailovers: %d faults during which NGINX answered a prefix from the other region's backend.\n", r.failovers())
+
+	p("\n## Sessions\n\nThe even-numbered clients send back the X-Session-Token of their last answer; the others send none. What a session costs:\n\n")
+	p("| requests | answered | waited for the serving region (Server-Timing) | wait p50 | wait p99 | wait max | 503 not caught up | latency p50 | latency p99 |\n|---|---|---|---|---|---|---|---|---|\n")
+	for _, session := range []bool{true, false} {
+		var n, answered, waited, behind int
+		var waits, latencies []time.Duration
+		for _, o := range r.ops {
+			if o.Session != session {
+				continue
+			}
+			n++
+			if o.Status > 0 && o.Status < 500 {
+				answered++
+			}
+			if o.SessionWait > 0 {
+				waited++
+				waits = append(waits, o.SessionWait)
+			}
+			if o.SessionBehind {
+				behind++
+			}
+			latencies = append(latencies, o.End.Sub(o.Start))
+		}
+		ms := func(d []time.Duration, q float64) string {
+			if len(d) == 0 {
+				return "-"
+			}
+			slices.Sort(d)
+			return fmt.Sprintf("%.0f ms", float64(d[int(q*float64(len(d)-1))].Microseconds())/1000)
+		}
+		label := map[bool]string{true: "with a token", false: "without"}[session]
+		p("| %s: %d | %d | %d | %s | %s | %s | %d | %s | %s |\n", label, n, answered, waited, ms(waits, 0.5), ms(waits, 0.99), ms(waits, 1), behind, ms(latencies, 0.5), ms(latencies, 0.99))
+	}
+
 	p("\n## Faults\n\n| fault | times | held, total | held, longest | failed to cause or heal |\n|---|---|---|---|---|\n")
 	for _, k := range r.kinds {
 		var n, failed int
@@ -777,6 +893,20 @@ func (r report) markdown() string {
 	}
 	p("\nFrom the last heal to both regions drained and identical: %.1f s (converged: %v).\n", r.convergence.Seconds(), r.converged)
 	return b.String()
+}
+
+// failovers counts the faults during which some request was answered by
+// the other region's backend than its prefix names.
+func (r report) failovers() (n int) {
+	for _, f := range r.faults {
+		for _, o := range r.ops {
+			if o.ServedBy != "" && o.ServedBy != o.Prefix && !o.Start.Before(f.applied) && o.Start.Before(f.healed) {
+				n++
+				break
+			}
+		}
+	}
+	return n
 }
 
 func (r report) count(f func(op) bool) (n int) {
@@ -886,7 +1016,10 @@ func TestCheckerCatches(t *testing.T) {
 	acked := row(2, "eu", 10, 100_000_001)
 	clean := func() ([]op, chaosFinal, []lagSample) {
 		history := []op{
-			{Kind: "PUT", Prefix: "eu", ID: 601, RequestID: "r1", Price: 100_000_001, Start: at(9), End: at(10), Status: 200, Outcome: opOK, Row: &acked},
+			{Kind: "PUT", Prefix: "eu", ID: 601, RequestID: "r1", Price: 100_000_001, Start: at(9), End: at(10), Status: 200, Outcome: opOK, Row: &acked,
+				Session: true, Shown: &acked, ServedBy: "eu"},
+			// The session reads its write through the other prefix.
+			{Kind: "GET", Prefix: "us", ID: 601, Session: true, Start: at(10), End: at(11), Status: 200, Outcome: opOK, Shown: &acked, ServedBy: "us", SessionWait: 120 * time.Millisecond},
 			{Kind: "PUT", Prefix: "us", ID: 601, RequestID: "r2", Price: 100_000_002, Start: at(11), End: at(12), Status: 409, Outcome: opFail},
 		}
 		record := requestRecord{RequestID: "r1", PropertyID: 601, Price: "1000000.01", RegionOrigin: "eu", Version: 2, UpdatedAt: at(10)}
@@ -1048,6 +1181,14 @@ func TestCheckerCatches(t *testing.T) {
 		{"an event stuck in the outbox", func(h []op, f *chaosFinal, s []lagSample) []op { f.outbox["us"] = 1; return h }, 5},
 		{"a dead letter", func(h []op, f *chaosFinal, s []lagSample) []op { f.dlqAdded = 1; return h }, 5},
 		{"a lag report that understates", func(h []op, f *chaosFinal, s []lagSample) []op { s[0].rows = map[int64]Property{601: start}; return h }, 6},
+		{"a session that reads back in time", func(h []op, f *chaosFinal, s []lagSample) []op {
+			old := start
+			return append(h, op{Kind: "GET", Prefix: "us", ID: 601, Session: true, Start: at(14), End: at(14), Status: 200, Outcome: opOK, Shown: &old, ServedBy: "us"})
+		}, 8},
+		{"a session told an older version by a 409", func(h []op, f *chaosFinal, s []lagSample) []op {
+			return append(h, op{Kind: "PUT", Prefix: "us", ID: 601, RequestID: "r3", Price: 100_000_003, Session: true, Start: at(14), End: at(14),
+				Status: 409, Outcome: opFail, Shown: &Property{ID: 601, Version: 1}, ServedBy: "us"})
+		}, 8},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h, f, s := clean()

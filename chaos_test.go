@@ -300,6 +300,18 @@ type op struct {
 	// Row is what the answer says the write made: the new row of a 200 or
 	// 201, or the original of a 422 (the request id's first write).
 	Row *Property
+	// Session is a request that carried its client's session token.
+	// Shown is the state of the listing the answer showed: the row of a
+	// 2xx, or only the version that a 404 (0), 409, 410 or 412 names.
+	// SessionWait is how long the serving region said it waited for the
+	// session (Server-Timing), and ServedBy which region answered.
+	// SessionBehind is the 503 of a region that had not caught up with
+	// the session.
+	Session       bool
+	Shown         *Property
+	SessionWait   time.Duration
+	SessionBehind bool
+	ServedBy      string
 }
 
 // known is what the clients have learned of a listing: its latest version
@@ -324,7 +336,12 @@ type workload struct {
 	created       []int64            // listings the campaign created and did not delete
 	nextPrice     Money              // each write writes a price no other does
 	acked         map[int][]op       // each client's acknowledged PUTs, for re-sends
+	tokens        map[int]string     // each session client's token, as its last answer gave it
 }
+
+// sessionClient reports whether client c sends a session token with
+// every request: half of them do.
+func sessionClient(c int) bool { return c%2 == 0 }
 
 // The listings the campaign writes: a few hot seed listings that both
 // regions write at once, and a wider spread. Seed ids 1 to 1000 exist in
@@ -354,6 +371,7 @@ func newWorkload(s *stack, cfg chaosSettings, start []Property) *workload {
 		spread:        chaosSpread,
 		listings:      map[int64]known{},
 		acked:         map[int][]op{},
+		tokens:        map[int]string{},
 		// Prices from 1,000,000.00 up, one cent apart: a price names the
 		// request that wrote it.
 		nextPrice: 100_000_000,
@@ -575,17 +593,32 @@ func (w *workload) send(o op, body, ifMatch string) op {
 	if ifMatch != "" {
 		req.Header.Set("If-Match", ifMatch)
 	}
+	if o.Session = sessionClient(o.Client); o.Session {
+		w.mu.Lock()
+		if token := w.tokens[o.Client]; token != "" {
+			req.Header.Set(sessionHeader, token)
+		}
+		w.mu.Unlock()
+	}
 	o.Start = time.Now()
 	resp, err := w.http.Do(req)
 	var got response
 	if err == nil {
 		err = decodeAny(resp, &got)
 		o.Status = resp.StatusCode
+		o.ServedBy = resp.Header.Get("X-Served-By")
+		o.SessionWait = serverTiming(resp.Header, "session-wait")
+		if token := resp.Header.Get(sessionHeader); o.Session && token != "" && err == nil {
+			w.mu.Lock()
+			w.tokens[o.Client] = token
+			w.mu.Unlock()
+		}
 	}
 	o.End = time.Now()
 	switch {
 	case err != nil || o.Status >= 500:
 		o.Outcome = opUnknown
+		o.SessionBehind = o.Status == http.StatusServiceUnavailable && got.Error == errSessionBehind.Error()
 	case o.Status == http.StatusUnprocessableEntity && got.OriginalResponse != nil:
 		// "Duplicate request": this request was applied before, by an
 		// attempt this client may never have seen answered (NGINX's first
@@ -596,6 +629,12 @@ func (w *workload) send(o op, body, ifMatch string) op {
 		o.Row = &row
 	case o.Status >= 400:
 		o.Outcome = opFail
+		switch o.Status {
+		case http.StatusNotFound:
+			o.Shown = &Property{ID: o.ID}
+		case http.StatusConflict, http.StatusGone, http.StatusPreconditionFailed:
+			o.Shown = &Property{ID: o.ID, Version: got.CurrentVersion, Deleted: o.Status == http.StatusGone}
+		}
 	default:
 		o.Outcome = opOK
 		row := got.Property
@@ -606,8 +645,28 @@ func (w *workload) send(o op, body, ifMatch string) op {
 		if o.Kind == "POST" {
 			o.ID = row.ID
 		}
+		shown := row
+		o.Shown = &shown
 	}
 	return o
+}
+
+// serverTiming reads the duration of one metric of a Server-Timing
+// header ("session-wait;dur=12.5"): 0 if there is none.
+func serverTiming(h http.Header, metric string) time.Duration {
+	for _, entry := range strings.Split(h.Get("Server-Timing"), ",") {
+		name, params, _ := strings.Cut(strings.TrimSpace(entry), ";")
+		if name != metric {
+			continue
+		}
+		for _, p := range strings.Split(params, ";") {
+			if v, ok := strings.CutPrefix(strings.TrimSpace(p), "dur="); ok {
+				ms, _ := strconv.ParseFloat(v, 64)
+				return time.Duration(ms * float64(time.Millisecond))
+			}
+		}
+	}
+	return 0
 }
 
 // decodeAny reads a JSON answer of any status (an empty body, such as a

@@ -57,6 +57,11 @@ func encodeError(w http.ResponseWriter, r *http.Request, logger *slog.Logger, er
 			Error     string `json:"error"`
 			RequestID string `json:"request_id"`
 		}{"request id reused for a different request", reused.requestID})
+	case errors.Is(err, errSessionMalformed) || errors.Is(err, errSessionRegion):
+		encode(w, http.StatusBadRequest, errorBody{Error: err.Error()})
+	case errors.Is(err, errSessionBehind):
+		w.Header().Set("Retry-After", "1")
+		encode(w, http.StatusServiceUnavailable, errorBody{Error: err.Error()})
 	case errors.Is(err, errUnknownRegion):
 		encode(w, http.StatusNotFound, errorBody{Error: "unknown region: use /us/ or /eu/"})
 	case errors.Is(err, errNotFound):

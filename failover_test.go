@@ -440,3 +440,147 @@ func TestStandInIndependentOfClocks(t *testing.T) {
 		t.Logf("the echo took %v, longer than a stand-in waits (%v)", took, standInWait)
 	}
 }
+
+// sessionDo sends one request with a session token ("" for none) and
+// returns the status, the answer's headers and body.
+func sessionDo(t *testing.T, s *stack, method, path, token, requestID, body string) (int, http.Header, response) {
+	t.Helper()
+	header := http.Header{}
+	if token != "" {
+		header.Set(sessionHeader, token)
+	}
+	if requestID != "" {
+		header.Set("X-Request-ID", requestID)
+	}
+	status, h, got, err := s.doWith(method, path, header, body)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	return status, h, got
+}
+
+// behind sends a GET with a session token that the serving region cannot
+// have caught up with, and fails the test unless the answer is the
+// session's 503: from the region itself, or NGINX's 502 after it (NGINX
+// answers so when the region's 503 came first and the prefix's own
+// backend, next in line, is marked down).
+func behind(t *testing.T, s *stack, path, token, what string) {
+	t.Helper()
+	requestID := newRequestID("session-get") // to find it in NGINX's log
+	status, h, got := sessionDo(t, s, "GET", path, token, requestID, "")
+	switch {
+	case status == http.StatusServiceUnavailable && got.Error == "this region has not caught up with your session yet" && h.Get("Retry-After") == "1":
+	case status == http.StatusBadGateway:
+		if e := s.accessLogEntry(t, requestID); !strings.Contains(e.UpstreamStatus, "503") {
+			t.Fatalf("%s: NGINX's 502, upstream statuses %q: no region's 503", what, e.UpstreamStatus)
+		}
+	default:
+		t.Fatalf("%s = %d %+v from %s (Retry-After %q), want the session's 503", what, status, got, h.Get("X-Served-By"), h.Get("Retry-After"))
+	}
+}
+
+// TestSessionReadsItsWriteAcrossFailover: a client writes in US while
+// Kafka is down (frozen: stopping and starting a broker costs the suite
+// half a minute, and for the writes it is the same outage), and US's
+// backend stops before the write could leave.
+// Through /us/, EU serves: without the token it shows the state before the
+// write, as it always did; with it, a 503, never that older state. Once
+// Kafka and US's backend are back (US's relay is in its backend), the same
+// token gets the write from either region.
+func TestSessionReadsItsWriteAcrossFailover(t *testing.T) {
+	s := newStack(t)
+	const id = 433
+	path := fmt.Sprintf("/us/properties/%d", id)
+	s.caughtUp(t, 30*time.Second)
+	before := s.current(t, "us", id)
+
+	thaw := s.freeze(t, "kafka")
+	status, h, wrote := sessionDo(t, s, "PUT", path, "", newRequestID("session"), fmt.Sprintf(`{"price": 433000, "version": %d}`, before.Version))
+	token := h.Get(sessionHeader)
+	if status != http.StatusOK || !strings.Contains(token, "us=") {
+		t.Fatalf("PUT %s = %d %+v, token %q", path, status, wrote, token)
+	}
+	s.stop(t, "backend-us", true) // killed: a graceful stop would wait for the frozen broker
+
+	behind(t, s, path, token, "GET "+path+" with the token")
+	status, h, got := sessionDo(t, s, "GET", path, "", "", "")
+	if status != http.StatusOK || got.Version != before.Version || h.Get("X-Served-By") != "eu" {
+		t.Fatalf("GET %s without a token = %d %+v from %s, want EU's older version %d", path, status, got, h.Get("X-Served-By"), before.Version)
+	}
+
+	thaw()
+	// The write may still be in US's outbox, with no relay to send it, or
+	// have reached EU with the produce request the relay had sent before
+	// it stopped: the session's 503, or the write, never the older state.
+	status, h, got = sessionDo(t, s, "GET", path, token, "", "")
+	if status == http.StatusOK && got.Version != wrote.Version {
+		t.Fatalf("GET %s with the token, Kafka back, US's backend not = %+v from %s, older than the session's write", path, got, h.Get("X-Served-By"))
+	}
+
+	s.start(t, "backend-us")
+	for _, prefix := range []string{"eu", "us"} {
+		p := fmt.Sprintf("/%s/properties/%d", prefix, id)
+		var got response
+		waitFor(t, 10*time.Second, p+" with the token answered", func() bool {
+			var status int
+			status, h, got = sessionDo(t, s, "GET", p, token, "", "")
+			if status == http.StatusOK && got.Version < wrote.Version {
+				t.Fatalf("GET %s with the token = version %d from %s, older than the session's %d", p, got.Version, h.Get("X-Served-By"), wrote.Version)
+			}
+			return status == http.StatusOK && h.Get("X-Served-By") == prefix
+		})
+		if got.Version != wrote.Version || got.Price != wrote.Price || h.Get("X-Served-By") != prefix {
+			t.Errorf("GET %s with the token = %+v from %s, want the session's write from %s", p, got, h.Get("X-Served-By"), prefix)
+		}
+	}
+}
+
+// TestSessionMonotonicReads: a session reads a listing in US after another
+// client's write there, while Kafka is frozen, then reads it through /eu/.
+// EU has not got the write and cannot within the session's wait: NGINX
+// takes EU's 503 to US, which has it. Never the older state, which EU
+// still serves to a client without the token. Once Kafka resumes, EU
+// serves the session itself.
+func TestSessionMonotonicReads(t *testing.T) {
+	s := newStack(t)
+	const id = 435
+	us, eu := fmt.Sprintf("/us/properties/%d", id), fmt.Sprintf("/eu/properties/%d", id)
+	s.caughtUp(t, 30*time.Second)
+	old := s.current(t, "us", id)
+
+	thaw := s.freeze(t, "kafka")
+	status, _, wrote := s.mustDo(t, "PUT", us, newRequestID("other-client"), fmt.Sprintf(`{"price": 435000, "version": %d}`, old.Version))
+	if status != http.StatusOK {
+		t.Fatalf("PUT %s = %d %+v", us, status, wrote)
+	}
+	status, h, got := sessionDo(t, s, "GET", us, "", "", "")
+	token := h.Get(sessionHeader)
+	if status != http.StatusOK || got.Version != wrote.Version || !strings.Contains(token, "us=") {
+		t.Fatalf("GET %s = %d %+v, token %q", us, status, got, token)
+	}
+	status, h, got = sessionDo(t, s, "GET", eu, token, "", "")
+	if status != http.StatusOK || got.Version != wrote.Version || h.Get("X-Served-By") != "us" {
+		t.Fatalf("GET %s with the token, Kafka frozen = %d %+v from %s; want version %d from US", eu, status, got, h.Get("X-Served-By"), wrote.Version)
+	}
+	// Without the token: EU's own copy, from before the write. (NGINX may
+	// still send /eu/ to US for a few seconds after EU's 503.)
+	waitFor(t, 10*time.Second, "EU serving /eu/ again", func() bool {
+		status, h, got = sessionDo(t, s, "GET", eu, "", "", "")
+		return h.Get("X-Served-By") == "eu"
+	})
+	if status != http.StatusOK || got.Version != old.Version {
+		t.Fatalf("GET %s without a token = %d %+v, want EU's older version %d", eu, status, got, old.Version)
+	}
+
+	thaw()
+	waitFor(t, 15*time.Second, "EU serving the session itself", func() bool {
+		status, h, got = sessionDo(t, s, "GET", eu, token, "", "")
+		if status == http.StatusOK && got.Version < wrote.Version {
+			t.Fatalf("GET %s with the token = version %d from %s, older than the session's %d", eu, got.Version, h.Get("X-Served-By"), wrote.Version)
+		}
+		return status == http.StatusOK && h.Get("X-Served-By") == "eu"
+	})
+	if next := h.Get(sessionHeader); next != token {
+		t.Errorf("EU's answer carries %q, want the token it was sent, %q: it showed nothing of EU's own", next, token)
+	}
+}

@@ -49,14 +49,18 @@ func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.D
 	// The listings are served only while the region serves (rejoin.go):
 	// until then a 503 sends their clients to the other region.
 	listings := func(h http.Handler) http.Handler { return knownRegion(logger, whileServing(state, h)) }
+	// The listings' own routes honour session tokens too (session.go).
+	peer := &peerWatermark{db: db, region: peerOf(region)}
+	encodeErr := func(w http.ResponseWriter, r *http.Request, err error) { encodeError(w, r, logger, err) }
+	session := func(h http.Handler) http.Handler { return listings(sessions(peer, encodeErr, h)) }
 	mux.Handle("GET /metrics", metrics)
 	mux.Handle("GET /health", handleHealth(region, db, stopped, state))
 	mux.Handle("GET /{region}/health", knownRegion(logger, handleHealth(region, db, stopped, state)))
-	mux.Handle("GET /{region}/properties/{id}", listings(handleGetProperty(logger, db)))
-	mux.Handle("PUT /{region}/properties/{id}", listings(handleUpdateProperty(logger, region, db, notify)))
-	mux.Handle("DELETE /{region}/properties/{id}", listings(handleDeleteProperty(logger, region, db, notify)))
-	mux.Handle("POST /{region}/properties", listings(handleCreateProperty(logger, region, db, notify)))
-	mux.Handle("GET /{region}/properties", listings(handleListProperties(logger, db)))
+	mux.Handle("GET /{region}/properties/{id}", session(handleGetProperty(logger, region, db)))
+	mux.Handle("PUT /{region}/properties/{id}", session(handleUpdateProperty(logger, region, db, notify)))
+	mux.Handle("DELETE /{region}/properties/{id}", session(handleDeleteProperty(logger, region, db, notify)))
+	mux.Handle("POST /{region}/properties", session(handleCreateProperty(logger, region, db, notify)))
+	mux.Handle("GET /{region}/properties", session(handleListProperties(logger, region, db)))
 	mux.Handle("GET /{region}/replication-lag", knownRegion(logger, handleReplicationLag(logger, lag, state)))
 	mux.Handle("GET /{region}/conflicts", listings(handleListConflicts(logger, db)))
 	// Between the regions' backends, never through NGINX, which forwards
@@ -177,7 +181,7 @@ func handlePublished(logger *slog.Logger, region string, db *sql.DB, topic strin
 }
 
 // handleGetProperty returns one property.
-func handleGetProperty(logger *slog.Logger, db *sql.DB) http.Handler {
+func handleGetProperty(logger *slog.Logger, region string, db *sql.DB) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id, err := parseID(r.PathValue("id"))
 		if err != nil {
@@ -192,6 +196,7 @@ func handleGetProperty(logger *slog.Logger, db *sql.DB) http.Handler {
 			return
 		}
 		w.Header().Set("ETag", etag(p))
+		answerSessionRow(w, r, region, p)
 		if cond, ok, _ := parseTagCondition(r.Header, "If-None-Match"); ok && cond.matchesWeak(p) {
 			// The client's copy is the current state: no body.
 			w.WriteHeader(http.StatusNotModified)
@@ -267,6 +272,7 @@ func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 		}
 		notify()
 		w.Header().Set("ETag", etag(p))
+		answerSessionRow(w, r, region, p)
 		encode(w, http.StatusOK, p)
 	})
 }
@@ -316,6 +322,7 @@ func handleDeleteProperty(logger *slog.Logger, region string, db *sql.DB, notify
 		}
 		notify()
 		w.Header().Set("ETag", etag(p))
+		answerSessionRow(w, r, region, p)
 		encode(w, http.StatusOK, view(p))
 	})
 }
@@ -339,7 +346,7 @@ func view(p Property) any {
 }
 
 // handleListProperties answers one page of listings, filtered (list.go).
-func handleListProperties(logger *slog.Logger, db *sql.DB) http.Handler {
+func handleListProperties(logger *slog.Logger, region string, db *sql.DB) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// ParseQuery rather than r.URL.Query, which drops what it cannot
 		// parse without a word.
@@ -360,6 +367,7 @@ func handleListProperties(logger *slog.Logger, db *sql.DB) http.Handler {
 			encodeError(w, r, logger, err)
 			return
 		}
+		answerSession(w, r, region, page.readAt)
 		encode(w, http.StatusOK, page)
 	})
 }
@@ -451,6 +459,7 @@ func handleCreateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 		notify()
 		w.Header().Set("Location", fmt.Sprintf("/%s/properties/%d", r.PathValue("region"), p.ID))
 		w.Header().Set("ETag", etag(p))
+		answerSessionRow(w, r, region, p)
 		encode(w, http.StatusCreated, p)
 	})
 }

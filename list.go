@@ -28,6 +28,7 @@ import (
 	"net/url"
 	"slices"
 	"strconv"
+	"time"
 )
 
 // Page sizes, and the most rows one page reads (scanWindow): five of the
@@ -53,6 +54,9 @@ type listQuery struct {
 type Page struct {
 	Items      []Property `json:"items"`
 	NextCursor *string    `json:"next_cursor"`
+	// readAt is the database's clock after the page's snapshot was taken:
+	// the page shows no write that began after it (session.go).
+	readAt time.Time
 }
 
 // parseListQuery validates the query string. A parameter that is unknown,
@@ -138,9 +142,10 @@ func decodeCursor(c string) (int64, error) {
 // so that a page the window cut short knows where to go on from. The
 // window is a LIMIT below the filters and row_number() streams, so a page
 // the filters fill early stops reading there. A filter on a NULL column
-// (bedrooms unknown) does not match.
+// (bedrooms unknown) does not match. Each row carries the clock as the
+// statement ran, after its snapshot was taken (Page.readAt).
 const listPropertiesSQL = `
-SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, matches, n
+SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted, matches, n, clock_timestamp()
 FROM (
     SELECT id, price, bedrooms, bathrooms, region_origin, version, updated_at, deleted,
            coalesce(NOT deleted
@@ -175,7 +180,7 @@ func listProperties(ctx context.Context, db *sql.DB, lq listQuery, window int) (
 			matches bool
 			n       int
 		)
-		p, err := scanProperty(rows, &matches, &n)
+		p, err := scanProperty(rows, &matches, &n, &page.readAt)
 		if err != nil {
 			return Page{}, fmt.Errorf("list properties: %w", err)
 		}
@@ -188,6 +193,12 @@ func listProperties(ctx context.Context, db *sql.DB, lq listQuery, window int) (
 	}
 	if err := rows.Err(); err != nil {
 		return Page{}, fmt.Errorf("list properties: %w", err)
+	}
+	if page.readAt.IsZero() {
+		// Nothing after the cursor: the clock comes on its own.
+		if err := db.QueryRowContext(ctx, `SELECT clock_timestamp()`).Scan(&page.readAt); err != nil {
+			return Page{}, fmt.Errorf("list properties: %w", err)
+		}
 	}
 	var next string
 	switch {

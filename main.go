@@ -26,6 +26,9 @@
 //     and a JSON body.
 //   - standin.go: a region answering for the other (NGINX's failover), and
 //     when it may refuse a write.
+//   - session.go: session tokens, with which a client reads its own writes
+//     whichever region answers, and how a region knows it has caught up
+//     with a session without comparing clocks.
 //   - middleware.go: what every response goes through: JSON for the mux's
 //     own answers, a panic made a 500, X-Served-By, the request log.
 //   - database.go: the two connection pools, for requests and replication,
