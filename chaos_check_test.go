@@ -288,20 +288,13 @@ func ruleSessions(history []op, restores []restoreWindow) ruleResult {
 		by      op // the answer that showed it
 	}
 	seen := map[int]map[int64]state{}
-	var requests, answers, waited, behind, excused int
-	var waits []time.Duration
+	var answers, excused int
+	var cost sessionCost
 	for _, o := range history {
 		if !o.Session {
 			continue
 		}
-		requests++
-		if o.SessionWait > 0 {
-			waited++
-			waits = append(waits, o.SessionWait)
-		}
-		if o.SessionBehind {
-			behind++
-		}
+		cost.add(o)
 		if o.Shown == nil || o.ID == 0 {
 			continue
 		}
@@ -324,17 +317,43 @@ func ruleSessions(history []op, restores []restoreWindow) ruleResult {
 			seen[o.Client][o.ID] = state{o.Shown.Version, o}
 		}
 	}
-	slices.Sort(waits)
-	quantile := func(q float64) float64 {
-		if len(waits) == 0 {
-			return 0
-		}
-		return float64(waits[int(q*float64(len(waits)-1))].Microseconds()) / 1000
-	}
 	r.detail = fmt.Sprintf("%d requests of %d sessions carried a token, %d answers showing a listing checked against what their session had seen: "+
-		"%d waited for the serving region to catch up (p50 %.0f ms, p99 %.0f ms), %d answered 503 \"not caught up\"; %d older states excused by a restore",
-		requests, len(seen), answers, waited, quantile(0.5), quantile(0.99), behind, excused)
+		"%d waited for the serving region to catch up (p50 %s, p99 %s), %d answered 503 \"not caught up\"; %d older states excused by a restore",
+		cost.requests, len(seen), answers, len(cost.waits), quantileMs(cost.waits, 0.5), quantileMs(cost.waits, 0.99), cost.behind, excused)
 	return r
+}
+
+// sessionCost is what a set of requests cost their sessions: how many
+// the serving region answered only after waiting for the session's writes,
+// how long it waited, how many it refused as not caught up, and how long
+// the clients waited for an answer.
+type sessionCost struct {
+	requests, answered, behind int
+	waits, latencies           []time.Duration
+}
+
+func (c *sessionCost) add(o op) {
+	c.requests++
+	if o.Status > 0 && o.Status < 500 {
+		c.answered++
+	}
+	if o.SessionWait > 0 {
+		c.waits = append(c.waits, o.SessionWait)
+	}
+	if o.SessionBehind {
+		c.behind++
+	}
+	c.latencies = append(c.latencies, o.End.Sub(o.Start))
+}
+
+// quantileMs is the q quantile of d, in milliseconds ("-" for none).
+func quantileMs(d []time.Duration, q float64) string {
+	if len(d) == 0 {
+		return "-"
+	}
+	sorted := slices.Clone(d)
+	slices.Sort(sorted)
+	return fmt.Sprintf("%.0f ms", float64(sorted[int(q*float64(len(sorted)-1))].Microseconds())/1000)
 }
 
 // shownBeforeRestore reports whether o showed a state that a restore may
@@ -812,34 +831,15 @@ func (r report) markdown() string {
 	p("\n## Sessions\n\nThe even-numbered clients send back the X-Session-Token of their last answer; the others send none. What a session costs:\n\n")
 	p("| requests | answered | waited for the serving region (Server-Timing) | wait p50 | wait p99 | wait max | 503 not caught up | latency p50 | latency p99 |\n|---|---|---|---|---|---|---|---|---|\n")
 	for _, session := range []bool{true, false} {
-		var n, answered, waited, behind int
-		var waits, latencies []time.Duration
+		var c sessionCost
 		for _, o := range r.ops {
-			if o.Session != session {
-				continue
+			if o.Session == session {
+				c.add(o)
 			}
-			n++
-			if o.Status > 0 && o.Status < 500 {
-				answered++
-			}
-			if o.SessionWait > 0 {
-				waited++
-				waits = append(waits, o.SessionWait)
-			}
-			if o.SessionBehind {
-				behind++
-			}
-			latencies = append(latencies, o.End.Sub(o.Start))
-		}
-		ms := func(d []time.Duration, q float64) string {
-			if len(d) == 0 {
-				return "-"
-			}
-			slices.Sort(d)
-			return fmt.Sprintf("%.0f ms", float64(d[int(q*float64(len(d)-1))].Microseconds())/1000)
 		}
 		label := map[bool]string{true: "with a token", false: "without"}[session]
-		p("| %s: %d | %d | %d | %s | %s | %s | %d | %s | %s |\n", label, n, answered, waited, ms(waits, 0.5), ms(waits, 0.99), ms(waits, 1), behind, ms(latencies, 0.5), ms(latencies, 0.99))
+		p("| %s: %d | %d | %d | %s | %s | %s | %d | %s | %s |\n", label, c.requests, c.answered, len(c.waits),
+			quantileMs(c.waits, 0.5), quantileMs(c.waits, 0.99), quantileMs(c.waits, 1), c.behind, quantileMs(c.latencies, 0.5), quantileMs(c.latencies, 0.99))
 	}
 
 	p("\n## Faults\n\n| fault | times | held, total | held, longest | failed to cause or heal |\n|---|---|---|---|---|\n")
