@@ -26,7 +26,7 @@ package main
 //
 // The cost. A token-carrying request that a region can serve at once pays
 // only for parsing the token; one sent to the other region right after a
-// write there waits for that region's next heartbeat to be applied, about
+// write there waits for that region's next heartbeat to be applied, up to
 // heartbeatInterval plus the replication delay. A region that cannot catch
 // up within sessionWait answers 503 with Retry-After, and NGINX tries the
 // other region, which holds the writes the wait was for.
@@ -39,6 +39,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -213,13 +214,28 @@ func sessions(peer *peerWatermark, encodeError func(http.ResponseWriter, *http.R
 // peerWatermark is this region's watermark of its peer, as sessions need
 // it: the time of the peer's clock before which every peer write has been
 // applied here.
+//
+// Requests that wait for it share one reader: while any waits, a single
+// goroutine reads the watermark every sessionPoll and wakes them when it
+// moves. So a thousand waiting requests cost the database what one does,
+// and each sees the watermark within sessionPoll of its arrival.
 type peerWatermark struct {
 	db     *sql.DB
 	region string // the peer
 	// known is the watermark as last read (µs). The watermark never moves
 	// back, so a token below it needs no read of the database.
 	known atomic.Int64
+
+	mu      sync.Mutex
+	waiters int           // requests waiting; the reader stops at none
+	reading bool          // the reader runs
+	moved   chan struct{} // closed when known moves, then replaced
 }
+
+// sessionPoll is how often the watermark is read while requests wait for
+// it. It moves once per heartbeat (heartbeatInterval), some time after
+// the write a session waits for.
+const sessionPoll = 10 * time.Millisecond
 
 // peerWatermarkSQL reads the watermark: the smallest over the partitions,
 // or NULL until every partition has had a heartbeat.
@@ -229,38 +245,68 @@ FROM replication_watermarks WHERE peer_region = $1`
 
 // await returns once the watermark is past at (µs of the peer's clock),
 // or errSessionBehind after sessionWait, and how long it waited (0 if the
-// watermark was past at already). It reads the database again at first
-// every few milliseconds, then at most every heartbeatInterval / 2: the
-// watermark moves once per heartbeat.
+// watermark was past at already).
 func (p *peerWatermark) await(ctx context.Context, at int64) (time.Duration, error) {
 	if p.known.Load() > at {
 		return 0, nil
 	}
 	start := time.Now()
-	deadline := start.Add(sessionWait)
-	pause := 10 * time.Millisecond
-	for waited := time.Duration(0); ; waited = time.Since(start) {
-		var w sql.NullTime
-		if err := p.db.QueryRowContext(ctx, peerWatermarkSQL, p.region).Scan(&w); err != nil {
-			return waited, fmt.Errorf("peer watermark: %w", err)
-		}
-		if w.Valid {
-			micros := w.Time.UnixMicro()
-			for old := p.known.Load(); micros > old && !p.known.CompareAndSwap(old, micros); old = p.known.Load() {
-			}
-			if micros > at {
-				return waited, nil
-			}
-		}
-		left := time.Until(deadline)
-		if left <= 0 {
-			return waited, errSessionBehind
-		}
+	p.mu.Lock()
+	p.waiters++
+	if p.moved == nil {
+		p.moved = make(chan struct{})
+	}
+	if !p.reading {
+		p.reading = true
+		go p.read() // exits once no request waits
+	}
+	moved := p.moved
+	p.mu.Unlock()
+	defer func() {
+		p.mu.Lock()
+		p.waiters--
+		p.mu.Unlock()
+	}()
+	deadline := time.NewTimer(sessionWait)
+	defer deadline.Stop()
+	for p.known.Load() <= at {
 		select {
 		case <-ctx.Done():
-			return waited, ctx.Err()
-		case <-time.After(min(pause, left)):
+			return time.Since(start), ctx.Err()
+		case <-deadline.C:
+			return time.Since(start), errSessionBehind
+		case <-moved:
+			p.mu.Lock()
+			moved = p.moved
+			p.mu.Unlock()
 		}
-		pause = min(2*pause, heartbeatInterval/2)
+	}
+	return time.Since(start), nil
+}
+
+// read reads the watermark every sessionPoll while requests wait for it,
+// and wakes them when it moves. A read that fails is tried again at the
+// next tick: the waiters' own deadline ends their wait.
+func (p *peerWatermark) read() {
+	tick := time.NewTicker(sessionPoll)
+	defer tick.Stop()
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
+		var w sql.NullTime
+		err := p.db.QueryRowContext(ctx, peerWatermarkSQL, p.region).Scan(&w)
+		cancel()
+		p.mu.Lock()
+		if err == nil && w.Valid && w.Time.UnixMicro() > p.known.Load() {
+			p.known.Store(w.Time.UnixMicro())
+			close(p.moved)
+			p.moved = make(chan struct{})
+		}
+		if p.waiters == 0 {
+			p.reading = false
+			p.mu.Unlock()
+			return
+		}
+		p.mu.Unlock()
+		<-tick.C
 	}
 }

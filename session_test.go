@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -173,5 +174,53 @@ func TestSessionTokenOnEveryAnswer(t *testing.T) {
 	}
 	if status, _, got := send("GET", path, "", ""); status != http.StatusOK || got.Version != updated.Version || got.Price != updated.Price {
 		t.Errorf("after the refusals: %d %+v, want %+v", status, got, updated.Property)
+	}
+}
+
+// TestPeerWatermarkWakesEveryWaiter: requests that wait for the watermark
+// share its reader, each returns once it moves past its time, and one
+// whose time it does not reach is the session's 503 after the wait.
+func TestPeerWatermarkWakesEveryWaiter(t *testing.T) {
+	db := testDB(t)
+	const peer = "zz" // a region no other test writes watermarks of
+	base := time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)
+	set := func(w time.Time) {
+		t.Helper()
+		if _, err := db.Exec(`
+INSERT INTO replication_watermarks (peer_region, partition, partitions, watermark) VALUES ($1, 0, 1, $2)
+ON CONFLICT (peer_region, partition) DO UPDATE SET watermark = EXCLUDED.watermark`, peer, w); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() { db.Exec(`DELETE FROM replication_watermarks WHERE peer_region = $1`, peer) })
+	set(base)
+	p := &peerWatermark{db: db, region: peer}
+	if waited, err := p.await(context.Background(), base.Add(-time.Millisecond).UnixMicro()); err != nil || waited == 0 {
+		t.Fatalf("a time below the watermark, first asked: waited %v, %v; want a read and no error", waited, err)
+	}
+	if waited, err := p.await(context.Background(), base.Add(-time.Millisecond).UnixMicro()); err != nil || waited != 0 {
+		t.Fatalf("a time below the watermark, asked again: waited %v, %v; want no read", waited, err)
+	}
+	errs := make(chan error, 50)
+	for range cap(errs) {
+		go func() {
+			_, err := p.await(context.Background(), base.Add(time.Millisecond).UnixMicro())
+			errs <- err
+		}()
+	}
+	never := make(chan error, 1)
+	go func() {
+		_, err := p.await(context.Background(), base.Add(time.Hour).UnixMicro())
+		never <- err
+	}()
+	time.Sleep(100 * time.Millisecond)
+	set(base.Add(2 * time.Millisecond))
+	for range cap(errs) {
+		if err := <-errs; err != nil {
+			t.Errorf("a waiter the watermark passed: %v", err)
+		}
+	}
+	if err := <-never; err != errSessionBehind {
+		t.Errorf("a waiter the watermark never reached: %v, want errSessionBehind", err)
 	}
 }
