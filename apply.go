@@ -39,6 +39,9 @@ func (c *consumer) apply(ctx context.Context, b batch, partitions int32) ([]outc
 		return nil, nil, fmt.Errorf("apply batch: %w", err)
 	}
 	defer tx.Rollback()
+	if err := c.checkPositions(ctx, tx, b); err != nil {
+		return nil, nil, err
+	}
 	outcomes, lost, err := applyEvents(ctx, tx, b.events, c.expiredBefore())
 	if err != nil {
 		return nil, nil, fmt.Errorf("apply batch: %w", err)
@@ -83,6 +86,9 @@ func (c *consumer) applyEach(ctx context.Context, b *batch, partitions int32) ([
 		return nil, nil, fmt.Errorf("apply events one by one: %w", err)
 	}
 	defer tx.Rollback()
+	if err := c.checkPositions(ctx, tx, *b); err != nil {
+		return nil, nil, err
+	}
 	var (
 		outcomes []outcome
 		lost     []lostWrite
@@ -108,7 +114,7 @@ func (c *consumer) applyEach(ctx context.Context, b *batch, partitions int32) ([
 			kept.sources = append(kept.sources, b.sources[i])
 		}
 	}
-	kept.watermarks, kept.partitions, kept.next = b.watermarks, b.partitions, b.next
+	kept.watermarks, kept.partitions, kept.next, kept.first = b.watermarks, b.partitions, b.next, b.first
 	kept.dead = append(b.dead, refused...)
 	if err := c.commit(ctx, tx, c.withExpired(kept, outcomes), partitions); err != nil {
 		return nil, nil, fmt.Errorf("apply events one by one: %w", err)

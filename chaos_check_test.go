@@ -290,11 +290,26 @@ func ruleSessions(history []op, f chaosFinal, restores []restoreWindow) ruleResu
 			recorded[fmt.Sprintf("%d %s", rec.PropertyID, tagValue(rec.Version, rec.RegionOrigin))] = true
 		}
 	}
-	type state struct {
-		version int64
-		by      op // the answer that showed it
+	// takenBack is the restore that may have taken back the state o showed:
+	// shown by the restored region within its window, and recorded nowhere
+	// at the end.
+	takenBack := func(o op) *restoreWindow {
+		for i, w := range restores {
+			if o.Shown.RegionOrigin == w.region && !o.End.Before(w.from) && !o.End.After(w.to) &&
+				!recorded[fmt.Sprintf("%d %s", o.ID, tagValue(o.Shown.Version, o.Shown.RegionOrigin))] {
+				return &restores[i]
+			}
+		}
+		return nil
 	}
-	seen := map[int]map[int64]state{}
+	// What a session has seen of a listing: the highest version, and the
+	// highest no restore can have taken back, with the answers that showed
+	// them.
+	type seenState struct {
+		top, kept     int64
+		topBy, keptBy op
+	}
+	seen := map[int]map[int64]*seenState{}
 	var answers, excused int
 	var cost sessionCost
 	for _, o := range history {
@@ -307,21 +322,40 @@ func ruleSessions(history []op, f chaosFinal, restores []restoreWindow) ruleResu
 		}
 		answers++
 		if seen[o.Client] == nil {
-			seen[o.Client] = map[int64]state{}
+			seen[o.Client] = map[int64]*seenState{}
 		}
-		had, ok := seen[o.Client][o.ID]
-		if ok && o.Shown.Version < had.version {
-			if shownBeforeRestore(had.by, restores) && !recorded[fmt.Sprintf("%d %s", o.ID, tagValue(had.version, had.by.Shown.RegionOrigin))] {
+		had := seen[o.Client][o.ID]
+		if had == nil {
+			had = &seenState{}
+			seen[o.Client][o.ID] = had
+		}
+		v := o.Shown.Version
+		var against op // the answer this one went back from, if it did
+		switch {
+		case v < had.kept:
+			against = had.keptBy
+		case v < had.top:
+			// Below only what a restore took back, and shown after it.
+			if w := takenBack(had.topBy); w != nil && o.Start.After(w.to) {
 				excused++
-			} else if r.pass {
-				r.pass = false
-				r.counterexample = fmt.Sprintf("client %d saw listing %d at version %d (%s %s, %d, served by %s, at %s), then %s %s answered %d showing version %d (served by %s, at %s)",
-					o.Client, o.ID, had.version, had.by.Kind, had.by.path(), had.by.Status, had.by.ServedBy, had.by.End.Format("15:04:05.000"),
-					o.Kind, o.path(), o.Status, o.Shown.Version, o.ServedBy, o.End.Format("15:04:05.000"))
+			} else {
+				against = had.topBy
 			}
 		}
-		if o.Status/100 == 2 && (!ok || o.Shown.Version > had.version) {
-			seen[o.Client][o.ID] = state{o.Shown.Version, o}
+		if against.Shown != nil && r.pass {
+			r.pass = false
+			r.counterexample = fmt.Sprintf("client %d saw listing %d at version %d (%s %s, %d, served by %s, at %s), then %s %s answered %d showing version %d (served by %s, at %s)",
+				o.Client, o.ID, against.Shown.Version, against.Kind, against.path(), against.Status, against.ServedBy, against.End.Format("15:04:05.000"),
+				o.Kind, o.path(), o.Status, v, o.ServedBy, o.End.Format("15:04:05.000"))
+		}
+		if o.Status/100 != 2 {
+			continue // no token came with it: not what the session saw
+		}
+		if v > had.top {
+			had.top, had.topBy = v, o
+		}
+		if v > had.kept && takenBack(o) == nil {
+			had.kept, had.keptBy = v, o
 		}
 	}
 	r.detail = fmt.Sprintf("%d requests of %d sessions carried a token, %d answers showing a listing checked against what their session had seen: "+
@@ -361,18 +395,6 @@ func quantileMs(d []time.Duration, q float64) string {
 	sorted := slices.Clone(d)
 	slices.Sort(sorted)
 	return fmt.Sprintf("%.0f ms", float64(sorted[int(q*float64(len(sorted)-1))].Microseconds())/1000)
-}
-
-// shownBeforeRestore reports whether o showed a state that a restore may
-// have taken back: a row of the restored region, shown within the
-// restore's window.
-func shownBeforeRestore(o op, restores []restoreWindow) bool {
-	for _, w := range restores {
-		if o.Shown != nil && o.Shown.RegionOrigin == w.region && !o.End.Before(w.from) && !o.End.After(w.to) {
-			return true
-		}
-	}
-	return false
 }
 
 func ruleIdentical(f chaosFinal, writes func(int64) string) ruleResult {

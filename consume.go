@@ -36,6 +36,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kerr"
@@ -74,6 +75,9 @@ type consumer struct {
 	// position a rejoin moved past the batch (savePositions); the consumer
 	// goes on from there. Only the consumer's goroutine uses it.
 	ahead map[int32]int64
+	// dbStarted is when the database the last batch was applied to had
+	// started (checkPositions). Only the consumer's goroutine uses it.
+	dbStarted time.Time
 
 	stats replicationStats
 }
@@ -343,6 +347,8 @@ type batch struct {
 	partitions int32
 	dead       []*kgo.Record
 	next       map[int32]int64
+	// first is the offset of the batch's first record in each partition.
+	first map[int32]int64
 	// published is the highest outbox seq of the peer's events in each
 	// partition, and ownPublished of this region's own (recordSeq).
 	published    map[int32]int64
@@ -353,9 +359,12 @@ type batch struct {
 // records are skipped without decoding: there is nothing to apply, and each
 // region validates only what it applies. They still move the position.
 func (c *consumer) decodeRecords(records []*kgo.Record) batch {
-	b := batch{watermarks: map[int32]mark{}, next: map[int32]int64{}, published: map[int32]int64{}}
+	b := batch{watermarks: map[int32]mark{}, next: map[int32]int64{}, first: map[int32]int64{}, published: map[int32]int64{}}
 	for _, rec := range records {
 		b.next[rec.Partition] = max(b.next[rec.Partition], rec.Offset+1)
+		if first, ok := b.first[rec.Partition]; !ok || rec.Offset < first {
+			b.first[rec.Partition] = rec.Offset
+		}
 		if header(rec, headerRegion) == c.region {
 			// Only the seqs of this region's own events are read: a
 			// database below one went back in time.
@@ -410,6 +419,7 @@ func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions
 		lost     []lostWrite
 	)
 	refusals := 0
+	var gap *positionGap
 	ok := c.retry(ctx, "apply", true, func(ctx context.Context) error {
 		var err error
 		if refusals < maxRefusals {
@@ -420,10 +430,17 @@ func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions
 		if refusedByDatabase(err) {
 			refusals++
 		}
+		if errors.As(err, &gap) {
+			return nil // nothing applied: read again from where the database is
+		}
 		return err
 	})
 	if !ok {
 		return false
+	}
+	if gap != nil {
+		c.readAgain(gap)
+		return true
 	}
 	c.stats.deadLettered.Add(int64(len(b.dead)))
 	c.seekAhead()
@@ -464,6 +481,83 @@ func (c *consumer) behindOwnPublished(ctx context.Context, published int64) bool
 	return c.retry(ctx, "ask for a rejoin", false, func(ctx context.Context) error {
 		return requestRejoin(ctx, c.db, reason, false)
 	})
+}
+
+// positionGap is a batch that does not begin where the database stands:
+// its stored position in a partition is below the batch's first record, or
+// the database is not the one the last batch was applied to (it
+// restarted). A database restored from a backup does both: its positions
+// went back with its rows, while the consumer, which kept running, reads on
+// from where it was. Applying the batch would save positions past records
+// the database never applied, and they would be skipped for good.
+type positionGap struct {
+	to        map[int32]int64 // where to read again from, by partition
+	restarted bool
+}
+
+func (g *positionGap) Error() string {
+	return fmt.Sprintf("the database is not where the batch begins (restarted: %v); reading again from %v", g.restarted, g.to)
+}
+
+// checkPositionsSQL reads, in the batch's transaction, the stored
+// positions of its partitions ($2) and when the database started.
+const checkPositionsSQL = `
+SELECT s.started, p.partition, p.next_offset
+FROM (SELECT pg_postmaster_start_time() AS started) AS s
+LEFT JOIN replication_positions AS p ON p.topic = $1 AND p.partition = ANY ($2)`
+
+// checkPositions returns a *positionGap unless b begins where the
+// database stands in every partition (or after: what lies between was
+// applied already, and applying it again changes nothing) and the database
+// is the one the last batch went to.
+func (c *consumer) checkPositions(ctx context.Context, tx *sql.Tx, b batch) error {
+	partitions := make([]int32, 0, len(b.first))
+	for p := range b.first {
+		partitions = append(partitions, p)
+	}
+	rows, err := tx.QueryContext(ctx, checkPositionsSQL, c.topic, partitions)
+	if err != nil {
+		return fmt.Errorf("check positions: %w", err)
+	}
+	defer rows.Close()
+	gap := &positionGap{to: maps.Clone(b.first)}
+	behind := false
+	var started time.Time
+	for rows.Next() {
+		var (
+			partition sql.NullInt32
+			next      sql.NullInt64
+		)
+		if err := rows.Scan(&started, &partition, &next); err != nil {
+			return fmt.Errorf("check positions: %w", err)
+		}
+		if p := partition.Int32; partition.Valid && next.Int64 < b.first[p] {
+			gap.to[p], behind = next.Int64, true
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("check positions: %w", err)
+	}
+	gap.restarted = !c.dbStarted.IsZero() && !started.Equal(c.dbStarted)
+	c.dbStarted = started
+	if behind || gap.restarted {
+		return gap
+	}
+	return nil
+}
+
+// readAgain makes the consumer read again from where the database stands
+// (positionGap), and read its outbox sequence again: a database that went
+// back may have lost writes of its own that the records will show.
+func (c *consumer) readAgain(g *positionGap) {
+	c.logger.Warn("consume: the database is not where the records read begin (restarted, or restored from a backup); reading again from its positions",
+		"positions", g.to, "restarted", g.restarted)
+	c.outboxSeq = 0
+	to := map[int32]kgo.EpochOffset{}
+	for p, next := range g.to {
+		to[p] = kgo.EpochOffset{Epoch: -1, Offset: next}
+	}
+	c.client.SetOffsets(map[string]map[int32]kgo.EpochOffset{c.topic: to})
 }
 
 // seekAhead moves the consumer to the stored positions the last batch

@@ -374,8 +374,10 @@ func TestFailoverAfterCommitIsNotRefused(t *testing.T) {
 			status, h.Get("X-Served-By"), h.Get("Retry-After"), got, err, want)
 	}
 
-	s.start(t, "backend-us")
+	// Kafka first: a backend started against a frozen broker takes its
+	// time to call itself healthy.
 	thawKafka()
+	s.start(t, "backend-us")
 	s.caughtUp(t, 60*time.Second)
 	eu := fmt.Sprintf("/eu/properties/%d", created.ID)
 	status, h, got, err = s.doWith("DELETE", eu, header, "")
@@ -421,8 +423,8 @@ func TestStandInIndependentOfClocks(t *testing.T) {
 	if err != nil || status != http.StatusServiceUnavailable || servedBy != "eu" {
 		t.Errorf("the second PUT retried through /us/ with us down and its clock fast: %d from %s %+v (%v); want 503 from eu", status, servedBy, got, err)
 	}
+	thawKafka() // first: see TestFailoverAfterCommitIsNotRefused
 	s.start(t, "backend-us")
-	thawKafka()
 	s.caughtUp(t, 60*time.Second)
 
 	// Healthy: US's heartbeats echo EU's clock back within a round trip

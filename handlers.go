@@ -50,7 +50,7 @@ func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.D
 	// until then a 503 sends their clients to the other region.
 	listings := func(h http.Handler) http.Handler { return knownRegion(logger, whileServing(state, h)) }
 	// The listings' own routes honour session tokens too (session.go).
-	peer := &peerWatermark{db: db, region: peerOf(region)}
+	peer := rep.peerWatermark()
 	encodeErr := func(w http.ResponseWriter, r *http.Request, err error) { encodeError(w, r, logger, err) }
 	session := func(h http.Handler) http.Handler { return listings(sessions(peer, encodeErr, h)) }
 	mux.Handle("GET /metrics", metrics)
@@ -88,6 +88,9 @@ type replication interface {
 	// rejoinStatus is whether the region serves, and if not, why and how
 	// far its rejoining has come (rejoin.go).
 	rejoinStatus() rejoinStatus
+	// peerWatermark is the watermark of the other region that session
+	// tokens wait for (session.go).
+	peerWatermark() *peerWatermark
 	// snapshot serves this region's snapshot to the other (snapshot.go),
 	// and topicName is the replication topic.
 	snapshot() http.Handler
@@ -267,6 +270,7 @@ func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 			return updateProperty(ctx, db, region, requestID, fingerprint, id, u)
 		})
 		if err != nil {
+			answerSessionDuplicate(w, r, region, err)
 			encodeError(w, r, logger, err)
 			return
 		}
@@ -317,6 +321,7 @@ func handleDeleteProperty(logger *slog.Logger, region string, db *sql.DB, notify
 			return deleteProperty(ctx, db, region, requestID, fingerprint, id, ifMatch.states())
 		})
 		if err != nil {
+			answerSessionDuplicate(w, r, region, err)
 			encodeError(w, r, logger, err)
 			return
 		}
@@ -453,6 +458,7 @@ func handleCreateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 		defer cancel()
 		p, err := createProperty(ctx, db, region, requestID, fingerprint, n)
 		if err != nil {
+			answerSessionDuplicate(w, r, region, err)
 			encodeError(w, r, logger, err)
 			return
 		}

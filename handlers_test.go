@@ -58,6 +58,9 @@ func (r idleReplication) rejoinStatus() rejoinStatus {
 	return rejoinStatus{State: stateServing}
 }
 func (r idleReplication) topicName() string { return "property-updates" }
+func (r idleReplication) peerWatermark() *peerWatermark {
+	return &peerWatermark{db: r.db, region: peerOf(r.region)}
+}
 func (r idleReplication) snapshot() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		encode(w, http.StatusServiceUnavailable, errorBody{Error: "no replication in this test"})

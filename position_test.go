@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -232,4 +233,35 @@ func eventsIn(t *testing.T, kafka *kgo.Client, topic string, partition int32) in
 		})
 	}
 	return events
+}
+
+// TestRestoredPositionsAreReadAgain takes EU's database back to a backup,
+// under its running backend, after US wrote 10 listings that EU had
+// applied; EU wrote nothing since, so it has nothing to rejoin for. Its
+// positions went back with its rows, while its consumer had read on: it
+// must read those records again, not save its own positions over the
+// restored ones. A consumer that did would leave EU without US's writes
+// for good, with a lag report of 0 (seen in the 10-minute fault campaign).
+func TestRestoredPositionsAreReadAgain(t *testing.T) {
+	s := newStack(t)
+	us, eu := stackDB(t, "us"), stackDB(t, "eu")
+	s.caughtUp(t, 30*time.Second)
+	backupDB(t, eu)
+	for i := range 10 {
+		id := int64(451 + i)
+		if status, got := s.put(t, "us", id, newRequestID("restored-positions"), Money(451_00+i)); status != http.StatusOK {
+			t.Fatalf("PUT /us/properties/%d = %d %+v", id, status, got)
+		}
+	}
+	s.caughtUp(t, 30*time.Second)
+	restoreDB(t, eu)
+	// One more, so that EU's consumer has a batch to apply whatever the
+	// heartbeats do.
+	if status, got := s.put(t, "us", 461, newRequestID("restored-positions"), 461_00); status != http.StatusOK {
+		t.Fatalf("PUT /us/properties/461 = %d %+v", status, got)
+	}
+	waitIdentical(t, us, eu, 30*time.Second)
+	if !strings.Contains(s.control(t, "logs", "backend-eu"), "reading again from its positions") {
+		t.Error("eu's log does not say its consumer read again from the restored positions")
+	}
 }

@@ -156,8 +156,10 @@ type rejoiner struct {
 	recheck chan struct{}
 	// born is when the instance started.
 	born time.Time
-	// rejoined is called when a rebuild is done: the purge's wake.
-	rejoined func()
+	// rejoined is called when a rebuild is done: the purge's wake, and
+	// restarted when the database checked is not the one checked before:
+	// what was cached of it is forgotten (the sessions' watermark).
+	rejoined, restarted func()
 }
 
 // newRejoiner returns the rejoiner of region, starting.
@@ -263,7 +265,9 @@ func (j *rejoiner) step(ctx context.Context) {
 		case reason == "":
 			// Checked, or, at this instance's start, the peer cannot tell:
 			// this database serves.
-			j.checked.Store(started)
+			if prev := j.checked.Swap(started); prev != nil && !prev.Equal(*started) && j.restarted != nil {
+				j.restarted()
+			}
 			j.status.Store(&rejoinStatus{State: stateServing})
 			return
 		}

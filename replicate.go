@@ -81,7 +81,10 @@ type replicator struct {
 	// rejoin finds a database that went back in time, and rebuilds it
 	// from the peer (rejoin.go).
 	rejoin *rejoiner
-	db     *sql.DB // the replication's pool
+	// sessions is the watermark of the peer that session tokens wait for
+	// (session.go).
+	sessions *peerWatermark
+	db       *sql.DB // the replication's pool
 }
 
 // newReplicator creates the Kafka clients for region, replicating through
@@ -123,7 +126,11 @@ func newReplicator(logger *slog.Logger, db, reportDB *sql.DB, region string, bro
 	}
 	r.rejoin = newRejoiner(logger, db, region, topic, peers, brokers, retention, r.topicEnds, r.topicStarts, r.topicOffsetsAt)
 	r.purger = newPurger(logger, db, region, retention, r.topicKeeps)
-	r.rejoin.rejoined = r.purger.wake
+	// A database that went back in time takes the sessions' watermark
+	// with it (session.go).
+	r.sessions = &peerWatermark{db: reportDB, region: peerOf(region)}
+	r.rejoin.rejoined = func() { r.purger.wake(); r.sessions.forget() }
+	r.rejoin.restarted = r.sessions.forget
 	r.consumer, err = newConsumer(logger, db, producer, region, brokers, topic, r.dlqTopic, retention)
 	if err != nil {
 		producer.Close()
@@ -155,6 +162,10 @@ func (r *replicator) published() int64 { return r.relay.published.Load() }
 
 // purgeStats is what the purge has done (retention.go).
 func (r *replicator) purgeStats() purgeStats { return r.purger.stats() }
+
+// peerWatermark is the watermark of the peer that session tokens wait
+// for (session.go).
+func (r *replicator) peerWatermark() *peerWatermark { return r.sessions }
 
 // rejoinStatus is whether the region serves (rejoin.go).
 func (r *replicator) rejoinStatus() rejoinStatus { return r.rejoin.current() }

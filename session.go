@@ -184,6 +184,16 @@ func answerSessionRow(w http.ResponseWriter, r *http.Request, region string, p P
 	answerSession(w, r, "", time.Time{})
 }
 
+// answerSessionDuplicate gives the 422 of a request applied before the
+// token of that first write: it is often the only answer a client gets
+// for its write (the first was lost with a connection, or a crash).
+func answerSessionDuplicate(w http.ResponseWriter, r *http.Request, region string, err error) {
+	var dup *duplicateRequestError
+	if errors.As(err, &dup) {
+		answerSessionRow(w, r, region, dup.original)
+	}
+}
+
 // sessions checks a request's token before h runs: a malformed one is a
 // 400, and one whose writes this region has not applied waits for them, at
 // most sessionWait, then is a 503.
@@ -230,6 +240,7 @@ type peerWatermark struct {
 	waiters int           // requests waiting; the reader stops at none
 	reading bool          // the reader runs
 	moved   chan struct{} // closed when known moves, then replaced
+	forgets int           // how often forget ran: a read begun before one is not kept
 }
 
 // sessionPoll is how often the watermark is read while requests wait for
@@ -284,6 +295,16 @@ func (p *peerWatermark) await(ctx context.Context, at int64) (time.Duration, err
 	return time.Since(start), nil
 }
 
+// forget drops the watermark last read: the database it came from went
+// back in time (restored from a backup, or rebuilt), and its watermark
+// with it.
+func (p *peerWatermark) forget() {
+	p.mu.Lock()
+	p.known.Store(0)
+	p.forgets++
+	p.mu.Unlock()
+}
+
 // read reads the watermark every sessionPoll while requests wait for it,
 // and wakes them when it moves. A read that fails is tried again at the
 // next tick: the waiters' own deadline ends their wait.
@@ -291,12 +312,15 @@ func (p *peerWatermark) read() {
 	tick := time.NewTicker(sessionPoll)
 	defer tick.Stop()
 	for {
+		p.mu.Lock()
+		forgets := p.forgets
+		p.mu.Unlock()
 		ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
 		var w sql.NullTime
 		err := p.db.QueryRowContext(ctx, peerWatermarkSQL, p.region).Scan(&w)
 		cancel()
 		p.mu.Lock()
-		if err == nil && w.Valid && w.Time.UnixMicro() > p.known.Load() {
+		if err == nil && w.Valid && w.Time.UnixMicro() > p.known.Load() && forgets == p.forgets {
 			p.known.Store(w.Time.UnixMicro())
 			close(p.moved)
 			p.moved = make(chan struct{})

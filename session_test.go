@@ -130,11 +130,18 @@ func TestSessionTokenOnEveryAnswer(t *testing.T) {
 		t.Fatalf("GET If-None-Match = %d", status)
 	}
 	covers("GET 304", hdr, "us", created.UpdatedAt)
-	status, hdr, updated := send("PUT", path, "", `{"price": 101, "version": 1}`)
+	putID := newRequestID("session-put")
+	status, hdr, updated := send("PUT", path, "", `{"price": 101, "version": 1}`, "X-Request-ID", putID)
 	if status != http.StatusOK {
 		t.Fatalf("PUT = %d %+v", status, updated)
 	}
 	covers("PUT", hdr, "us", updated.UpdatedAt)
+	// The same request again: its 422 covers the write it was.
+	status, hdr, dup := send("PUT", path, "", `{"price": 101, "version": 1}`, "X-Request-ID", putID)
+	if status != http.StatusUnprocessableEntity || dup.OriginalResponse == nil {
+		t.Fatalf("the PUT again = %d %+v", status, dup)
+	}
+	covers("the PUT's 422", hdr, "us", updated.UpdatedAt)
 	before := time.Now()
 	status, hdr, _ = send("GET", "/us/properties?limit=1", "", "")
 	if status != http.StatusOK {
