@@ -813,8 +813,12 @@ func (r report) markdown() string {
 	var b strings.Builder
 	p := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
 	p("# Fault campaign, seed %d, topology %s\n\n", r.settings.seed, r.topology)
-	p("%v of load from %d clients through NGINX, %d faults; `./stack.sh chaos %v %d` runs it again with the same faults.\n\n",
-		r.settings.duration, r.settings.clients, len(r.faults), r.settings.duration, r.settings.seed)
+	env := ""
+	if r.settings.clients != 16 {
+		env = fmt.Sprintf("CHAOS_CLIENTS=%d ", r.settings.clients)
+	}
+	p("%v of load from %d clients through NGINX, %d faults; `%s./stack.sh chaos %v %d` runs it again with the same faults.\n\n",
+		r.settings.duration, r.settings.clients, len(r.faults), env, r.settings.duration, r.settings.seed)
 
 	p("## Checker\n\n| rule | verdict | what was checked, or the first counterexample |\n|---|---|---|\n")
 	for _, res := range r.results {
