@@ -55,6 +55,9 @@ const (
 	maxSessionToken = 200
 	// sessionTokenVersion begins every token, so that its form can change.
 	sessionTokenVersion = "v1"
+	// maxTokenDigits bounds a time's digits (µs since 1970: 18 digits
+	// last until the year 33658), as openapi.yaml's pattern does.
+	maxTokenDigits = 18
 )
 
 // sessionRegions are the regions a token may name, in the order it names
@@ -106,7 +109,7 @@ func parseSessionToken(h http.Header) (sessionToken, error) {
 			return t, errSessionMalformed
 		}
 		micros, err := strconv.ParseInt(at, 10, 64)
-		if err != nil || micros <= 0 || strconv.FormatInt(micros, 10) != at || i < next {
+		if err != nil || micros <= 0 || len(at) > maxTokenDigits || strconv.FormatInt(micros, 10) != at || i < next {
 			return t, errSessionMalformed
 		}
 		t[i], next = micros, i+1

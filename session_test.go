@@ -59,6 +59,7 @@ func TestSessionTokenRefused(t *testing.T) {
 		{"leading_zero", []string{"v1;us=01764763200123456"}, errSessionMalformed},
 		{"plus_sign", []string{"v1;us=+1764763200123456"}, errSessionMalformed},
 		{"overflow", []string{"v1;us=99999999999999999999"}, errSessionMalformed},
+		{"nineteen_digits", []string{"v1;us=1000000000000000000"}, errSessionMalformed},
 		{"twice", []string{"v1;us=1;us=2"}, errSessionMalformed},
 		{"out_of_order", []string{"v1;eu=2;us=1"}, errSessionMalformed},
 		{"trailing_separator", []string{"v1;us=1;"}, errSessionMalformed},
