@@ -14,6 +14,7 @@
 #                  | partition REGION|BACKEND | heal REGION|BACKEND | skew DATABASE OFFSET | unskew DATABASE
 #                  | backup DATABASE | restore DATABASE | wipe DATABASE | rejoin REGION [--from-nothing]
 #                  | test | check | bench | soak [DURATION [RATE [NAME]]] | chaos [DURATION [SEED [NAME]]]
+#                  | cpu COMMAND...
 #
 #   test    about 3 minutes: gofmt, vet, the compose check, promtool, and the
 #           unit and integration tests with the race detector
@@ -934,6 +935,70 @@ cmd_chaos() {
 	return "$status"
 }
 
+# cmd_cpu COMMAND...: the CPU time each service of the running stack spent
+# while COMMAND ran (a benchmark, or `sleep 20` for an idle stack), read
+# from /proc: utime and stime of the service's process and of its
+# descendants, with the children it has reaped (cutime, cstime), so that
+# PostgreSQL's connection processes that came and went count too. It
+# prints, per service and for the stack, the CPU seconds and the share of
+# one core over the command's wall time, and with CPU_OPS=N the
+# microseconds per operation: `CPU_OPS=30000 ./stack.sh cpu go test
+# -tags=integration -run '^$' -bench PutProperty -benchtime=30000x .`
+cmd_cpu() {
+	[ $# -gt 0 ] || { echo "usage: stack.sh cpu COMMAND..." >&2; return 2; }
+	local before after start end status=0
+	before=$(cpu_ticks)
+	start=$(date +%s.%N)
+	"$@" || status=$?
+	end=$(date +%s.%N)
+	after=$(cpu_ticks)
+	awk -v hz="$(getconf CLK_TCK)" -v start="$start" -v end="$end" -v ops="${CPU_OPS:-0}" '
+		BEGIN { wall = end - start }
+		NR == FNR { before[$1] = $2; next }
+		{ order[++n] = $1; spent[$1] = ($2 - before[$1]) / hz; total += spent[$1] }
+		END {
+			printf "%-12s %10s %12s", "SERVICE", "CPU s", "% of a core"
+			if (ops > 0) printf " %14s", "µs per op"
+			printf "   (%.1f s of wall time%s)\n", wall, (ops > 0 ? ", " ops " ops" : "")
+			order[++n] = "stack"; spent["stack"] = total
+			for (i = 1; i <= n; i++) {
+				s = order[i]
+				printf "%-12s %10.2f %11.1f%%", s, spent[s], 100 * spent[s] / wall
+				if (ops > 0) printf " %14.0f", 1e6 * spent[s] / ops
+				printf "\n"
+			}
+		}' <(echo "$before") <(echo "$after")
+	return "$status"
+}
+
+# cpu_ticks prints, for each running service, "SERVICE TICKS": the CPU
+# clock ticks its process tree has spent so far (cmd_cpu).
+cpu_ticks() {
+	local table svc root
+	table=$(ps -e -o pid=,ppid=)
+	for svc in "${services[@]}"; do
+		running "$svc" || continue
+		case "$svc" in
+		db-*) root=$(head -n 1 "$state/pg/$svc/postmaster.pid") ;;
+		*) root=$(cat "$(pidfile "$svc")") ;;
+		esac
+		# The tree under root, from the parent links.
+		local tree
+		tree=$(awk -v root="$root" '{ parent[$1] = $2; pids[NR] = $1 }
+			END { keep[root] = 1; for (changed = 1; changed; ) { changed = 0
+				for (i in pids) { p = pids[i]; if (!(p in keep) && (parent[p] in keep)) { keep[p] = 1; changed = 1 } } }
+				for (p in keep) print p }' <<<"$table")
+		local ticks=0 pid fields
+		for pid in $tree; do
+			# Fields 14 to 17 of /proc/PID/stat, counted after the command
+			# name, which may hold spaces: utime stime cutime cstime.
+			fields=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null) || continue
+			ticks=$((ticks + $(awk '{ print $12 + $13 + $14 + $15 }' <<<"$fields")))
+		done
+		echo "$svc $ticks"
+	done
+}
+
 # long_test TAG TEST: bring the stack up and run one long test, behind its
 # own build tag, verbosely; the log goes to .stack/logs/TAG.log too.
 long_test() {
@@ -960,6 +1025,7 @@ main() {
 	check) cmd_check ;;
 	soak) cmd_soak "$@" ;;
 	chaos) cmd_chaos "$@" ;;
+	cpu) cmd_cpu "$@" ;;
 	pause) signal_service "${1:?usage: stack.sh pause SERVICE}" STOP ;;
 	unpause) signal_service "${1:?usage: stack.sh unpause SERVICE}" CONT ;;
 	partition) cmd_partition "$@" ;;
