@@ -482,20 +482,46 @@ func ruleNoneLost(history []op, final map[int64]Property, f chaosFinal, writes f
 			sends[o.RequestID]++
 		}
 	}
+	// The tags the history saw acknowledged, with the requests that made
+	// them: a request written in both regions keeps the record of only one
+	// of its writes, and the other is known from its answer alone.
+	answered := map[int64]map[string][]string{}
+	for _, o := range history {
+		if o.Outcome != opOK || o.Row == nil || o.Kind == "GET" {
+			continue
+		}
+		if answered[o.Row.ID] == nil {
+			answered[o.Row.ID] = map[string][]string{}
+		}
+		tag := tagValue(o.Row.Version, o.Row.RegionOrigin)
+		if !slices.Contains(answered[o.Row.ID][tag], o.RequestID) {
+			answered[o.Row.ID][tag] = append(answered[o.Row.ID][tag], o.RequestID)
+		}
+	}
 	// The requests on the chain the final row was built on, itself first. A
 	// request written in both regions (a replay) keeps one record, the
 	// greater write's; a write built on the other one finds no record of
-	// its parent's tag, and the chain goes on from the record of the same
-	// version, if that is such a request's.
+	// its parent's tag. The chain then goes on from the record of the same
+	// version, if that is such a request's; or, when the replay landed at
+	// another version (the other region had moved on), from the one answer
+	// that showed the tag, if its request is such a request, and then from
+	// the one record of the version below, the only write it can have been
+	// built on. Where either is ambiguous the chain stops: the checker may
+	// then fail a write that was kept, never pass one that was lost.
 	chain := func(id int64, version int64, tag string, requests map[string]bool) map[string]bool {
 		for n := 0; tag != "" && n < 100_000; n++ {
 			m, ok := byTag[id][tag]
 			if !ok {
 				twins := byVersion[id][version]
-				if len(twins) != 1 || sends[twins[0].requestID] < 2 {
+				if len(twins) == 1 && sends[twins[0].requestID] >= 2 {
+					m = twins[0]
+				} else if by := answered[id][tag]; len(by) == 1 && sends[by[0]] >= 2 && len(byVersion[id][version-1]) == 1 {
+					requests[by[0]] = true
+					m = byVersion[id][version-1][0]
+					version--
+				} else {
 					break
 				}
-				m = twins[0]
 			}
 			requests[m.requestID] = true
 			tag = m.parent
@@ -1084,6 +1110,38 @@ func TestCheckerCatches(t *testing.T) {
 	h = append(h, op{Kind: "PUT", Prefix: "us", ID: 601, RequestID: "r1", Price: 100_000_003, Resend: true, Start: at(9), End: at(9), Status: 200, Outcome: opOK, Row: &sibling})
 	if failed := verdicts(h, f, s); len(failed) > 0 {
 		t.Fatalf("a request id written once in each region failed rules %v", failed)
+	}
+	// A request written in both regions at different versions: US wrote
+	// p as 3-us and its answer was lost; the client sent p again to EU,
+	// which had moved on to q's 3-eu and wrote p as 4-eu. The request keeps
+	// the record of the greater write (4-eu), US's w was built on 3-us, and
+	// q lost to it, recorded. No record names 3-us, yet the final row is
+	// built on it: the chain finds it by p's answer.
+	replayed := func(retried bool) []int {
+		h, f, s := clean()
+		pUS, pEU, q, w := row(3, "us", 13, 100_000_004), row(4, "eu", 14, 100_000_005), row(3, "eu", 13, 100_000_006), row(4, "us", 15, 100_000_007)
+		h = append(h,
+			op{Kind: "PUT", Prefix: "us", ID: 601, RequestID: "p", Price: 100_000_004, Start: at(13), End: at(13), Status: 200, Outcome: opOK, Row: &pUS},
+			op{Kind: "PUT", Prefix: "eu", ID: 601, RequestID: "q", Price: 100_000_006, Start: at(13), End: at(13), Status: 200, Outcome: opOK, Row: &q},
+			op{Kind: "PUT", Prefix: "us", ID: 601, RequestID: "w", Price: 100_000_007, Start: at(15), End: at(15), Status: 200, Outcome: opOK, Row: &w})
+		if retried {
+			h = append(h, op{Kind: "PUT", Prefix: "eu", ID: 601, RequestID: "p", Price: 100_000_004, Start: at(14), End: at(14), Status: 200, Outcome: opOK, Row: &pEU})
+		}
+		f.us, f.eu = []Property{w}, []Property{w}
+		for _, region := range []string{"us", "eu"} {
+			f.requests[region] = append(f.requests[region],
+				requestRecord{RequestID: "q", PropertyID: 601, Price: "1000000.06", RegionOrigin: "eu", Version: 3, UpdatedAt: at(13), Parent: "2-eu"},
+				requestRecord{RequestID: "p", PropertyID: 601, Price: "1000000.04", RegionOrigin: "eu", Version: 4, UpdatedAt: at(14), Parent: "3-eu"},
+				requestRecord{RequestID: "w", PropertyID: 601, Price: "1000000.07", RegionOrigin: "us", Version: 4, UpdatedAt: at(15), Parent: "3-us"})
+		}
+		f.lost = map[string]bool{"q": true}
+		return verdicts(h, f, s)
+	}
+	if failed := replayed(true); slices.Contains(failed, 2) {
+		t.Fatalf("a request written in both regions at different versions, the final row built on one: failed rules %v", failed)
+	}
+	if failed := replayed(false); !slices.Contains(failed, 2) {
+		t.Fatalf("a write at a tag no record names, its request sent once: failed rules %v, want 2", failed)
 	}
 	// A DELETE sent to /eu/ that EU did not answer in time, which NGINX
 	// handed to US: US's tombstone is acknowledged, EU's first attempt
