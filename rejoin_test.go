@@ -17,6 +17,7 @@ package main
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -28,6 +29,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // The tables and sequences a region's database holds (init.sql).
@@ -83,22 +85,37 @@ func emptyDB(t *testing.T, db *sql.DB) {
 	execAll(t, db, stmts)
 }
 
-// execAll runs stmts in one transaction.
+// execAll runs stmts in one transaction. Its TRUNCATE takes each table's
+// lock in turn under a running backend, whose relay and consumer take some
+// of the same locks in another order, and PostgreSQL may then end the
+// transaction as a deadlock's victim: it is run again, as a whole.
 func execAll(t *testing.T, db *sql.DB, stmts []string) {
 	t.Helper()
+	for attempt := 1; ; attempt++ {
+		err := execAllOnce(db, stmts)
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "40P01" && attempt < 5 {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+}
+
+func execAllOnce(db *sql.DB, stmts []string) error {
 	tx, err := db.Begin()
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	defer tx.Rollback()
 	for _, stmt := range stmts {
 		if _, err := tx.Exec(stmt); err != nil {
-			t.Fatalf("%.80s: %v", stmt, err)
+			return fmt.Errorf("%.80s: %w", stmt, err)
 		}
 	}
-	if err := tx.Commit(); err != nil {
-		t.Fatal(err)
-	}
+	return tx.Commit()
 }
 
 // heldRequest is a request record as both regions must hold it.
