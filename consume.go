@@ -78,6 +78,9 @@ type consumer struct {
 	// dbStarted is when the database the last batch was applied to had
 	// started (checkPositions). Only the consumer's goroutine uses it.
 	dbStarted time.Time
+	// answer has this region's relay send a heartbeat at once, when a peer
+	// heartbeat asked for one (relay.go).
+	answer func()
 
 	stats replicationStats
 }
@@ -353,6 +356,9 @@ type batch struct {
 	// partition, and ownPublished of this region's own (recordSeq).
 	published    map[int32]int64
 	ownPublished int64
+	// asked is whether a peer heartbeat asked for one of this region's
+	// (heartbeat.Ask).
+	asked bool
 }
 
 // decodeRecords decodes one poll's records into a batch. Its own region's
@@ -394,6 +400,7 @@ func (c *consumer) decodeRecords(records []*kgo.Record) batch {
 			}
 			b.watermarks[rec.Partition] = mk
 			b.partitions = max(b.partitions, m.heartbeat.Partitions)
+			b.asked = b.asked || m.heartbeat.Ask
 		case m.event != nil:
 			b.events = append(b.events, *m.event)
 			b.sources = append(b.sources, rec)
@@ -444,6 +451,11 @@ func (c *consumer) handle(ctx context.Context, records []*kgo.Record, partitions
 	}
 	c.stats.deadLettered.Add(int64(len(b.dead)))
 	c.seekAhead()
+	if b.asked && c.answer != nil {
+		// Once applied, so that the answer's echo (heartbeat.Seen) is the
+		// asking heartbeat's watermark.
+		c.answer()
+	}
 	// Counted and logged only once committed, so a retried batch counts once.
 	for i, e := range b.events {
 		c.count(e, outcomes[i])

@@ -57,8 +57,8 @@ func addRoutes(mux *http.ServeMux, logger *slog.Logger, region string, db *sql.D
 	mux.Handle("GET /health", handleHealth(region, db, stopped, state))
 	mux.Handle("GET /{region}/health", knownRegion(logger, handleHealth(region, db, stopped, state)))
 	mux.Handle("GET /{region}/properties/{id}", session(handleGetProperty(logger, region, db)))
-	mux.Handle("PUT /{region}/properties/{id}", session(handleUpdateProperty(logger, region, db, notify)))
-	mux.Handle("DELETE /{region}/properties/{id}", session(handleDeleteProperty(logger, region, db, notify)))
+	mux.Handle("PUT /{region}/properties/{id}", session(handleUpdateProperty(logger, region, db, notify, peer.ask)))
+	mux.Handle("DELETE /{region}/properties/{id}", session(handleDeleteProperty(logger, region, db, notify, peer.ask)))
 	mux.Handle("POST /{region}/properties", session(handleCreateProperty(logger, region, db, notify)))
 	mux.Handle("GET /{region}/properties", session(handleListProperties(logger, region, db)))
 	mux.Handle("GET /{region}/replication-lag", knownRegion(logger, handleReplicationLag(logger, lag, state)))
@@ -243,7 +243,7 @@ func (req updateRequest) validate() (propertyUpdate, error) {
 // check order.
 // After a commit it wakes the outbox relay, so that the change is on its way
 // to the other region within milliseconds.
-func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify func()) http.Handler {
+func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify, askPeer func()) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id, requestID, ifMatch, hasIfMatch, err := parseWriteHeaders(r)
 		if err != nil {
@@ -266,7 +266,7 @@ func handleUpdateProperty(logger *slog.Logger, region string, db *sql.DB, notify
 		fingerprint := requestFingerprint(r.Method, "/properties/"+strconv.FormatInt(id, 10), req)
 		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
 		defer cancel()
-		p, err := standIn(ctx, db, region, r, func() (Property, error) {
+		p, err := standIn(ctx, db, region, r, askPeer, func() (Property, error) {
 			return updateProperty(ctx, db, region, requestID, fingerprint, id, u)
 		})
 		if err != nil {
@@ -301,7 +301,7 @@ var errIfMatchRequired = errors.New("If-Match required")
 // handleDeleteProperty deletes a listing, idempotently by X-Request-ID, if
 // If-Match names its current state, and answers with the tombstone (see
 // deleteProperty). A delete takes no body.
-func handleDeleteProperty(logger *slog.Logger, region string, db *sql.DB, notify func()) http.Handler {
+func handleDeleteProperty(logger *slog.Logger, region string, db *sql.DB, notify, askPeer func()) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id, requestID, ifMatch, hasIfMatch, err := parseWriteHeaders(r)
 		if err == nil {
@@ -317,7 +317,7 @@ func handleDeleteProperty(logger *slog.Logger, region string, db *sql.DB, notify
 		fingerprint := requestFingerprint(r.Method, "/properties/"+strconv.FormatInt(id, 10), nil)
 		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
 		defer cancel()
-		p, err := standIn(ctx, db, region, r, func() (Property, error) {
+		p, err := standIn(ctx, db, region, r, askPeer, func() (Property, error) {
 			return deleteProperty(ctx, db, region, requestID, fingerprint, id, ifMatch.states())
 		})
 		if err != nil {

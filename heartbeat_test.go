@@ -82,8 +82,9 @@ func TestFullRelayRoundSendsHeartbeat(t *testing.T) {
 		// Each attempt as the first: a failed round makes the next one go
 		// without heartbeats, and this test is about a full round's.
 		rep.relay.heartbeatFailed = false
-		full, err = rep.relay.publishRound(ctx)
-		return err == nil
+		var locked bool
+		full, locked, err = rep.relay.publishRound(ctx)
+		return err == nil && locked
 	})
 	if !full {
 		t.Fatalf("publishRound over %d events was not full", queued)

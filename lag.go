@@ -6,10 +6,10 @@ package main
 // "Time since the last message" would be wrong twice over: it grows on an
 // idle, healthy link, and it stays small while old messages trickle in. What
 // matters is the oldest peer write that has not arrived yet. The peer's relay
-// tells us, with heartbeats: every quarter second it publishes to every
-// partition "every write of mine that carries a time before W is in Kafka,
-// ahead of this record". When our consumer has applied a heartbeat, every
-// peer write before W has been applied here too. So:
+// tells us, with heartbeats: it publishes to every partition "every write of
+// mine that carries a time before W is in Kafka, ahead of this record". When
+// our consumer has applied a heartbeat, every peer write before W has been
+// applied here too. So:
 //
 //	lag = now − W, where W is the smallest watermark over the partitions
 //
@@ -20,11 +20,17 @@ package main
 // progress, or, when the relay is behind, the time of the oldest event it
 // has not published yet (relay.go, lockRelayWatermarkSQL).
 //
-// An idle, healthy link reports at most about the heartbeat interval (0.25 s).
-// When the peer's writes cannot arrive (Kafka down, the peer's relay or
-// database stopped, our consumer stopped), no heartbeat is applied and the lag
-// grows in real time. When they can again, the backlog is applied, the next
-// heartbeat lands, and the lag drops back to about 0.
+// The peer sends heartbeats four times a second while it writes, and every
+// few seconds while it does not (relay.go). A report that would read more
+// than a quarter of a second asks for a fresh one first: our relay sends a
+// heartbeat that asks (heartbeat.Ask), the peer's relay answers at once, and
+// the report waits for the answer, a round trip through Kafka (awaitPeer).
+// So an idle, healthy link reports about 0 whenever it is read, for the cost
+// of a heartbeat each way per reading. When the peer's writes cannot arrive
+// (Kafka down, the peer's relay or database stopped, our consumer stopped),
+// no answer comes, no heartbeat is applied and the lag grows in real time.
+// When they can again, the backlog is applied, the next heartbeat lands, and
+// the lag drops back to about 0.
 //
 // W is a time of the peer's clock and now one of ours, and the two clocks
 // may disagree (by up to a second, maxClockSkew): a peer clock ahead would
@@ -51,6 +57,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -192,11 +199,17 @@ FROM replication_watermarks WHERE peer_region = $1`
 // /metrics asks for it too.
 const reportInterval = 100 * time.Millisecond
 
+// askWait is how long a lag report waits for the peer to answer its ask
+// (awaitPeer). A healthy link answers in a few tens of milliseconds.
+const askWait = 300 * time.Millisecond
+
 // sharedReport reads the lag report at most once per reportInterval, on the
 // pool of requests (never the replication pool, which it would compete
 // with), one read shared by every caller that asks while it is in flight.
 type sharedReport struct {
-	read func(context.Context) (LagReport, error)
+	// read reads the report; lag is what the last report read said, plus
+	// its age (an upper bound of the lag now).
+	read func(ctx context.Context, lag time.Duration) (LagReport, error)
 
 	mu       sync.Mutex
 	report   LagReport
@@ -243,9 +256,13 @@ func (s *sharedReport) get(ctx context.Context) (LagReport, error) {
 func (s *sharedReport) readNow(ctx context.Context) (LagReport, error) {
 	done := make(chan struct{})
 	s.inflight = done
+	lag := time.Duration(math.MaxInt64)
+	if !s.at.IsZero() && s.err == nil {
+		lag = time.Duration(s.report.LagSeconds*float64(time.Second)) + time.Since(s.at)
+	}
 	s.mu.Unlock()
 	readCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), dbTimeout)
-	rep, err := s.read(readCtx)
+	rep, err := s.read(readCtx, lag)
 	cancel()
 	s.mu.Lock()
 	s.report, s.err, s.at, s.inflight = rep, err, time.Now(), nil
@@ -254,9 +271,9 @@ func (s *sharedReport) readNow(ctx context.Context) (LagReport, error) {
 	return rep, err
 }
 
-// awaitPeer waits, for at most wait, until every write of peer whose
-// transaction began before now is applied here, and answers errCannotTell
-// if that does not happen.
+// awaitPeer asks the peer for a heartbeat (ask) and waits, for at most
+// wait, until every write of peer whose transaction began before now is
+// applied here, and answers errCannotTell if that does not happen.
 //
 // "Before now" is judged without comparing two clocks. Now is this
 // database's clock. This region's relay stamps its heartbeats with
@@ -265,18 +282,20 @@ func (s *sharedReport) readNow(ctx context.Context) (LagReport, error) {
 // (heartbeat.Seen), read in the same statement as its own watermark. So a
 // peer heartbeat that echoes a watermark at or past now was sent after now,
 // and it vouches for every write the peer began before it was sent (lag.go,
-// above). It takes a round trip through Kafka: on a healthy link about two
-// heartbeat intervals. Whatever the peer's clock says, a skewed one can
-// only make the lag read wrong, never this answer.
-func awaitPeer(ctx context.Context, db *sql.DB, peer string, wait time.Duration) error {
+// above). It takes a round trip through Kafka: our heartbeat, asked for
+// after now was read, reaches the peer, and the peer's answer comes back.
+// Our heartbeat's watermark may still be before now, if a write here was
+// in progress then: the ask is repeated every askAgain while waiting.
+// Whatever the peer's clock says, a skewed one can only make the lag read
+// wrong, never this answer.
+func awaitPeer(ctx context.Context, db *sql.DB, peer string, wait time.Duration, ask func()) error {
 	deadline := time.Now().Add(wait)
 	var now time.Time
 	if err := db.QueryRowContext(ctx, `SELECT clock_timestamp()`).Scan(&now); err != nil {
 		return fmt.Errorf("peer watermark: %w", err)
 	}
-	// The answer comes with a heartbeat, four a second: ask often at first,
-	// then once per heartbeat (a refusal costs a handful of reads, not 20).
-	pause := heartbeatInterval / 5
+	ask()
+	asked := time.Now()
 	for {
 		var caughtUp bool
 		if err := db.QueryRowContext(ctx, peerCaughtUpSQL, peer, now).Scan(&caughtUp); err != nil {
@@ -288,14 +307,24 @@ func awaitPeer(ctx context.Context, db *sql.DB, peer string, wait time.Duration)
 		if time.Now().After(deadline) {
 			return errCannotTell
 		}
+		if time.Since(asked) >= askAgain {
+			ask()
+			asked = time.Now()
+		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(min(pause, time.Until(deadline)+time.Millisecond)):
+		case <-time.After(min(askPoll, time.Until(deadline)+time.Millisecond)):
 		}
-		pause = min(2*pause, heartbeatInterval)
 	}
 }
+
+// askPoll is how often a waiter reads whether the peer answered, and
+// askAgain how often it asks again while no answer satisfies it.
+const (
+	askPoll  = 10 * time.Millisecond
+	askAgain = 100 * time.Millisecond
+)
 
 // readLag builds region's report from its database and its consumer's
 // counters. since is when the region started waiting for its peer: without

@@ -121,7 +121,11 @@ func TestFutureWatermarkIsClamped(t *testing.T) {
 // that it never reads lower than the read it came from.
 func TestLagReportIsSharedByConcurrentReaders(t *testing.T) {
 	var reads atomic.Int64
-	s := &sharedReport{read: func(context.Context) (LagReport, error) {
+	s := &sharedReport{read: func(_ context.Context, last time.Duration) (LagReport, error) {
+		// What the last read said, aged: the first read has none.
+		if last < time.Second {
+			t.Errorf("a read was told the last report said %v, want at least its 1 s", last)
+		}
 		reads.Add(1)
 		time.Sleep(20 * time.Millisecond)
 		return LagReport{LagSeconds: 1}, nil

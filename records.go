@@ -43,10 +43,11 @@ type event struct {
 	seq int64
 }
 
-// heartbeat is the record a region's relay publishes to every partition every
-// heartbeatInterval: "every write of mine that carries a time before
-// Watermark is in Kafka, ahead of this record". The peer's lag is measured
-// against it (lag.go).
+// heartbeat is the record a region's relay publishes to every partition,
+// every heartbeatInterval while it writes, less often while it does not,
+// and when asked (relay.go): "every write of mine that carries a time
+// before Watermark is in Kafka, ahead of this record". The peer's lag is
+// measured against it (lag.go).
 type heartbeat struct {
 	Region string `json:"region"`
 
@@ -68,6 +69,10 @@ type heartbeat struct {
 	// one, whatever the clocks say: the other region uses it to measure its
 	// lag without trusting the two clocks to agree (lag.go).
 	Sent *time.Time `json:"sent,omitempty"`
+	// Ask asks the other region for a heartbeat of its own at once: a
+	// reader here waits for one that echoes this heartbeat's watermark
+	// (relay.go). An answer never asks.
+	Ask bool `json:"ask,omitempty"`
 }
 
 // Kafka record headers. Every record on the topic says what it is and which

@@ -141,6 +141,8 @@ type rejoiner struct {
 	// offsetsAt reads, for each partition, the offset of the first record
 	// produced at or after a time, or the end.
 	offsetsAt func(context.Context, time.Time) (map[int32]int64, error)
+	// before is the last answer of endsBefore that can no longer change.
+	before atomic.Pointer[offsetsBefore]
 
 	status atomic.Pointer[rejoinStatus]
 	// rejoins counts the rebuilds this instance finished.
@@ -416,10 +418,31 @@ func (j *rejoiner) readTopicOurselves(ctx context.Context, started time.Time) bo
 // record produced after started, or its end: every record below it was
 // produced before. Records carry their producer's clock and started is
 // the database's: maxClockSkew is allowed between them.
+//
+// Asked once maxClockSkew has passed since then, the answer for one start
+// can no longer change: every record produced since carries a later time,
+// so it lands above. It is kept (the caller does not change it), and a
+// database that has run for a while costs the broker nothing per check,
+// where two metadata and two offset requests a second were a fifth of the
+// broker's idle work (docs/benchmarks.md).
 func (j *rejoiner) endsBefore(ctx context.Context, started time.Time) (map[int32]int64, error) {
+	if kept := j.before.Load(); kept != nil && kept.started.Equal(started) {
+		return kept.offsets, nil
+	}
+	asked := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, peerCheckTimeout)
 	defer cancel()
-	return j.offsetsAt(ctx, started.Add(maxClockSkew))
+	offsets, err := j.offsetsAt(ctx, started.Add(maxClockSkew))
+	if err == nil && asked.After(started.Add(2*maxClockSkew)) {
+		j.before.Store(&offsetsBefore{started: started, offsets: offsets})
+	}
+	return offsets, err
+}
+
+// offsetsBefore is an answer of endsBefore, for one start of the database.
+type offsetsBefore struct {
+	started time.Time
+	offsets map[int32]int64
 }
 
 // errPeerBehind is a peer that has not yet read every record of the topic

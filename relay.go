@@ -7,9 +7,15 @@ package main
 // published again: delivery is at least once, and the consumers make a
 // duplicate harmless.
 //
-// Every heartbeatInterval, a round also publishes a heartbeat to every
-// partition after its events, which is what the other region measures its
-// replication lag against (lag.go).
+// A round also publishes a heartbeat to every partition after its events,
+// which is what the other region measures its replication lag against
+// (lag.go): every heartbeatInterval while the region writes, every
+// idleHeartbeatInterval while it does not, and at once when asked. A reader
+// that needs a fresh one (the lag report, a session, a stand-in) asks its
+// own relay for a heartbeat that says so (heartbeat.Ask), and the peer's
+// consumer has the peer's relay answer it with one of its own. So an idle
+// link costs the broker a heartbeat every few seconds, not four a second,
+// and still reads about 0 whenever somebody looks.
 
 import (
 	"context"
@@ -27,10 +33,13 @@ import (
 const (
 	// relayBatchSize bounds one publish round.
 	relayBatchSize = 500
-	// relayPollInterval is how often the relay looks at the outbox when no
-	// local write woke it, to pick up writes by other instances of the
-	// region.
-	relayPollInterval = 100 * time.Millisecond
+	// relayPollInterval is how often the relay looks at the outbox when
+	// nothing woke it. Every write wakes its own instance's relay, and a
+	// round that finds another instance publishing tries again after
+	// relayMinGap; the poll is for rows nobody woke a relay for, such as
+	// those a crashed instance left behind. Each look is a transaction in
+	// the database, so it is not frequent (docs/benchmarks.md).
+	relayPollInterval = time.Second
 	// relayMinGap is the least time between the starts of two rounds. An
 	// idle relay publishes a write the moment it is woken; a busy one, woken
 	// by every write, gathers the writes of the last 25 ms into one round
@@ -49,12 +58,20 @@ const (
 	// several instances one cut off from Kafka holds up the others for at
 	// most this long (measured: TestOneInstanceCutOffLeavesTheRelay).
 	relayProduceTimeout = 500 * time.Millisecond
-	// heartbeatInterval is the time between two heartbeats. It bounds what
-	// an idle, healthy link reports as lag. It is not shorter because every
-	// heartbeat costs the broker a produce request and both regions a fetch,
-	// which on a small machine is a visible share of a core
-	// (docs/benchmarks.md).
+	// heartbeatInterval is the time between two heartbeats while the region
+	// writes (a round published events within relayBusyFor): they ride in
+	// the rounds' produce requests, beside the events. It bounds the lag
+	// the peer reads without asking for a heartbeat.
 	heartbeatInterval = 250 * time.Millisecond
+	// idleHeartbeatInterval is the time between two heartbeats while the
+	// region does not write. Every heartbeat costs the broker a produce
+	// request and both regions a fetch and a transaction; an idle stack
+	// sending four a second kept a tenth of a core busy here
+	// (docs/benchmarks.md). Nothing waits for these: a reader asks.
+	idleHeartbeatInterval = 5 * time.Second
+	// relayBusyFor is how long after its last published event the relay
+	// counts its region as writing.
+	relayBusyFor = time.Second
 	// relayLockKey names the PostgreSQL advisory lock that makes one relay
 	// per region database the publisher (see publishRound).
 	relayLockKey = 0x70726f7065727479 // "property"
@@ -79,6 +96,11 @@ type relay struct {
 	// fail can slow the events down, never stop them.
 	lastHeartbeat   time.Time
 	heartbeatFailed bool
+	// lastEvents is when a round last published events.
+	lastEvents time.Time
+	// askDue and answerDue are a heartbeat wanted at once: one that asks
+	// the peer for one (ask), or one the peer asked for (answer).
+	askDue, answerDue atomic.Bool
 	// partitions is the topic's partition count as the relay last read it,
 	// at most metadataMaxAge ago (countedAt). The relay places every record
 	// itself (byKey for an event, each partition in turn for heartbeats),
@@ -116,9 +138,24 @@ func (r *relay) notify() {
 	}
 }
 
+// ask has the relay send a heartbeat at once that asks the peer for one
+// of its own (heartbeat.Ask): a reader here waits for the peer's answer,
+// which echoes this heartbeat's watermark (lag.go, awaitPeer).
+func (r *relay) ask() {
+	r.askDue.Store(true)
+	r.notify()
+}
+
+// answer has the relay send a heartbeat at once, because the peer asked
+// for one (consume.go).
+func (r *relay) answer() {
+	r.answerDue.Store(true)
+	r.notify()
+}
+
 // run publishes the outbox to a topic of the given partition count until ctx
-// is cancelled. It runs a round when a local write wakes it, and at least
-// every relayPollInterval.
+// is cancelled. It runs a round when a local write wakes it, when a
+// heartbeat is asked for or due, and at least every relayPollInterval.
 func (r *relay) run(ctx context.Context, partitions int32) {
 	r.partitions, r.countedAt = partitions, time.Now()
 	failures := 0
@@ -141,7 +178,7 @@ func (r *relay) run(ctx context.Context, partitions int32) {
 			continue
 		}
 		lastRound = time.Now()
-		full, err := r.publishRound(ctx)
+		full, locked, err := r.publishRound(ctx)
 		switch {
 		case err != nil:
 			r.failedRounds.Add(1)
@@ -164,11 +201,17 @@ func (r *relay) run(ctx context.Context, partitions int32) {
 			lastRound = time.Time{}
 			continue
 		}
+		if !locked {
+			// Another instance of the region is publishing, and its round
+			// may have read the outbox before what woke this one: go
+			// again after the gap.
+			continue
+		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-r.wake:
-		case <-time.After(relayPollInterval):
+		case <-time.After(min(relayPollInterval, time.Until(r.nextHeartbeat()))):
 		}
 	}
 }
@@ -244,76 +287,101 @@ const oldestLeftSQL = `SELECT min(created_at) FROM outbox`
 // deleteOutboxSQL forgets the rows Kafka has acknowledged.
 const deleteOutboxSQL = `DELETE FROM outbox WHERE seq = ANY($1)`
 
-// publishRound runs one relay round and reports whether the batch was full.
+// nextHeartbeat is when a heartbeat is next due, unasked.
+func (r *relay) nextHeartbeat() time.Time {
+	if time.Since(r.lastEvents) < relayBusyFor {
+		return r.lastHeartbeat.Add(heartbeatInterval)
+	}
+	return r.lastHeartbeat.Add(idleHeartbeatInterval)
+}
+
+// publishRound runs one relay round and reports whether the batch was full,
+// and whether this instance held the relay's lock for it.
 //
 // Several instances of a region may run a relay; the transaction-scoped
 // advisory lock makes exactly one of them publish at a time, so events are
 // published once and in order. If the instance dies, its transaction ends,
 // the lock is released and another instance's next round takes over.
 //
-// At most every heartbeatInterval, the round also publishes a heartbeat to
-// every partition, after its events: every write that carries an earlier
-// time than the heartbeat's watermark is in Kafka ahead of it (see
-// lockRelayWatermarkSQL). A full round sends one too, with a watermark no
-// later than the oldest event it leaves behind, so that the other region's
-// lag stays true under a load that keeps every round full.
-func (r *relay) publishRound(ctx context.Context) (full bool, err error) {
+// When one is due or asked for (nextHeartbeat, ask, answer), the round also
+// publishes a heartbeat to every partition, after its events: every write
+// that carries an earlier time than the heartbeat's watermark is in Kafka
+// ahead of it (see lockRelayWatermarkSQL). A full round sends one too, with
+// a watermark no later than the oldest event it leaves behind, so that the
+// other region's lag stays true under a load that keeps every round full.
+// A heartbeat asked for and not sent (the round failed, or another instance
+// held the lock) stays asked for.
+func (r *relay) publishRound(ctx context.Context) (full, locked bool, err error) {
 	// The round finishes even if ctx is cancelled meanwhile: a publish must
 	// not be abandoned between Kafka's acknowledgement and the delete.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), relayRoundTimeout)
 	defer cancel()
 	tx, err := r.db.BeginTx(ctx, nil)
 	if err != nil {
-		return false, fmt.Errorf("relay: %w", err)
+		return false, false, fmt.Errorf("relay: %w", err)
 	}
 	defer tx.Rollback()
-	heartbeatDue := time.Since(r.lastHeartbeat) >= heartbeatInterval && !r.heartbeatFailed
+	asked, answering := r.askDue.Swap(false), r.answerDue.Swap(false)
+	heartbeatDue := (asked || answering || !time.Now().Before(r.nextHeartbeat())) && !r.heartbeatFailed
 	r.heartbeatFailed = false
 	defer func() {
 		if err != nil && heartbeatDue {
 			r.heartbeatFailed = true
 		}
+		if err != nil || !locked || !heartbeatDue {
+			// Not sent: still asked for.
+			if asked {
+				r.askDue.Store(true)
+			}
+			if answering {
+				r.answerDue.Store(true)
+			}
+		}
 	}()
 	locked, watermark, seen, sent, err := r.lock(ctx, tx, heartbeatDue)
 	if err != nil || !locked {
-		return false, err // !locked: another instance is the relay
+		return false, false, err // !locked: another instance is the relay
 	}
 	seqs, records, err := r.readOutbox(ctx, tx)
 	if err != nil {
-		return false, fmt.Errorf("relay: read outbox: %w", err)
+		return false, true, fmt.Errorf("relay: read outbox: %w", err)
 	}
 	full = len(seqs) == relayBatchSize
 	if heartbeatDue {
-		hb, err := r.heartbeats(ctx, tx, heartbeat{Region: r.region, Watermark: watermark, Seen: seen, Sent: sent}, full)
+		hb := heartbeat{Region: r.region, Watermark: watermark, Seen: seen, Sent: sent, Ask: asked}
+		hbs, err := r.heartbeats(ctx, tx, hb, full)
 		if err != nil {
-			return false, fmt.Errorf("relay: %w", err)
+			return false, true, fmt.Errorf("relay: %w", err)
 		}
-		records = append(records, hb...)
+		records = append(records, hbs...)
 	}
 	if len(records) == 0 {
-		return false, nil
+		return false, true, nil
 	}
 	// ProduceSync returns when Kafka acknowledged every record (or failed).
 	// One partition's records are acknowledged in order, so a heartbeat is
 	// never ahead of the events it vouches for.
 	if err := r.produce(ctx, tx, records); err != nil {
-		return false, fmt.Errorf("relay: produce: %w", err)
+		return false, true, fmt.Errorf("relay: produce: %w", err)
 	}
 	if len(seqs) > 0 {
 		if _, err := tx.ExecContext(ctx, deleteOutboxSQL, seqs); err != nil {
-			return false, fmt.Errorf("relay: delete published rows: %w", err)
+			return false, true, fmt.Errorf("relay: delete published rows: %w", err)
 		}
 	}
 	if err := tx.Commit(); err != nil {
 		// The events are in Kafka but still in the outbox: the next round
 		// publishes them again, and the consumers ignore the duplicates.
-		return false, fmt.Errorf("relay: commit: %w", err)
+		return false, true, fmt.Errorf("relay: commit: %w", err)
 	}
 	r.published.Add(int64(len(seqs)))
+	if len(seqs) > 0 {
+		r.lastEvents = time.Now()
+	}
 	if heartbeatDue {
 		r.lastHeartbeat = time.Now()
 	}
-	return full, nil
+	return full, true, nil
 }
 
 // produce publishes records and waits for Kafka's acknowledgement. If none

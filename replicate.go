@@ -136,7 +136,16 @@ func newReplicator(logger *slog.Logger, db, reportDB *sql.DB, region string, bro
 		producer.Close()
 		return nil, err
 	}
-	r.reports = &sharedReport{read: func(ctx context.Context) (LagReport, error) {
+	r.consumer.answer = r.relay.answer
+	r.sessions.askFn = r.relay.ask
+	r.reports = &sharedReport{read: func(ctx context.Context, lag time.Duration) (LagReport, error) {
+		if lag > heartbeatInterval {
+			// What the last report said, aged, is more than an idle link
+			// reads: ask the peer for a heartbeat first. Without an answer
+			// (the link is down, or slow), the report says how old what
+			// it has is.
+			awaitPeer(ctx, reportDB, peerOf(region), askWait, r.relay.ask)
+		}
 		return readLag(ctx, reportDB, region, r.consumer.started, &r.consumer.stats)
 	}}
 	return r, nil

@@ -26,8 +26,9 @@ package main
 //
 // The cost. A token-carrying request that a region can serve at once pays
 // only for parsing the token; one sent to the other region right after a
-// write there waits for that region's next heartbeat to be applied, up to
-// heartbeatInterval plus the replication delay. A region that cannot catch
+// write there waits until a heartbeat of the writer's region, sent after the
+// write, is applied: the waiting region asks for one (relay.go), which
+// takes a round trip through Kafka. A region that cannot catch
 // up within sessionWait answers 503 with Retry-After, and NGINX tries the
 // other region, which holds the writes the wait was for.
 
@@ -235,6 +236,10 @@ func sessions(peer *peerWatermark, encodeError func(http.ResponseWriter, *http.R
 type peerWatermark struct {
 	db     *sql.DB
 	region string // the peer
+	// askFn has this region's relay ask the peer for a heartbeat (relay.go):
+	// the watermark moves with the peer's heartbeats, which come every few
+	// seconds when the peer does not write. Nil in tests without a relay.
+	askFn func()
 	// known is the watermark as last read (µs). The watermark never moves
 	// back, so a token below it needs no read of the database.
 	known atomic.Int64
@@ -247,8 +252,9 @@ type peerWatermark struct {
 }
 
 // sessionPoll is how often the watermark is read while requests wait for
-// it. It moves once per heartbeat (heartbeatInterval), some time after
-// the write a session waits for.
+// it. It moves with the peer's heartbeats: the reader asks for one when it
+// starts, and every askAgain while requests wait, and the answer comes a
+// round trip through Kafka later.
 const sessionPoll = 10 * time.Millisecond
 
 // peerWatermarkSQL reads the watermark: the smallest over the partitions,
@@ -298,6 +304,14 @@ func (p *peerWatermark) await(ctx context.Context, at int64) (time.Duration, err
 	return time.Since(start), nil
 }
 
+// ask has this region's relay ask the peer for a heartbeat, which moves
+// the watermark (relay.go).
+func (p *peerWatermark) ask() {
+	if p.askFn != nil {
+		p.askFn()
+	}
+}
+
 // forget drops the watermark last read: the database it came from went
 // back in time (restored from a backup, or rebuilt), and its watermark
 // with it.
@@ -314,7 +328,12 @@ func (p *peerWatermark) forget() {
 func (p *peerWatermark) read() {
 	tick := time.NewTicker(sessionPoll)
 	defer tick.Stop()
+	var asked time.Time
 	for {
+		if time.Since(asked) >= askAgain {
+			p.ask()
+			asked = time.Now()
+		}
 		p.mu.Lock()
 		forgets := p.forgets
 		p.mu.Unlock()

@@ -47,14 +47,14 @@ var errCannotTell = errors.New("the other region's writes up to this request hav
 // standIn runs write, the PUT or DELETE of r, and, when r stands in for
 // the other region and write is refused on this region's copy, runs it
 // again once the copy has caught up with the request (see above).
-func standIn(ctx context.Context, db *sql.DB, region string, r *http.Request, write func() (Property, error)) (Property, error) {
+func standIn(ctx context.Context, db *sql.DB, region string, r *http.Request, askPeer func(), write func() (Property, error)) (Property, error) {
 	p, err := write()
 	if err == nil || r.PathValue("region") == region || !refusedOnCopy(err) {
 		return p, err
 	}
 	// Every write the peer began before now (after this request arrived,
 	// so before it too), applied here: awaitPeer.
-	if err := awaitPeer(ctx, db, peerOf(region), standInWait); err != nil {
+	if err := awaitPeer(ctx, db, peerOf(region), standInWait, askPeer); err != nil {
 		return Property{}, err
 	}
 	return write()
