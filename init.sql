@@ -144,6 +144,24 @@ ALTER TABLE outbox ADD COLUMN IF NOT EXISTS parent TEXT;
 -- however long the backlog an outage of Kafka left.
 CREATE INDEX IF NOT EXISTS outbox_created_at_idx ON outbox (created_at);
 
+-- outbox_published holds the highest seq of an event the relay has published
+-- and deleted from the outbox (relay.go). With the outbox's own highest seq
+-- it is the highest seq this database has written, which the region compares
+-- with what the peer saw it publish (rejoin.go): a database below it lost
+-- writes that had left it. The sequence's last_value cannot tell: PostgreSQL
+-- logs a sequence 32 values ahead, and a database restored from a backup
+-- resumes past writes it lost, so up to 32 of them looked like writes it
+-- never made (seen in the fault campaign: a restored region served on
+-- without them, for good). No row is 0. A database from before this table
+-- starts from its sequence.
+CREATE TABLE IF NOT EXISTS outbox_published (
+    one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+    seq BIGINT NOT NULL
+);
+INSERT INTO outbox_published (seq)
+SELECT last_value FROM outbox_seq_seq WHERE is_called
+ON CONFLICT (one) DO NOTHING;
+
 -- replication_watermarks records, per Kafka partition, the peer region's
 -- heartbeat time up to which everything the peer committed has been applied
 -- here. The replication lag is now() minus the smallest of them (see lag.go).

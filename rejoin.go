@@ -327,9 +327,12 @@ func requestRejoin(ctx context.Context, db *sql.DB, reason string, fromNothing b
 	return err
 }
 
-// outboxSeqSQL is the highest outbox seq this database has handed out (0
-// before the first), and when the database started.
-const outboxSeqSQL = `SELECT CASE WHEN is_called THEN last_value ELSE 0 END, pg_postmaster_start_time() FROM outbox_seq_seq`
+// outboxSeqSQL is the highest outbox seq this database has written (0
+// before the first): the outbox's, or the highest the relay published and
+// deleted (outbox_published in init.sql); and when the database started.
+const outboxSeqSQL = `
+SELECT GREATEST((SELECT coalesce(max(seq), 0) FROM outbox), (SELECT coalesce(max(seq), 0) FROM outbox_published)),
+       pg_postmaster_start_time()`
 
 // check asks the peer for the highest outbox seq of this region's it has
 // seen published, and returns why the region must rejoin, or "" if it need
@@ -861,6 +864,10 @@ func (j *rejoiner) resume(ctx context.Context, h snapshotHeader) (map[int32]int6
 	}
 	if _, err := tx.ExecContext(ctx, `SELECT setval('outbox_seq_seq', GREATEST(last_value, $1)) FROM outbox_seq_seq WHERE $1 > 0`, h.Published); err != nil {
 		return nil, fmt.Errorf("rejoin: move the outbox sequence: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, `INSERT INTO outbox_published (seq) SELECT $1::bigint WHERE $1 > 0
+ON CONFLICT (one) DO UPDATE SET seq = GREATEST(outbox_published.seq, EXCLUDED.seq)`, h.Published); err != nil {
+		return nil, fmt.Errorf("rejoin: move the outbox's published seq: %w", err)
 	}
 	if _, err := tx.ExecContext(ctx, `UPDATE rejoin SET phase = 'log'`); err != nil {
 		return nil, err

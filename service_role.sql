@@ -1,5 +1,5 @@
 -- The role the backends connect as: it may read and write the service's
--- seven tables and use its sequences, and nothing more. It owns nothing, so
+-- eight tables and use its sequences, and nothing more. It owns nothing, so
 -- it cannot alter or drop a table; PostgreSQL 15 gives PUBLIC no CREATE on
 -- the public schema, so it cannot make one; it is no superuser. A bug or an
 -- injected statement in the service can therefore change listings, but not
@@ -17,7 +17,7 @@ SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', :'service_user', :'service_pas
 WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'service_user') \gexec
 
 GRANT SELECT, INSERT, UPDATE, DELETE
-    ON properties, processed_requests, outbox, replication_watermarks, replication_positions, conflicts, rejoin
+    ON properties, processed_requests, outbox, outbox_published, replication_watermarks, replication_positions, conflicts, rejoin
     TO :"service_user";
 GRANT USAGE ON SEQUENCE outbox_seq_seq, conflicts_seq_seq, property_ids_us, property_ids_eu TO :"service_user";
 -- A region that rejoins reads its outbox and id sequences and moves them
