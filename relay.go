@@ -52,7 +52,7 @@ const (
 	// relayBusyGap is the gap while the region writes at least
 	// relayBusyRate events a second: rounds of fifty events or more, where
 	// 25 ms would send a dozen or two. Under the benchmark's load it took
-	// the broker's CPU per PUT from about 100 µs to about 40 µs, for up to
+	// the broker's CPU per PUT from about 100 µs to about 30 µs, for up to
 	// 75 ms more replication delay, and only at such rates: at 200 writes a
 	// second the gap stays relayMinGap (docs/benchmarks.md).
 	relayBusyGap  = 100 * time.Millisecond
