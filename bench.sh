@@ -82,6 +82,7 @@ measure() {
 		pgbench_run -S "$r"
 		gobench GetProperty 100000x
 		pgbench_run -N "$r"
+		gobench ServiceSQL "${secs}x"
 		gobench PutProperty 30000x
 		gobench CreateProperty 15000x
 	done
@@ -157,8 +158,13 @@ pgbench_tps() {
 	done
 }
 
-# ratios BENCH MODE: each round's service figure over its pgbench figure.
-ratios() { paste <(metric "$1" req/s) <(pgbench_tps "$2") | awk '{ printf "%.0f%%\n", 100 * $1 / $2 }'; }
+# ratios BENCH MODE: each round's service figure over its pgbench figure;
+# MODE "sql" is the service's own SQL run by pgbench (BenchmarkServiceSQL).
+ratios() {
+	local limit
+	if [ "$2" = sql ]; then limit=$(metric ServiceSQL writes/s); else limit=$(pgbench_tps "$2"); fi
+	paste <(metric "$1" req/s) <(echo "$limit") | awk '{ printf "%.0f%%\n", 100 * $1 / $2 }'
+}
 ratio_list() { ratios "$1" "$2" | paste -sd, | sed 's/,/, /g'; }
 median_ratio() { ratios "$1" "$2" | sed 's/%//' | median; }
 
@@ -169,11 +175,12 @@ target() {
 }
 
 table() {
-	local errors get_ratio put_ratio create_ratio
+	local errors get_ratio put_ratio create_ratio sql_ratio
 	errors=$(awk '/^Benchmark/ { for (i = 3; i < NF; i += 2) if ($(i+1) == "errors") n += $i } END { print n + 0 }' "$out/go-bench.log")
 	get_ratio=$(median_ratio GetProperty -S)
 	put_ratio=$(median_ratio PutProperty -N)
 	create_ratio=$(median_ratio CreateProperty -N)
+	sql_ratio=$(median_ratio PutProperty sql)
 	echo "Medians of $rounds rounds; the ratio column gives the median ratio, then each round's."
 	echo
 	echo "| figure | value | ratio | target |"
@@ -184,6 +191,10 @@ table() {
 	printf '| pgbench simple-update (`-N`), %s clients | %.0f tps | 100%% | - |\n' "$clients" "$(pgbench_tps -N | median)"
 	printf '| PUT through NGINX, %s clients | %.0f req/s; %s; %s conflicts | **%s%%** of pgbench -N (%s) | %s |\n' "$clients" "$(m PutProperty req/s)" \
 		"$(lat PutProperty)" "$(m PutProperty conflicts)" "$put_ratio" "$(ratio_list PutProperty -N)" "$(target "$put_ratio" '>=' 50 '≥ 50%')"
+	printf '| the service'"'"'s own SQL by pgbench: a PUT'"'"'s statement in US (%s clients) with a relay round per %s writes, then EU applying them in batches of as many (BenchmarkServiceSQL) | %.0f writes/s (US part %.1f s, EU part %.1f s) | 100%% | - |\n' \
+		"$clients" "$(m ServiceSQL round_writes)" "$(m ServiceSQL writes/s)" "$(m ServiceSQL us_s)" "$(m ServiceSQL eu_s)"
+	printf '| PUT through NGINX against the service'"'"'s own SQL | | **%s%%** of it (%s) | %s |\n' \
+		"$sql_ratio" "$(ratio_list PutProperty sql)" "$(target "$sql_ratio" '>=' 67 '≥ 67% (within 1.5x)')"
 	printf '| POST through NGINX, %s clients | %.0f req/s; %s | **%s%%** of pgbench -N (%s) | %s |\n' "$clients" "$(m CreateProperty req/s)" \
 		"$(lat CreateProperty)" "$create_ratio" "$(ratio_list CreateProperty -N)" "$(target "$create_ratio" '>=' 50 '≥ 50%')"
 	local n page p99_small p99_large
