@@ -191,7 +191,7 @@ table() {
 	printf '| pgbench simple-update (`-N`), %s clients | %.0f tps | 100%% | - |\n' "$clients" "$(pgbench_tps -N | median)"
 	printf '| PUT through NGINX, %s clients | %.0f req/s; %s; %s conflicts | **%s%%** of pgbench -N (%s) | %s |\n' "$clients" "$(m PutProperty req/s)" \
 		"$(lat PutProperty)" "$(m PutProperty conflicts)" "$put_ratio" "$(ratio_list PutProperty -N)" "$(target "$put_ratio" '>=' 50 '≥ 50%')"
-	printf '| the service'"'"'s own SQL by pgbench: a PUT'"'"'s statement in US (%s clients) with a relay round per %s writes, then EU applying them in batches of as many (BenchmarkServiceSQL) | %.0f writes/s (US part %.1f s, EU part %.1f s) | 100%% | - |\n' \
+	printf '| the service'"'"'s own SQL by pgbench: a PUT'"'"'s statement in US (%s clients) with a relay round per %.0f writes, then EU applying them in batches of as many (BenchmarkServiceSQL) | %.0f writes/s (US part %.1f s, EU part %.1f s) | 100%% | - |\n' \
 		"$clients" "$(m ServiceSQL round_writes)" "$(m ServiceSQL writes/s)" "$(m ServiceSQL us_s)" "$(m ServiceSQL eu_s)"
 	printf '| PUT through NGINX against the service'"'"'s own SQL | | **%s%%** of it (%s) | %s |\n' \
 		"$sql_ratio" "$(ratio_list PutProperty sql)" "$(target "$sql_ratio" '>=' 67 '≥ 67% (within 1.5x)')"
@@ -212,7 +212,14 @@ table() {
 		"$(awk -v a="$p99_large" -v b="$p99_small" 'BEGIN { print a / b }')"
 	printf '| generating 990,000 listings in each region (INSERT … SELECT generate_series) | %s s | - | - |\n' "$(cat "$out/generate-seconds")"
 	printf '| 90/10 GET/PUT through NGINX, %s clients | %.0f req/s; %s | - | - |\n' "$clients" "$(m Mixed req/s)" "$(lat Mixed)"
-	printf '| GET at a steady 1,000 req/s | %s | - | %s |\n' "$(lat GetPaced1000)" "$(target "$(m GetPaced1000 p99_ms)" '<' 10 'p99 < 10 ms')"
+	local scraped paused
+	scraped=$(m GetPaced1000/prometheus=scraping p99_ms)
+	paused=$(m GetPaced1000/prometheus=paused p99_ms)
+	printf '| GET at a steady 1,000 req/s, Prometheus scraping the backends every 5 s | %s | - | %s |\n' \
+		"$(lat GetPaced1000/prometheus=scraping)" "$(target "$scraped" '<' 10 'p99 < 10 ms')"
+	printf '| the same with Prometheus paused: does a scrape show in the tail? | %s | p99 scraped / paused: %.2f | %s |\n' \
+		"$(lat GetPaced1000/prometheus=paused)" "$(awk -v a="$scraped" -v b="$paused" 'BEGIN { print a / b }')" \
+		"$(target "$(awk -v a="$scraped" -v b="$paused" 'BEGIN { print a / b }')" '<=' 1.5 '≤ 1.5')"
 	printf '| replication delay US to EU at 200 writes/s, %s writes | %s | - | %s |\n' "$(iterations ReplicationDelay)" "$(lat ReplicationDelay)" \
 		"$(target "$(m ReplicationDelay p99_ms)" '<' 250 'p99 < 250 ms')"
 	printf '| PUT at a steady 500 req/s, five rounds alone and five while the purge deletes expired request ids (%s of 1,000,000 in the run), in the order alone, purge, purge, alone, … | p99 %s ms alone, %s ms while purging (medians of rounds); rank test p = %s | - | %s |\n' \
@@ -221,8 +228,9 @@ table() {
 	printf '| the relay draining a backlog of 1,000,000 events (Kafka back after hours away), to a topic of its own | %.0f events/s; a write made as the drain began left the outbox after %s s (first in, first out) | - | - |\n' \
 		"$(m RelayDrain events/s)" "$(m RelayDrain new_write_delay_s)"
 	for n in 10000 1000000; do
-		printf '| EU rebuilt from nothing (`rejoin --from-nothing`) with %s generated listings: from the command to EU serving again; US'"'"'s GET p99 at 500 req/s, before and while EU copies from it | %.1f s; p99 %s ms before, %s ms during | - | %s |\n' \
-			"$n" "$(m "Rejoin/generated=$n" rejoin_s)" "$(m "Rejoin/generated=$n" p99_before_ms)" "$(m "Rejoin/generated=$n" p99_during_ms)" \
+		printf '| EU rebuilt from nothing (`rejoin --from-nothing`) with %s generated listings: from the command to EU serving again; US'"'"'s GET p99 at 500 req/s, before and while EU copies from it | %.1f s for %.0f listings and %.0f request records in all; p99 %s ms before, %s ms during | - | %s |\n' \
+			"$n" "$(m "Rejoin/generated=$n" rejoin_s)" "$(m "Rejoin/generated=$n" listings)" "$(m "Rejoin/generated=$n" request_records)" \
+			"$(m "Rejoin/generated=$n" p99_before_ms)" "$(m "Rejoin/generated=$n" p99_during_ms)" \
 			"$(target "$(m "Rejoin/generated=$n" rejoin_s)" '<' "$([ "$n" = 10000 ] && echo 60 || echo 600)" "$([ "$n" = 10000 ] && echo '< 1 minute' || echo '< 10 minutes')")"
 	done
 	printf '| errors, all runs | %s | - | %s |\n' "$errors" "$(target "$errors" '<' 1 'none')"

@@ -646,17 +646,21 @@ func (j *rejoiner) copySnapshotFrom(ctx context.Context, url string) (snapshotHe
 	if err != nil {
 		return snapshotHeader{}, err
 	}
+	// Returning early (a batch the database refused) stops the reader:
+	// first its context, then (deferred above) the body it may be
+	// blocked reading.
+	ctx, stop := context.WithCancel(ctx)
+	defer stop()
 	if s.header.Topic != j.topic {
 		return snapshotHeader{}, fmt.Errorf("snapshot: the peer replicates through %q, this region through %q", s.header.Topic, j.topic)
 	}
 	var listings, requests int64
-	for !s.done() {
-		ls, rs, err := s.batch(copyBatchSize)
-		if err != nil {
-			return snapshotHeader{}, err
+	for b := range readAhead(ctx, s) {
+		if b.err != nil {
+			return snapshotHeader{}, b.err
 		}
-		listings, requests = listings+int64(len(ls)), requests+int64(len(rs))
-		if err := j.copyBatch(ctx, ls, rs, time.Time{}, listings, requests); err != nil {
+		listings, requests = listings+int64(len(b.listings)), requests+int64(len(b.requests))
+		if err := j.copyBatch(ctx, b.listings, b.requests, time.Time{}, listings, requests); err != nil {
 			return snapshotHeader{}, err
 		}
 		j.setPhase("snapshot", listings, requests)
@@ -664,6 +668,39 @@ func (j *rejoiner) copySnapshotFrom(ctx context.Context, url string) (snapshotHe
 	j.logger.Info("rejoin: snapshot copied", "from", url, "listings", listings, "requests", requests,
 		"low", s.header.Low, "peer_applied", s.header.Applied)
 	return s.header, nil
+}
+
+// snapshotBatch is one batch of a snapshot, or the error that ended it.
+type snapshotBatch struct {
+	listings, requests []event
+	err                error
+}
+
+// readAhead reads s's batches (copyBatchSize each) in a goroutine of its
+// own, one batch ahead of the caller: while the database writes one batch,
+// the next one is read and decoded, and the peer encodes the one after.
+// Read one after the other, the copy kept about one of the two cores busy.
+// The channel closes after the last batch, or after a batch with an error.
+// The goroutine ends when ctx does, or when the snapshot's body is closed
+// under it.
+func readAhead(ctx context.Context, s *snapshotReader) <-chan snapshotBatch {
+	batches := make(chan snapshotBatch, 1)
+	go func() {
+		defer close(batches)
+		for !s.done() {
+			var b snapshotBatch
+			b.listings, b.requests, b.err = s.batch(copyBatchSize)
+			select {
+			case batches <- b:
+			case <-ctx.Done():
+				return
+			}
+			if b.err != nil {
+				return
+			}
+		}
+	}()
+	return batches
 }
 
 // copyListingsSQL writes copies of listings under the conflict rule: a row

@@ -130,7 +130,7 @@ func (s *stack) mustDo(t *testing.T, method, path, requestID, body string) (int,
 }
 
 // control runs the stack command, e.g. control(t, "stop", "backend-us").
-func (s *stack) control(t *testing.T, args ...string) string {
+func (s *stack) control(t testing.TB, args ...string) string {
 	t.Helper()
 	cmd := exec.Command(s.cmd[0], append(s.cmd[1:], args...)...)
 	var out bytes.Buffer
@@ -158,7 +158,7 @@ func (s *stack) stop(t *testing.T, service string, crash bool) {
 // the function that resumes it, which t.Cleanup also calls. For a test
 // that only needs Kafka away for a moment, a freeze costs nothing to undo,
 // where a stop and a start cost the broker's restart, seconds each.
-func (s *stack) freeze(t *testing.T, service string) (thaw func()) {
+func (s *stack) freeze(t testing.TB, service string) (thaw func()) {
 	t.Helper()
 	var once sync.Once
 	thaw = func() { once.Do(func() { s.control(t, "unpause", service) }) }
