@@ -60,6 +60,7 @@ package main
 // in its outbox (docs/semantics.md, §12).
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	"encoding/json"
@@ -665,6 +666,11 @@ func (j *rejoiner) copySnapshotFrom(ctx context.Context, url string) (snapshotHe
 		}
 		j.setPhase("snapshot", listings, requests)
 	}
+	if !s.done() {
+		// The reader stopped without an error to hand over: ctx ended
+		// while it read.
+		return snapshotHeader{}, cmp.Or(ctx.Err(), errSnapshotCut)
+	}
 	j.logger.Info("rejoin: snapshot copied", "from", url, "listings", listings, "requests", requests,
 		"low", s.header.Low, "peer_applied", s.header.Applied)
 	return s.header, nil
@@ -680,11 +686,11 @@ type snapshotBatch struct {
 // own, one batch ahead of the caller: while the database writes one batch,
 // the next one is read and decoded, and the peer encodes the one after.
 // Read one after the other, the copy kept about one of the two cores busy.
-// The channel closes after the last batch, or after a batch with an error.
-// The goroutine ends when ctx does, or when the snapshot's body is closed
-// under it.
+// The channel closes after the last batch, after a batch with an error, or
+// when ctx ends (the caller then finds s not done). The goroutine ends
+// then, or when the snapshot's body is closed under it.
 func readAhead(ctx context.Context, s *snapshotReader) <-chan snapshotBatch {
-	batches := make(chan snapshotBatch, 1)
+	batches := make(chan snapshotBatch)
 	go func() {
 		defer close(batches)
 		for !s.done() {
