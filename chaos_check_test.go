@@ -312,53 +312,52 @@ func ruleSessions(history []op, f chaosFinal, restores []restoreWindow) ruleResu
 	seen := map[int]map[int64]*seenState{}
 	var answers, excused int
 	var cost sessionCost
-	for _, o := range history {
-		if !o.Session {
+	for _, req := range history {
+		if !req.Session {
 			continue
 		}
-		cost.add(o)
-		if o.Shown == nil || o.ID == 0 {
-			continue
-		}
-		answers++
-		if seen[o.Client] == nil {
-			seen[o.Client] = map[int64]*seenState{}
-		}
-		had := seen[o.Client][o.ID]
-		if had == nil {
-			had = &seenState{}
-			seen[o.Client][o.ID] = had
-		}
-		v := o.Shown.Version
-		var against op // the answer this one went back from, if it did
-		switch {
-		case v < had.kept:
-			against = had.keptBy
-		case v < had.top:
-			// Below only what a restore took back, and shown after it.
-			if w := takenBack(had.topBy); w != nil && o.Start.After(w.to) {
-				excused++
-			} else {
-				against = had.topBy
+		cost.add(req)
+		for _, o := range req.views() {
+			answers++
+			if seen[o.Client] == nil {
+				seen[o.Client] = map[int64]*seenState{}
+			}
+			had := seen[o.Client][o.ID]
+			if had == nil {
+				had = &seenState{}
+				seen[o.Client][o.ID] = had
+			}
+			v := o.Shown.Version
+			var against op // the answer this one went back from, if it did
+			switch {
+			case v < had.kept:
+				against = had.keptBy
+			case v < had.top:
+				// Below only what a restore took back, and shown after it.
+				if w := takenBack(had.topBy); w != nil && o.Start.After(w.to) {
+					excused++
+				} else {
+					against = had.topBy
+				}
+			}
+			if against.Shown != nil && r.pass {
+				r.pass = false
+				r.counterexample = fmt.Sprintf("client %d saw listing %d at version %d (%s %s, %d, served by %s, at %s), then %s %s answered %d showing version %d (served by %s, at %s)",
+					o.Client, o.ID, against.Shown.Version, against.Kind, against.path(), against.Status, against.ServedBy, against.End.Format("15:04:05.000"),
+					o.Kind, o.path(), o.Status, v, o.ServedBy, o.End.Format("15:04:05.000"))
+			}
+			if o.Status/100 != 2 && o.Status != http.StatusNotModified {
+				continue // no token came with it: not what the session saw
+			}
+			if v > had.top {
+				had.top, had.topBy = v, o
+			}
+			if v > had.kept && takenBack(o) == nil {
+				had.kept, had.keptBy = v, o
 			}
 		}
-		if against.Shown != nil && r.pass {
-			r.pass = false
-			r.counterexample = fmt.Sprintf("client %d saw listing %d at version %d (%s %s, %d, served by %s, at %s), then %s %s answered %d showing version %d (served by %s, at %s)",
-				o.Client, o.ID, against.Shown.Version, against.Kind, against.path(), against.Status, against.ServedBy, against.End.Format("15:04:05.000"),
-				o.Kind, o.path(), o.Status, v, o.ServedBy, o.End.Format("15:04:05.000"))
-		}
-		if o.Status/100 != 2 {
-			continue // no token came with it: not what the session saw
-		}
-		if v > had.top {
-			had.top, had.topBy = v, o
-		}
-		if v > had.kept && takenBack(o) == nil {
-			had.kept, had.keptBy = v, o
-		}
 	}
-	r.detail = fmt.Sprintf("%d requests of %d sessions carried a token, %d answers showing a listing checked against what their session had seen: "+
+	r.detail = fmt.Sprintf("%d requests of %d sessions carried a token, %d listings their answers showed (a list page shows several, a 304 the state it confirms) checked against what their session had seen: "+
 		"%d waited for the serving region to catch up (p50 %s, p99 %s), %d answered 503 \"not caught up\"; %d older states excused by a restore",
 		cost.requests, len(seen), answers, len(cost.waits), quantileMs(cost.waits, 0.5), quantileMs(cost.waits, 0.99), cost.behind, excused)
 	return r
@@ -856,12 +855,16 @@ func (r report) markdown() string {
 	}
 
 	p("\n## Operations\n\n| request | ok | fail (4xx) | unknown | statuses |\n|---|---|---|---|---|\n")
-	for _, kind := range []string{"PUT", "POST", "DELETE", "GET", "PUT re-sent with another body", "retries (same request id)"} {
+	for _, kind := range []string{"PUT", "POST", "DELETE", "GET", "of which with If-None-Match", "list page", "PUT re-sent with another body", "retries (same request id)"} {
 		var ok, fail, unknown int
 		statuses := map[int]int{}
 		for _, o := range r.ops {
-			match := o.Kind == kind && !o.Resend
+			match := o.Kind == kind && !o.Resend && o.List == ""
 			switch kind {
+			case "of which with If-None-Match":
+				match = o.Cached != nil
+			case "list page":
+				match = o.List != ""
 			case "PUT re-sent with another body":
 				match = o.Resend
 			case "retries (same request id)":
@@ -987,10 +990,31 @@ func kindNames(kinds []faultKind) (names []string) {
 // ------------------------------------------------------------------ helpers
 
 func (o op) path() string {
-	if o.Kind == "POST" {
+	switch {
+	case o.List != "":
+		return "/" + o.Prefix + "/properties?" + o.List
+	case o.Kind == "POST":
 		return "/" + o.Prefix + "/properties"
 	}
 	return fmt.Sprintf("/%s/properties/%d", o.Prefix, o.ID)
+}
+
+// views is what an answer showed, a listing at a time: the listing of a
+// GET, PUT, POST, DELETE or 304 (or only the version a 404, 409, 410 or
+// 412 names), or each listing of a list page, as an op of its own.
+func (o op) views() []op {
+	if o.List != "" {
+		views := make([]op, len(o.Page))
+		for i := range o.Page {
+			views[i] = o
+			views[i].ID, views[i].Shown, views[i].Page = o.Page[i].ID, &o.Page[i], nil
+		}
+		return views
+	}
+	if o.Shown == nil || o.ID == 0 {
+		return nil
+	}
+	return []op{o}
 }
 
 // rowString shows a row as the checker's messages name it.
@@ -1077,8 +1101,11 @@ func TestCheckerCatches(t *testing.T) {
 		history := []op{
 			{Kind: "PUT", Prefix: "eu", ID: 601, RequestID: "r1", Price: 100_000_001, Start: at(9), End: at(10), Status: 200, Outcome: opOK, Row: &acked,
 				Session: true, Shown: &acked, ServedBy: "eu"},
-			// The session reads its write through the other prefix.
+			// The session reads its write through the other prefix, in
+			// full, as a 304 and on a list page.
 			{Kind: "GET", Prefix: "us", ID: 601, Session: true, Start: at(10), End: at(11), Status: 200, Outcome: opOK, Shown: &acked, ServedBy: "us", SessionWait: 120 * time.Millisecond},
+			{Kind: "GET", Prefix: "us", ID: 601, Session: true, Start: at(11), End: at(11), Status: 304, Outcome: opOK, Cached: &acked, Shown: &acked, ServedBy: "us"},
+			{Kind: "GET", Prefix: "us", List: "cursor=" + encodeCursor(600) + "&limit=1", Session: true, Start: at(11), End: at(11), Status: 200, Outcome: opOK, Page: []Property{acked}, ServedBy: "us"},
 			{Kind: "PUT", Prefix: "us", ID: 601, RequestID: "r2", Price: 100_000_002, Start: at(11), End: at(12), Status: 409, Outcome: opFail},
 		}
 		record := requestRecord{RequestID: "r1", PropertyID: 601, Price: "1000000.01", RegionOrigin: "eu", Version: 2, UpdatedAt: at(10)}
@@ -1288,6 +1315,16 @@ func TestCheckerCatches(t *testing.T) {
 		{"a session that reads back in time", func(h []op, f *chaosFinal, s []lagSample) []op {
 			old := start
 			return append(h, op{Kind: "GET", Prefix: "us", ID: 601, Session: true, Start: at(14), End: at(14), Status: 200, Outcome: opOK, Shown: &old, ServedBy: "us"})
+		}, 8},
+		{"a session shown an older version by a 304", func(h []op, f *chaosFinal, s []lagSample) []op {
+			old := start
+			return append(h, op{Kind: "GET", Prefix: "us", ID: 601, Session: true, Start: at(14), End: at(14), Status: 304, Outcome: opOK, Cached: &old, Shown: &old, ServedBy: "us"})
+		}, 8},
+		{"a session shown an older version on a list page", func(h []op, f *chaosFinal, s []lagSample) []op {
+			other := row(1, "us", 0, 50_000_00)
+			other.ID = 602
+			return append(h, op{Kind: "GET", Prefix: "us", List: "cursor=" + encodeCursor(600) + "&limit=2", Session: true, Start: at(14), End: at(14), Status: 200, Outcome: opOK,
+				Page: []Property{start, other}, ServedBy: "us"})
 		}, 8},
 		{"a session told an older version by a 409", func(h []op, f *chaosFinal, s []lagSample) []op {
 			return append(h, op{Kind: "PUT", Prefix: "us", ID: 601, RequestID: "r3", Price: 100_000_003, Session: true, Start: at(14), End: at(14),

@@ -312,6 +312,12 @@ type op struct {
 	SessionWait   time.Duration
 	SessionBehind bool
 	ServedBy      string
+	// Cached is the state a conditional GET named in If-None-Match: its
+	// 304 shows that state. List is a list read's query, and Page the
+	// listings its page showed.
+	Cached *Property
+	List   string
+	Page   []Property
 }
 
 // known is what the clients have learned of a listing: its latest version
@@ -445,8 +451,10 @@ func (w *workload) client(ctx context.Context, c int) {
 		prefix := []string{"us", "eu"}[rng.IntN(2)]
 		requestID := fmt.Sprintf("%s%d-%d", w.requestPrefix, c, n)
 		switch r := rng.IntN(100); {
+		case r < 12:
+			w.get(c, rng, prefix, w.pick(rng))
 		case r < 15:
-			w.get(c, prefix, w.pick(rng))
+			w.list(c, rng, prefix)
 		case r < 75:
 			w.put(c, rng, prefix, w.pick(rng), requestID)
 		case r < 85:
@@ -483,13 +491,31 @@ func (w *workload) pickCreated(rng *rand.Rand) (int64, bool) {
 	return w.created[rng.IntN(len(w.created))], true
 }
 
-func (w *workload) get(c int, prefix string, id int64) {
-	o := w.send(op{Client: c, Kind: "GET", Prefix: prefix, ID: id}, "", "")
-	if o.Outcome == opOK {
+// get reads a listing; a third of the reads are conditional, naming the
+// state the clients know in If-None-Match.
+func (w *workload) get(c int, rng *rand.Rand, prefix string, id int64) {
+	o := op{Client: c, Kind: "GET", Prefix: prefix, ID: id}
+	if k := w.knownOf(id); k.version > 0 && !k.deleted && rng.IntN(3) == 0 {
+		o.Cached = &Property{ID: id, Version: k.version, RegionOrigin: k.region}
+	}
+	o = w.send(o, "", "")
+	if o.Row != nil {
 		w.learn(id, known{version: o.Row.Version, region: o.Row.RegionOrigin})
 	}
 	o.Row = nil // a read acknowledges no write
 	w.record(o)
+}
+
+// list reads a page of listings the campaign writes, in id order: mostly
+// the hot ones, else the spread. A session's page must not show any of
+// them older than the session has seen (ruleSessions).
+func (w *workload) list(c int, rng *rand.Rand, prefix string) {
+	page := w.hot
+	if rng.IntN(3) == 0 {
+		page = w.spread
+	}
+	query := fmt.Sprintf("cursor=%s&limit=%d", encodeCursor(page[0]-1), len(page))
+	w.record(w.send(op{Client: c, Kind: "GET", Prefix: prefix, List: query}, "", ""))
 }
 
 // put updates a listing from the version the clients know, and retries it
@@ -579,11 +605,7 @@ func (w *workload) learnCurrent(o op) {
 
 // send makes one request through NGINX and classifies its answer.
 func (w *workload) send(o op, body, ifMatch string) op {
-	path := "/" + o.Prefix + "/properties"
-	if o.Kind != "POST" {
-		path += "/" + strconv.FormatInt(o.ID, 10)
-	}
-	req, err := http.NewRequest(o.Kind, w.s.url+path, strings.NewReader(body))
+	req, err := http.NewRequest(o.Kind, w.s.url+o.path(), strings.NewReader(body))
 	if err != nil {
 		panic(err) // the campaign's own bug
 	}
@@ -592,6 +614,9 @@ func (w *workload) send(o op, body, ifMatch string) op {
 	}
 	if ifMatch != "" {
 		req.Header.Set("If-Match", ifMatch)
+	}
+	if o.Cached != nil {
+		req.Header.Set("If-None-Match", `"`+tagValue(o.Cached.Version, o.Cached.RegionOrigin)+`"`)
 	}
 	if o.Session = sessionClient(o.Client); o.Session {
 		w.mu.Lock()
@@ -602,7 +627,7 @@ func (w *workload) send(o op, body, ifMatch string) op {
 	}
 	o.Start = time.Now()
 	resp, err := w.http.Do(req)
-	var got response
+	var got answer
 	if err == nil {
 		err = decodeAny(resp, &got)
 		o.Status = resp.StatusCode
@@ -635,6 +660,14 @@ func (w *workload) send(o op, body, ifMatch string) op {
 		case http.StatusConflict, http.StatusGone, http.StatusPreconditionFailed:
 			o.Shown = &Property{ID: o.ID, Version: got.CurrentVersion, Deleted: o.Status == http.StatusGone}
 		}
+	case o.Status == http.StatusNotModified && o.Cached != nil:
+		// The listing is still in the state the request named.
+		o.Outcome = opOK
+		shown := *o.Cached
+		o.Shown = &shown
+	case o.List != "":
+		o.Outcome = opOK
+		o.Page = got.Items
 	default:
 		o.Outcome = opOK
 		row := got.Property
@@ -669,9 +702,16 @@ func serverTiming(h http.Header, metric string) time.Duration {
 	return 0
 }
 
+// answer is every field an answer to the campaign may carry: a listing's
+// or an error's (response), and a list page's items.
+type answer struct {
+	response
+	Items []Property `json:"items"`
+}
+
 // decodeAny reads a JSON answer of any status (an empty body, such as a
 // 304's, decodes to nothing).
-func decodeAny(resp *http.Response, v *response) error {
+func decodeAny(resp *http.Response, v *answer) error {
 	defer resp.Body.Close()
 	raw, err := io.ReadAll(resp.Body)
 	if err != nil || len(raw) == 0 {

@@ -7,6 +7,7 @@ package main
 
 import (
 	"fmt"
+	"maps"
 	"math"
 	"slices"
 	"strings"
@@ -38,13 +39,20 @@ const (
 	// tooth, as a leak does, and a line through it tilts with where in a
 	// tooth the run ends; but only a leak lifts the ceiling.
 	byCeiling
-	// atFixedGiven takes out of the figure what another figure (given)
-	// explains, each unit of the given figure holding what the figure
-	// jumps by when the given one moves (perGiven), and judges what is
-	// left by its rises. Right for PostgreSQL, whose memory and files
-	// follow the number of its processes, which swings as the pools open
-	// connections for a burst and close them when idle or old
-	// (database.go): what must not grow is what each holds.
+	// atFixedGiven compares the figure with itself at the same value of
+	// another figure (given), half an hour apart: for each value the
+	// run's second and fourth quarters both saw, the median in the fourth
+	// minus the median in the second. The growth is the median of those.
+	// Right for PostgreSQL, whose memory and files follow the number of
+	// its processes, which swings as the pools open connections for a
+	// burst and close them when idle or old (database.go): what must not
+	// grow is what each holds. At a fixed count the figure still wanders
+	// by a MiB or two and tens of files, as connections are replaced by
+	// younger ones that have touched less, and the quarters give a leak
+	// half an hour to rise above that; the six parts of byRises give it
+	// five minutes (a rise of a MiB between two parts is 12 an hour).
+	// With no value in common, what each unit of the given figure holds
+	// (perGiven) is taken out and the quarters' medians compared.
 	atFixedGiven
 )
 
@@ -60,13 +68,8 @@ func growth(j judge, times, ys, given []float64) (float64, string) {
 		fourth := ceiling(times, ys, end*3/4, end+1) // the last sample too
 		return (fourth - second) / (end / 2 / 3600), fmt.Sprintf("peaks %.1f → %.1f", second, fourth) + line
 	case atFixedGiven:
-		each := perGiven(ys, given)
-		rest := make([]float64, len(ys))
-		for i := range ys {
-			rest[i] = ys[i] - each*given[i]
-		}
-		perHour, steps := rises(times, rest)
-		return perHour, fmt.Sprintf("%.2f a process taken out, rises %s", each, steps) + line
+		perHour, how := atFixed(times, ys, given)
+		return perHour, how + line
 	default:
 		perHour, steps := rises(times, ys)
 		return perHour, "rises " + steps + line
@@ -102,6 +105,47 @@ func rises(times, ys []float64) (float64, string) {
 		words[i] = fmt.Sprintf("%+.2f", s)
 	}
 	return median(steps) / (part / 3600), strings.Join(words, " ")
+}
+
+// atFixed is atFixedGiven. A value of the given figure counts when each
+// quarter holds at least three samples of it (a connection that lived for
+// one sample is no level).
+func atFixed(times, ys, given []float64) (float64, string) {
+	end := times[len(times)-1]
+	hours := end / 2 / 3600 // from the second quarter to the fourth
+	quarter := func(q float64) map[float64][]float64 {
+		at := map[float64][]float64{}
+		for i, y := range ys {
+			if times[i] >= end*q/4 && (times[i] < end*(q+1)/4 || q == 3) && !math.IsNaN(y) && !math.IsNaN(given[i]) {
+				at[given[i]] = append(at[given[i]], y)
+			}
+		}
+		return at
+	}
+	second, fourth := quarter(1), quarter(3)
+	var rises []float64
+	var words []string
+	for _, g := range slices.Sorted(maps.Keys(fourth)) {
+		if len(fourth[g]) >= 3 && len(second[g]) >= 3 {
+			rise := median(fourth[g]) - median(second[g])
+			rises = append(rises, rise)
+			words = append(words, fmt.Sprintf("%g: %+.2f", g, rise))
+		}
+	}
+	if len(rises) > 0 {
+		return median(rises) / hours, "at " + strings.Join(words, ", ") + " (second quarter to fourth)"
+	}
+	each := perGiven(ys, given)
+	var rest [2][]float64
+	for q, at := range []map[float64][]float64{second, fourth} {
+		for g, in := range at {
+			for _, y := range in {
+				rest[q] = append(rest[q], y-each*g)
+			}
+		}
+	}
+	rise := median(rest[1]) - median(rest[0])
+	return rise / hours, fmt.Sprintf("no count in common; %.2f each taken out, %+.2f (second quarter to fourth)", each, rise)
 }
 
 // median of ys, NaN if there are none.
@@ -213,6 +257,10 @@ func TestSoakJudge(t *testing.T) {
 	// pools; the burst's new processes hold only half that.
 	procs := series(func(_ int, s float64) float64 { return 12 + math.Round(math.Sin(s/1800*2*math.Pi+1)) + burst(s) })
 	held := func(i int, s float64) float64 { return 136 + 2.8*procs[i] - 1.4*burst(s) }
+	// At a fixed count, what the processes hold wanders as connections
+	// are replaced by younger ones: here by 0.4 up and down every 25
+	// minutes, two parts' rises of 0.25 (3 an hour) each way.
+	wander := func(s float64) float64 { return 0.4 * bound * math.Sin(s/1500*2*math.Pi) }
 
 	for _, c := range []struct {
 		name  string
@@ -237,6 +285,8 @@ func TestSoakJudge(t *testing.T) {
 		{"ceiling, a step early in the run", byCeiling, series(func(_ int, s float64) float64 { return 100 + 20*math.Min(1, s/600) + saw(s) }), nil, false, true},
 		{"fixed processes, pool swing and burst", atFixedGiven, series(held), procs, false, true},
 		{"fixed processes, pool swing and burst on a leak", atFixedGiven, series(func(i int, s float64) float64 { return held(i, s) + leak(s) }), procs, true, true},
+		{"fixed processes, what each holds wanders", atFixedGiven, series(func(i int, s float64) float64 { return held(i, s) + wander(s) }), procs, false, true},
+		{"fixed processes, what each holds wanders on a leak", atFixedGiven, series(func(i int, s float64) float64 { return held(i, s) + wander(s) + leak(s) }), procs, true, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if line := slopePerHour(times, c.ys); (math.Abs(line) > bound) != c.lineOver {
