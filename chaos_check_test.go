@@ -1320,6 +1320,18 @@ func TestCheckerCatches(t *testing.T) {
 			old := start
 			return append(h, op{Kind: "GET", Prefix: "us", ID: 601, Session: true, Start: at(14), End: at(14), Status: 304, Outcome: opOK, Cached: &old, Shown: &old, ServedBy: "us"})
 		}, 8},
+		{"a session shown an older version after a 304 showed a newer", func(h []op, f *chaosFinal, s []lagSample) []op {
+			newer := row(3, "us", 13, 100_000_003)
+			return append(h,
+				op{Kind: "GET", Prefix: "us", ID: 601, Session: true, Start: at(13), End: at(13), Status: 304, Outcome: opOK, Cached: &newer, Shown: &newer, ServedBy: "us"},
+				op{Kind: "GET", Prefix: "eu", ID: 601, Session: true, Start: at(14), End: at(14), Status: 200, Outcome: opOK, Shown: &acked, ServedBy: "eu"})
+		}, 8},
+		{"a session shown an older version after a list page showed a newer", func(h []op, f *chaosFinal, s []lagSample) []op {
+			newer := row(3, "us", 13, 100_000_003)
+			return append(h,
+				op{Kind: "GET", Prefix: "us", List: "cursor=" + encodeCursor(600) + "&limit=1", Session: true, Start: at(13), End: at(13), Status: 200, Outcome: opOK, Page: []Property{newer}, ServedBy: "us"},
+				op{Kind: "GET", Prefix: "eu", ID: 601, Session: true, Start: at(14), End: at(14), Status: 200, Outcome: opOK, Shown: &acked, ServedBy: "eu"})
+		}, 8},
 		{"a session shown an older version on a list page", func(h []op, f *chaosFinal, s []lagSample) []op {
 			other := row(1, "us", 0, 50_000_00)
 			other.ID = 602

@@ -628,9 +628,11 @@ func (w *workload) send(o op, body, ifMatch string) op {
 	o.Start = time.Now()
 	resp, err := w.http.Do(req)
 	var got answer
+	var tag string
 	if err == nil {
 		err = decodeAny(resp, &got)
 		o.Status = resp.StatusCode
+		tag = resp.Header.Get("ETag")
 		o.ServedBy = resp.Header.Get("X-Served-By")
 		o.SessionWait = serverTiming(resp.Header, "session-wait")
 		if token := resp.Header.Get(sessionHeader); o.Session && token != "" && err == nil {
@@ -660,11 +662,12 @@ func (w *workload) send(o op, body, ifMatch string) op {
 		case http.StatusConflict, http.StatusGone, http.StatusPreconditionFailed:
 			o.Shown = &Property{ID: o.ID, Version: got.CurrentVersion, Deleted: o.Status == http.StatusGone}
 		}
-	case o.Status == http.StatusNotModified && o.Cached != nil:
-		// The listing is still in the state the request named.
+	case o.Status == http.StatusNotModified:
+		// The listing is in the state the answer's ETag names: the one
+		// the request named, unless the server compared wrong, and then
+		// the state it holds is what the session rule checks.
 		o.Outcome = opOK
-		shown := *o.Cached
-		o.Shown = &shown
+		o.Shown = taggedState(o.ID, tag)
 	case o.List != "":
 		o.Outcome = opOK
 		o.Page = got.Items
@@ -700,6 +703,16 @@ func serverTiming(h http.Header, metric string) time.Duration {
 		}
 	}
 	return 0
+}
+
+// taggedState is the state an ETag ("7-us") names, nil if it names none.
+func taggedState(id int64, tag string) *Property {
+	version, region, ok := strings.Cut(strings.Trim(strings.TrimPrefix(tag, "W/"), `"`), "-")
+	v, err := strconv.ParseInt(version, 10, 64)
+	if !ok || err != nil {
+		return nil
+	}
+	return &Property{ID: id, Version: v, RegionOrigin: region}
 }
 
 // answer is every field an answer to the campaign may carry: a listing's

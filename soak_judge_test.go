@@ -51,8 +51,9 @@ const (
 	// younger ones that have touched less, and the quarters give a leak
 	// half an hour to rise above that; the six parts of byRises give it
 	// five minutes (a rise of a MiB between two parts is 12 an hour).
-	// With no value in common, what each unit of the given figure holds
-	// (perGiven) is taken out and the quarters' medians compared.
+	// With no value in common the growth is NaN, which fails: taking out
+	// what each unit holds instead would hide a leak as large as that
+	// estimate's error times the count's move.
 	atFixedGiven
 )
 
@@ -108,9 +109,10 @@ func rises(times, ys []float64) (float64, string) {
 }
 
 // atFixed is atFixedGiven. A value of the given figure counts when each
-// quarter holds at least three samples of it (a connection that lived for
-// one sample is no level).
+// quarter holds a minute of samples of it (twelve, a sample every 5 s): a
+// connection that lived for a few samples is no level.
 func atFixed(times, ys, given []float64) (float64, string) {
+	const minSamples = 12
 	end := times[len(times)-1]
 	hours := end / 2 / 3600 // from the second quarter to the fourth
 	quarter := func(q float64) map[float64][]float64 {
@@ -126,26 +128,16 @@ func atFixed(times, ys, given []float64) (float64, string) {
 	var rises []float64
 	var words []string
 	for _, g := range slices.Sorted(maps.Keys(fourth)) {
-		if len(fourth[g]) >= 3 && len(second[g]) >= 3 {
+		if len(fourth[g]) >= minSamples && len(second[g]) >= minSamples {
 			rise := median(fourth[g]) - median(second[g])
 			rises = append(rises, rise)
 			words = append(words, fmt.Sprintf("%g: %+.2f", g, rise))
 		}
 	}
-	if len(rises) > 0 {
-		return median(rises) / hours, "at " + strings.Join(words, ", ") + " (second quarter to fourth)"
+	if len(rises) == 0 {
+		return math.NaN(), "no count held a minute in both the second quarter and the fourth"
 	}
-	each := perGiven(ys, given)
-	var rest [2][]float64
-	for q, at := range []map[float64][]float64{second, fourth} {
-		for g, in := range at {
-			for _, y := range in {
-				rest[q] = append(rest[q], y-each*g)
-			}
-		}
-	}
-	rise := median(rest[1]) - median(rest[0])
-	return rise / hours, fmt.Sprintf("no count in common; %.2f each taken out, %+.2f (second quarter to fourth)", each, rise)
+	return median(rises) / hours, "at " + strings.Join(words, ", ") + " (second quarter to fourth)"
 }
 
 // median of ys, NaN if there are none.
@@ -261,6 +253,14 @@ func TestSoakJudge(t *testing.T) {
 	// are replaced by younger ones: here by 0.4 up and down every 25
 	// minutes, two parts' rises of 0.25 (3 an hour) each way.
 	wander := func(s float64) float64 { return 0.4 * bound * math.Sin(s/1500*2*math.Pi) }
+	drifting := series(func(_ int, s float64) float64 { return 12 + math.Round(2*math.Sin(s/1320*2*math.Pi)) })
+	climbing := series(func(_ int, s float64) float64 { return 10 + math.Floor(s/600) })
+	unread := func(i int) float64 {
+		if i%50 == 7 {
+			return math.NaN()
+		}
+		return 0
+	}
 
 	for _, c := range []struct {
 		name  string
@@ -287,13 +287,20 @@ func TestSoakJudge(t *testing.T) {
 		{"fixed processes, pool swing and burst on a leak", atFixedGiven, series(func(i int, s float64) float64 { return held(i, s) + leak(s) }), procs, true, true},
 		{"fixed processes, what each holds wanders", atFixedGiven, series(func(i int, s float64) float64 { return held(i, s) + wander(s) }), procs, false, true},
 		{"fixed processes, what each holds wanders on a leak", atFixedGiven, series(func(i int, s float64) float64 { return held(i, s) + wander(s) + leak(s) }), procs, true, true},
+		// The count on a 22-minute cycle, so that it is not where it was
+		// half an hour earlier, with a sample in 50 not read.
+		{"fixed processes, a cycle apart from the quarters", atFixedGiven, series(func(i int, s float64) float64 { return 136 + 2.8*drifting[i] + unread(i) }), drifting, false, true},
+		{"fixed processes, a cycle apart from the quarters on a leak", atFixedGiven, series(func(i int, s float64) float64 { return 136 + 2.8*drifting[i] + unread(i) + leak(s) }), drifting, true, true},
+		// The pools grow from 10 to 16 over the hour and never come back:
+		// no count in both quarters, nothing to compare, which fails.
+		{"fixed processes, no count in common", atFixedGiven, series(func(i int, s float64) float64 { return 136 + 2.8*climbing[i] }), climbing, true, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if line := slopePerHour(times, c.ys); (math.Abs(line) > bound) != c.lineOver {
 				t.Fatalf("made-up series wrong: a line through it is %+.2f/h", line)
 			}
 			got, how := growth(c.judge, times, c.ys, c.given)
-			if (got > bound) != c.leaks {
+			if !(got <= bound) != c.leaks { // NaN fails, as in the soak
 				t.Errorf("growth %+.2f/h (%s) against a bound of %g/h: leak=%v", got, how, bound, c.leaks)
 			}
 		})
