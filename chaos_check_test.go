@@ -284,10 +284,14 @@ func check(history []op, initial map[int64]Property, f chaosFinal, samples []lag
 // is the restore's RPO, counted apart.
 func ruleSessions(history []op, f chaosFinal, restores []restoreWindow) ruleResult {
 	r := ruleResult{rule: 8, name: "a session never reads back in time", pass: true}
-	recorded := map[string]bool{} // the states some request record names
+	// The states some request record names, by listing, tag and price: a
+	// restore takes back the region's id sequence too, so a listing lost
+	// with it has its id, version and region given again to a new one,
+	// but not its price (each write's price is its own).
+	recorded := map[string]bool{}
 	for _, records := range f.requests {
 		for _, rec := range records {
-			recorded[fmt.Sprintf("%d %s", rec.PropertyID, tagValue(rec.Version, rec.RegionOrigin))] = true
+			recorded[fmt.Sprintf("%d %s %s", rec.PropertyID, tagValue(rec.Version, rec.RegionOrigin), rec.Price)] = true
 		}
 	}
 	// takenBack is the restore that may have taken back the state o showed:
@@ -296,7 +300,7 @@ func ruleSessions(history []op, f chaosFinal, restores []restoreWindow) ruleResu
 	takenBack := func(o op) *restoreWindow {
 		for i, w := range restores {
 			if o.Shown.RegionOrigin == w.region && !o.End.Before(w.from) && !o.End.After(w.to) &&
-				!recorded[fmt.Sprintf("%d %s", o.ID, tagValue(o.Shown.Version, o.Shown.RegionOrigin))] {
+				!recorded[fmt.Sprintf("%d %s %s", o.ID, tagValue(o.Shown.Version, o.Shown.RegionOrigin), o.Shown.Price)] {
 				return &restores[i]
 			}
 		}
