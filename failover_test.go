@@ -433,7 +433,10 @@ func TestStandInIndependentOfClocks(t *testing.T) {
 	if err := eu.QueryRow(`SELECT clock_timestamp()`).Scan(&now); err != nil {
 		t.Fatal(err)
 	}
-	took := waitFor(t, 5*time.Second, "a heartbeat of US in every partition echoing EU's clock", func() bool {
+	// Idle, each relay sends a heartbeat every idleHeartbeatInterval, and
+	// the echo needs EU's to reach US and then US's to reach EU: up to two
+	// intervals, and a third to spare.
+	took := waitFor(t, 3*idleHeartbeatInterval, "a heartbeat of US in every partition echoing EU's clock", func() bool {
 		var caughtUp bool
 		err := eu.QueryRow(peerCaughtUpSQL, "us", now).Scan(&caughtUp)
 		return err == nil && caughtUp
