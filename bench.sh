@@ -61,6 +61,23 @@ gobench() {
 	gotest "^Benchmark$1\$" "$2" | tee -a "$out/go-bench.log" | grep '^Benchmark' >&2
 }
 
+# wrk_get ROUND: GETs of random listings, as BenchmarkGetProperty sends
+# them, by wrk: a load generator in C on epoll, as lean as pgbench's client,
+# where the Go benchmark's client costs the shared cores two to four times
+# as much per request (docs/benchmarks.md, "The HTTP tier's ceiling"). The
+# two lines side by side say how much of the gap to pgbench is the load
+# generator's.
+wrk_get() {
+	checkpoint
+	log "wrk GET, $clients connections, ${secs}s (round $1)"
+	cat >"$out/get.lua" <<-'EOF'
+		request = function()
+		  return wrk.format("GET", "/us/properties/" .. math.random(1, 1000))
+		end
+	EOF
+	wrk -t2 -c"$clients" -d"${secs}s" --latency -s "$out/get.lua" "http://127.0.0.1:$(port_of nginx)" >"$out/wrk.$1.log" 2>&1
+}
+
 # pgbench_run MODE ROUND
 pgbench_run() {
 	checkpoint
@@ -81,9 +98,12 @@ measure() {
 	for r in $(seq 1 "$rounds"); do
 		pgbench_run -S "$r"
 		gobench GetProperty 100000x
+		gobench GetRejected 100000x
+		wrk_get "$r"
 		gobench ServiceSQL 1x
 		pgbench_run -N "$r"
 		gobench PutProperty 30000x
+		gobench PutRejected 30000x
 		gobench CreateProperty 15000x
 	done
 	gobench Mixed 60000x
@@ -158,12 +178,28 @@ pgbench_tps() {
 	done
 }
 
+# wrk_figure FIELD: each round's figure from wrk's output: "rps" the
+# requests per second, "p50" and "p99" in ms, "errors" the answers other
+# than 2xx and 3xx and the socket errors.
+wrk_figure() {
+	local r
+	for r in $(seq 1 "$rounds"); do
+		awk -v f="$1" '
+			function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+			$1 == "Requests/sec:" { rps = $2 }
+			$1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
+			/Non-2xx or 3xx responses:/ { errors += $NF }
+			/Socket errors:/ { for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) errors += $i + 0 }
+			END { print f == "rps" ? rps : f == "p50" ? p50 : f == "p99" ? p99 : errors + 0 }' "$out/wrk.$r.log"
+	done
+}
+
 # ratios BENCH MODE: each round's service figure over its pgbench figure;
 # MODE "sql" is the service's own SQL run by pgbench (BenchmarkServiceSQL).
 ratios() {
 	local limit
 	if [ "$2" = sql ]; then limit=$(metric ServiceSQL writes/s); else limit=$(pgbench_tps "$2"); fi
-	paste <(metric "$1" req/s) <(echo "$limit") | awk '{ printf "%.0f%%\n", 100 * $1 / $2 }'
+	paste <(if [ "$1" = wrk ]; then wrk_figure rps; else metric "$1" req/s; fi) <(echo "$limit") | awk '{ printf "%.0f%%\n", 100 * $1 / $2 }'
 }
 ratio_list() { ratios "$1" "$2" | paste -sd, | sed 's/,/, /g'; }
 median_ratio() { ratios "$1" "$2" | sed 's/%//' | median; }
@@ -177,6 +213,7 @@ target() {
 table() {
 	local errors get_ratio put_ratio create_ratio sql_ratio
 	errors=$(awk '/^Benchmark/ { for (i = 3; i < NF; i += 2) if ($(i+1) == "errors") n += $i } END { print n + 0 }' "$out/go-bench.log")
+	errors=$((errors + $(wrk_figure errors | awk '{ n += $1 } END { print n + 0 }')))
 	get_ratio=$(median_ratio GetProperty -S)
 	put_ratio=$(median_ratio PutProperty -N)
 	create_ratio=$(median_ratio CreateProperty -N)
@@ -188,6 +225,10 @@ table() {
 	printf '| pgbench select-only (`-S`), %s clients | %.0f tps | 100%% | - |\n' "$clients" "$(pgbench_tps -S | median)"
 	printf '| GET through NGINX, %s clients | %.0f req/s; %s | **%s%%** of pgbench -S (%s) | %s |\n' "$clients" "$(m GetProperty req/s)" \
 		"$(lat GetProperty)" "$get_ratio" "$(ratio_list GetProperty -S)" "$(target "$get_ratio" '>=' 25 '≥ 25%')"
+	printf '| the HTTP tier alone: GETs the backend rejects before its database (`/us/properties/0`, 400), %s clients (BenchmarkGetRejected) | %.0f req/s; %s | **%s%%** of pgbench -S (%s) | a ceiling on GET |\n' "$clients" \
+		"$(m GetRejected req/s)" "$(lat GetRejected)" "$(median_ratio GetRejected -S)" "$(ratio_list GetRejected -S)"
+	printf '| GET through NGINX by wrk (C, as lean a client as pgbench'"'"'s), %s connections | %.0f req/s; p50 %s ms, p99 %s ms | **%s%%** of pgbench -S (%s) | - |\n' "$clients" \
+		"$(wrk_figure rps | median)" "$(wrk_figure p50 | median)" "$(wrk_figure p99 | median)" "$(median_ratio wrk -S)" "$(ratio_list wrk -S)"
 	printf '| pgbench simple-update (`-N`), %s clients | %.0f tps | 100%% | - |\n' "$clients" "$(pgbench_tps -N | median)"
 	printf '| PUT through NGINX, %s clients | %.0f req/s; %s; %s conflicts | **%s%%** of pgbench -N (%s) | %s |\n' "$clients" "$(m PutProperty req/s)" \
 		"$(lat PutProperty)" "$(m PutProperty conflicts)" "$put_ratio" "$(ratio_list PutProperty -N)" "$(target "$put_ratio" '>=' 50 '≥ 50%')"
@@ -195,6 +236,8 @@ table() {
 		"$clients" "$(m ServiceSQL round_writes)" "$(m ServiceSQL writes/s)" "$(m ServiceSQL us_s)" "$(m ServiceSQL eu_s)"
 	printf '| PUT through NGINX against the service'"'"'s own SQL | | **%s%%** of it (%s) | %s |\n' \
 		"$sql_ratio" "$(ratio_list PutProperty sql)" "$(target "$sql_ratio" '>=' 67 '≥ 67% (within 1.5x)')"
+	printf '| the HTTP tier alone: PUTs the backend decodes and rejects before its database (version 0, 400), %s clients (BenchmarkPutRejected) | %.0f req/s; %s | **%s%%** of pgbench -N (%s); **%s%%** of the service'"'"'s own SQL (%s) | a ceiling on PUT |\n' "$clients" \
+		"$(m PutRejected req/s)" "$(lat PutRejected)" "$(median_ratio PutRejected -N)" "$(ratio_list PutRejected -N)" "$(median_ratio PutRejected sql)" "$(ratio_list PutRejected sql)"
 	printf '| POST through NGINX, %s clients | %.0f req/s; %s | **%s%%** of pgbench -N (%s) | %s |\n' "$clients" "$(m CreateProperty req/s)" \
 		"$(lat CreateProperty)" "$create_ratio" "$(ratio_list CreateProperty -N)" "$(target "$create_ratio" '>=' 50 '≥ 50%')"
 	local n page p99_small p99_large
@@ -260,6 +303,11 @@ bench_main() {
 	test_env
 	cd "$root"
 	mkdir -p "$out"
+	if ! command -v wrk >/dev/null; then
+		[ "$(id -u)" = 0 ] || die "the benchmark needs wrk: apt-get install wrk"
+		log "installing wrk with apt"
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } >&2
+	fi
 	init_pgbench
 	measure
 	[ "$(pgbench_tps -S | wc -l)" = "$rounds" ] && [ "$(pgbench_tps -N | wc -l)" = "$rounds" ] ||

@@ -326,6 +326,54 @@ func BenchmarkPutProperty(b *testing.B) {
 	})
 }
 
+// BenchmarkGetRejected and BenchmarkPutRejected are the HTTP tier alone:
+// the same requests as BenchmarkGetProperty and BenchmarkPutProperty, through
+// NGINX and the backend's every layer (access log, metrics, session token,
+// routing, JSON answer), except that the service rejects each with a 400
+// before it reaches the database: a GET of id 0, and a PUT whose version is
+// 0, which is decoded and validated first. Whatever the database, the
+// relay and Kafka do, a GET or PUT cannot be served faster than these, so
+// they are the ceiling the HTTP tier puts on the ratios to pgbench
+// (docs/benchmarks.md, "The HTTP tier's ceiling").
+func BenchmarkGetRejected(b *testing.B) {
+	s := benchStack(b)
+	conns := make([]*conn, benchClients)
+	for w := range conns {
+		conns[w] = newConn(b, s)
+	}
+	closedLoop(b, "req", func(worker, i int) (result, string) {
+		status, _, err := conns[worker].do("GET", "/us/properties/0", "", "")
+		return rejected(status, err, "GET")
+	})
+}
+
+func BenchmarkPutRejected(b *testing.B) {
+	s := benchStack(b)
+	conns := make([]*conn, benchClients)
+	for w := range conns {
+		conns[w] = newConn(b, s)
+	}
+	run := time.Now().UnixNano()
+	closedLoop(b, "req", func(worker, i int) (result, string) {
+		id := 1 + i%1000
+		status, _, err := conns[worker].do("PUT", "/us/properties/"+strconv.Itoa(id), fmt.Sprintf("bench-%d-%d", run, i),
+			fmt.Sprintf(`{"price": %d.%02d, "version": 0}`, 100000+i%900000, i%100))
+		return rejected(status, err, "PUT")
+	})
+}
+
+// rejected is classify for the requests the service must reject: a 400 is
+// what they are for, and anything else fails the benchmark.
+func rejected(status int, err error, method string) (result, string) {
+	switch {
+	case err != nil:
+		return resultFailed, err.Error()
+	case status == http.StatusBadRequest:
+		return resultOK, ""
+	}
+	return resultFailed, fmt.Sprintf("%s: status %d, not the 400 the benchmark sends it for", method, status)
+}
+
 // BenchmarkCreateProperty is POSTs of new listings in US, each with a
 // fresh request id.
 func BenchmarkCreateProperty(b *testing.B) {

@@ -944,27 +944,32 @@ cmd_chaos() {
 # from /proc: utime and stime of the service's process and of its
 # descendants, with the children it has reaped (cutime, cstime), so that
 # PostgreSQL's connection processes that came and went count too. It
-# prints, per service and for the stack, the CPU seconds and the share of
+# prints, per service, for the stack and for the whole machine (the stack,
+# COMMAND and the kernel: machine_ticks), the CPU seconds and the share of
 # one core over the command's wall time, and with CPU_OPS=N the
 # microseconds per operation: `CPU_OPS=30000 ./stack.sh cpu go test
 # -tags=integration -run '^$' -bench PutProperty -benchtime=30000x .`
 cmd_cpu() {
 	[ $# -gt 0 ] || { echo "usage: stack.sh cpu COMMAND..." >&2; return 2; }
 	local before after start end status=0
-	before=$(cpu_ticks)
+	before="$(cpu_ticks)
+$(machine_ticks)"
 	start=$(date +%s.%N)
 	"$@" || status=$?
 	end=$(date +%s.%N)
-	after=$(cpu_ticks)
+	after="$(cpu_ticks)
+$(machine_ticks)"
 	awk -v hz="$(getconf CLK_TCK)" -v start="$start" -v end="$end" -v ops="${CPU_OPS:-0}" '
 		BEGIN { wall = end - start }
 		NR == FNR { before[$1] = $2; next }
+		$1 == "machine" { machine = ($2 - before[$1]) / hz; next }
 		{ order[++n] = $1; spent[$1] = ($2 - before[$1]) / hz; total += spent[$1] }
 		END {
 			printf "%-12s %10s %12s", "SERVICE", "CPU s", "% of a core"
 			if (ops > 0) printf " %14s", "µs per op"
 			printf "   (%.1f s of wall time%s)\n", wall, (ops > 0 ? ", " ops " ops" : "")
 			order[++n] = "stack"; spent["stack"] = total
+			order[++n] = "machine"; spent["machine"] = machine
 			for (i = 1; i <= n; i++) {
 				s = order[i]
 				printf "%-12s %10.2f %11.1f%%", s, spent[s], 100 * spent[s] / wall
@@ -974,6 +979,13 @@ cmd_cpu() {
 		}' <(echo "$before") <(echo "$after")
 	return "$status"
 }
+
+# machine_ticks prints "machine TICKS": the clock ticks the whole machine
+# has been busy so far, over all its cores (the first line of /proc/stat:
+# user, nice, system, irq, softirq; not steal, the time the hypervisor gave
+# to others), which counts COMMAND itself and the kernel's work no process
+# is charged for, such as loopback packets handled in softirq.
+machine_ticks() { awk '$1 == "cpu" { print "machine", $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
 
 # cpu_ticks prints, for each running service, "SERVICE TICKS": the CPU
 # clock ticks its process tree has spent so far (cmd_cpu).
