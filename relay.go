@@ -418,18 +418,36 @@ func (r *relay) publishRound(ctx context.Context) (full, locked bool, err error)
 // answer it cannot cancel (a request already sent), and may even get one,
 // but the rows stay in the outbox, and the instance that takes the lock
 // publishes them again, which the consumers make harmless.
+//
+// It waits on the records' promises, not in ProduceSync: franz-go fails a
+// record whose context ends only while that is safe, and an idempotent
+// producer's record in a request already sent is not, so ProduceSync can
+// wait for as long as the broker is away, a cancelled context or not, and
+// the round with it: the round's deadline (relayRoundTimeout) and the
+// shutdown's would not hold. The records left behind stay the producer's:
+// they are published when the broker is back, or failed when the client
+// closes, before anything this instance produces later to their partitions.
 func (r *relay) produce(ctx context.Context, tx *sql.Tx, records []*kgo.Record) error {
-	ctx, cancel := context.WithCancel(ctx)
+	ctx, cancel := context.WithTimeout(ctx, relayProduceTimeout)
 	defer cancel()
-	giveUp := time.AfterFunc(relayProduceTimeout, func() {
-		tx.Rollback()
-		cancel()
-	})
-	err := r.producer.ProduceSync(ctx, records...).FirstErr()
-	if !giveUp.Stop() {
-		return fmt.Errorf("no acknowledgement within %v; the lock is left to another instance", relayProduceTimeout)
+	// One answer per record, each sent once: the promise never blocks.
+	acks := make(chan error, len(records))
+	for _, rec := range records {
+		r.producer.Produce(ctx, rec, func(_ *kgo.Record, err error) { acks <- err })
 	}
-	return err
+	var first error
+	for range records {
+		select {
+		case err := <-acks:
+			if first == nil {
+				first = err
+			}
+		case <-ctx.Done():
+			tx.Rollback()
+			return fmt.Errorf("no acknowledgement within %v; the lock is left to another instance", relayProduceTimeout)
+		}
+	}
+	return first
 }
 
 // lock takes the relay's advisory lock in tx, and reports whether it got it.

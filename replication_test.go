@@ -13,6 +13,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -270,6 +271,18 @@ func TestReplicationSurvivesKafkaOutage(t *testing.T) {
 		return s.lag(t, "eu").LagSeconds >= first+2
 	})
 	t.Logf("eu lag with Kafka down: %.1fs, and growing", s.lag(t, "eu").LagSeconds)
+
+	// A backend stops in order with Kafka away, its writes waiting in the
+	// outbox: within its shutdown budget (main.go), not killed when the
+	// grace period ends. Its relay's round was waiting for a broker that
+	// went away with a request of it unanswered, which franz-go cannot
+	// cancel (relay.produce).
+	s.control(t, "stop", "backend-us")
+	logs := s.control(t, "logs", "backend-us")
+	if last := strings.LastIndex(logs, `"msg":"shutting down"`); last < 0 || !strings.Contains(logs[last:], `"msg":"stopped"`) {
+		t.Errorf("backend-us did not stop in order with Kafka down: its log has no \"stopped\" after its last \"shutting down\"")
+	}
+	s.start(t, "backend-us")
 
 	s.start(t, "kafka")
 	recovered := time.Now()
