@@ -154,7 +154,7 @@ list_pages() {
 	gobench ListPage 2000x
 	gobench Rejoin 1x
 	for region in us eu; do
-		sql_in "$region" "DELETE FROM properties WHERE id > 10000000"
+		sql_in "$region" "DELETE FROM properties WHERE id > 10000000 AND id <= 11000000"
 		sql_in "$region" "VACUUM ANALYZE properties"
 	done
 }

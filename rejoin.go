@@ -51,7 +51,9 @@ package main
 //     are in the log above the low watermark.
 //  5. when the consumers have reached the end of the log as it was after
 //     step 4, moves the id sequence past every id of the region's it now
-//     holds and deletes the row: the region serves again.
+//     holds, and a billion ids further (those its lost creates may have
+//     had, which nobody holds), and deletes the row: the region serves
+//     again.
 //
 // A copy is not judged again: the write it carries was judged by the
 // region that applied it, and any conflict it lost was recorded there. So
@@ -968,10 +970,20 @@ func storedPositions(ctx context.Context, db *sql.DB, topic string) (map[int32]i
 	return at, rows.Err()
 }
 
+// lostIDsAtMost is how many ids of its own a region's database can have
+// handed out and lost without a trace when it goes back in time: creates
+// that were still in its outbox, which neither the peer nor the topic
+// holds. A rejoin skips that many of the region's ids, so that none of
+// them is handed out again (docs/semantics.md, §12). Far more than an
+// outbox ever held (the relay drains a million events in under a minute);
+// the ids are 64-bit, so each rejoin spends a few billionths of them.
+const lostIDsAtMost = 1 << 30
+
 // finish moves the region's id sequence past every id of its own that it
-// holds now, the peer's included, and deletes the rejoin row: the region
+// holds now, the peer's included, and past the lostIDsAtMost after the
+// greatest it or its sequence knows, and deletes the rejoin row: the region
 // serves again. Ids from 1001 on alternate between the regions, US the odd
-// ones (init.sql).
+// ones (init.sql), so a skip of 2*lostIDsAtMost keeps the region's parity.
 func (j *rejoiner) finish(ctx context.Context) error {
 	seq := "property_ids_" + j.region
 	parity := 1
@@ -987,11 +999,12 @@ func (j *rejoiner) finish(ctx context.Context) error {
 	if err := tx.QueryRowContext(ctx, `SELECT max(id) FROM properties WHERE id > 1000 AND id % 2 = $1`, parity).Scan(&highest); err != nil {
 		return fmt.Errorf("rejoin: highest id: %w", err)
 	}
-	if highest.Valid {
-		// seq is one of two constant names: no injection is possible.
-		if _, err := tx.ExecContext(ctx, `SELECT setval('`+seq+`', GREATEST(last_value, $1)) FROM `+seq, highest.Int64); err != nil {
-			return fmt.Errorf("rejoin: move the id sequence: %w", err)
-		}
+	// seq is one of two constant names: no injection is possible.
+	// GREATEST ignores a NULL highest: a region that holds no id of its own.
+	var next int64
+	if err := tx.QueryRowContext(ctx, `SELECT setval('`+seq+`', GREATEST(last_value, $1) + $2) + 2 FROM `+seq,
+		highest, 2*lostIDsAtMost).Scan(&next); err != nil {
+		return fmt.Errorf("rejoin: move the id sequence: %w", err)
 	}
 	if _, err := tx.ExecContext(ctx, `DELETE FROM rejoin`); err != nil {
 		return err
@@ -999,7 +1012,8 @@ func (j *rejoiner) finish(ctx context.Context) error {
 	if err := tx.Commit(); err != nil {
 		return err
 	}
-	j.logger.Info("rejoin: the id sequence is past every id of this region's", "sequence", seq, "highest_held", highest.Int64)
+	j.logger.Info("rejoin: the id sequence skipped the ids a lost database may have handed out",
+		"sequence", seq, "highest_held", highest.Int64, "next_id", next)
 	return nil
 }
 
