@@ -762,6 +762,11 @@ func faultKinds(topology string) []faultKind {
 	}
 	kinds := []faultKind{
 		{"kill a backend", backends, command("kill"), command("start"), nil},
+		// An orderly stop, as a deploy's: whatever else is failing, the
+		// backend must stop within its shutdown budget (main.go).
+		// ./stack.sh stop fails when it had to kill it, and so does the
+		// fault, and the campaign.
+		{"stop a backend", backends, command("stop"), command("start"), nil},
 		{"pause a backend", backends, command("pause"), command("unpause"), nil},
 		{"kill a broker", brokers, command("kill"), command("start"), nil},
 		{"pause a broker", brokers, command("pause"), command("unpause"), nil},

@@ -317,13 +317,17 @@ func (c *consumer) stoppedReason() string {
 // (BlockRebalanceOnPoll) if the consumer stopped before applying it; that
 // batch was not committed, so letting the partitions go is right. Leaving
 // waits for a join in progress, which the broker may hold for a long time,
-// hence the deadline; after it, Close is immediate.
+// hence the deadline. franz-go's documentation says Close is then
+// immediate; with a silent broker it is not (it leaves the group again, and
+// waits), so Close has the same deadline (replicator.close).
 func (c *consumer) close(ctx context.Context) {
 	c.client.AllowRebalance()
 	if err := c.client.LeaveGroupContext(ctx); err != nil {
 		c.logger.Warn("leave consumer group", "err", err)
 	}
-	c.client.Close()
+	if !returnsWithin(ctx, c.client.Close) {
+		c.logger.Warn("close consumer: not closed in time; left to the exit")
+	}
 }
 
 // mark is what the heartbeats of one partition in a batch say: the newest

@@ -277,12 +277,36 @@ func (r *replicator) topicKeeps(ctx context.Context) (time.Duration, error) {
 
 // close flushes what the producer still holds, leaves the consumer group and
 // closes both clients, all within ctx. Call it after run has returned.
+//
+// franz-go's Close has no deadline of its own: it leaves the group and
+// waits until it has, and a broker that is silent (hung, or behind a link
+// that drops packets) never answers. So each Close gets what is left of
+// ctx, and a client still closing then is left to the process's exit,
+// which closes its connections; what it held is in the outbox, or applied.
 func (r *replicator) close(ctx context.Context) {
 	if err := r.producer.Flush(ctx); err != nil {
 		r.logger.Warn("flush producer", "err", err)
 	}
-	r.producer.Close()
+	if !returnsWithin(ctx, r.producer.Close) {
+		r.logger.Warn("close producer: not closed in time; left to the exit")
+	}
 	r.consumer.close(ctx)
+}
+
+// returnsWithin runs f and waits for it until ctx ends. It reports whether f
+// returned; if not, f goes on running, unwaited for.
+func returnsWithin(ctx context.Context, f func()) bool {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	select {
+	case <-done:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // ensureTopics creates the topic and its dead-letter queue if they do not

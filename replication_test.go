@@ -273,15 +273,10 @@ func TestReplicationSurvivesKafkaOutage(t *testing.T) {
 	t.Logf("eu lag with Kafka down: %.1fs, and growing", s.lag(t, "eu").LagSeconds)
 
 	// A backend stops in order with Kafka away, its writes waiting in the
-	// outbox: within its shutdown budget (main.go), not killed when the
-	// grace period ends. Its relay's round was waiting for a broker that
-	// went away with a request of it unanswered, which franz-go cannot
-	// cancel (relay.produce).
-	s.control(t, "stop", "backend-us")
-	logs := s.control(t, "logs", "backend-us")
-	if last := strings.LastIndex(logs, `"msg":"shutting down"`); last < 0 || !strings.Contains(logs[last:], `"msg":"stopped"`) {
-		t.Errorf("backend-us did not stop in order with Kafka down: its log has no \"stopped\" after its last \"shutting down\"")
-	}
+	// outbox. Its relay's round was waiting for a broker that went away
+	// with a request of it unanswered, which franz-go cannot cancel
+	// (relay.produce).
+	stopInOrder(t, s, "backend-us")
 	s.start(t, "backend-us")
 
 	s.start(t, "kafka")
@@ -290,6 +285,40 @@ func TestReplicationSurvivesKafkaOutage(t *testing.T) {
 	t.Logf("both regions caught up %v after Kafka was back; eu lag %.3fs", time.Since(recovered), s.lag(t, "eu").LagSeconds)
 	waitIdentical(t, us, eu, 30*time.Second)
 	assertDelivered(t, eu, acked)
+}
+
+// TestBackendStopsWithKafkaSilent stops a backend in order while the broker
+// is frozen: its connections stay open and nothing answers, as with a hung
+// broker or a link that drops packets. franz-go's Close waits to leave the
+// consumer group with no deadline of its own (replicator.close). The write
+// made meanwhile waits in the outbox and arrives once the broker is back.
+func TestBackendStopsWithKafkaSilent(t *testing.T) {
+	s := newStack(t)
+	s.caughtUp(t, 30*time.Second)
+	thaw := s.freeze(t, "kafka")
+	status, got := s.put(t, "eu", 421, newRequestID("kafka-silent"), 4210_00)
+	if status != http.StatusOK {
+		t.Fatalf("PUT /eu/properties/421 with the broker frozen = %d %+v, want 200", status, got)
+	}
+	stopInOrder(t, s, "backend-eu")
+	thaw()
+	s.start(t, "backend-eu")
+	s.waitReplicated(t, "us", got.Property, 60*time.Second)
+}
+
+// stopInOrder stops a backend as an orchestrator does (SIGTERM) and fails
+// the test unless it stopped in order, within its shutdown budget (main.go):
+// ./stack.sh stop fails when it had to kill it after 30 s, and its log must
+// say "stopped" after its last "shutting down" (docker compose stop kills
+// without failing).
+func stopInOrder(t *testing.T, s *stack, backend string) {
+	t.Helper()
+	t.Cleanup(func() { s.start(t, backend) })
+	s.control(t, "stop", backend)
+	logs := s.control(t, "logs", backend)
+	if last := strings.LastIndex(logs, `"msg":"shutting down"`); last < 0 || !strings.Contains(logs[last:], `"msg":"stopped"`) {
+		t.Errorf("%s did not stop in order: its log has no \"stopped\" after its last \"shutting down\"", backend)
+	}
 }
 
 func TestReplicationSurvivesCrash(t *testing.T) {
