@@ -589,3 +589,44 @@ func TestSessionMonotonicReads(t *testing.T) {
 		t.Errorf("EU's answer carries %q, want the token it was sent, %q: it showed nothing of EU's own", next, token)
 	}
 }
+
+// TestSessionAcrossAClockSetBack sets EU's database clock back by 5 s (a
+// restart under libfaketime, as the fault campaign's clock faults do),
+// then writes in EU and reads through US with the write's token at once.
+// US holds a watermark of EU from before the step, ahead of EU's clock
+// now: had EU served at once, its write would carry a time US has vouched
+// for already, and US would answer the older state. EU serves again only
+// once its clock has passed that watermark (rejoin.go, clockPast).
+func TestSessionAcrossAClockSetBack(t *testing.T) {
+	s := newStack(t)
+	const id = 434
+	path := fmt.Sprintf("/eu/properties/%d", id)
+	s.caughtUp(t, 30*time.Second)
+	// A write in EU, so that US's watermark of EU is a fresh one.
+	if status, got := s.put(t, "eu", id, newRequestID("clock-before"), 4340_00); status != http.StatusOK {
+		t.Fatalf("PUT %s = %d %+v", path, status, got)
+	}
+	s.caughtUp(t, 30*time.Second)
+
+	t.Cleanup(func() { s.control(t, "unskew", "db-eu") })
+	s.control(t, "skew", "db-eu", "-5")
+	waitFor(t, 30*time.Second, "eu serving again after its clock was set back", func() bool {
+		status, servedBy, _, err := s.do("GET", "/eu/health", "", "")
+		return err == nil && status == http.StatusOK && servedBy == "eu"
+	})
+	before := s.current(t, "eu", id)
+	status, h, wrote := sessionDo(t, s, "PUT", path, "", newRequestID("clock-after"), fmt.Sprintf(`{"price": 4341, "version": %d}`, before.Version))
+	token := h.Get(sessionHeader)
+	if status != http.StatusOK || h.Get("X-Served-By") != "eu" || !strings.Contains(token, "eu=") {
+		t.Fatalf("PUT %s = %d %+v from %s, token %q; want 200 from eu", path, status, wrote, h.Get("X-Served-By"), token)
+	}
+	us := fmt.Sprintf("/us/properties/%d", id)
+	status, h, got := sessionDo(t, s, "GET", us, token, "", "")
+	if status == http.StatusOK && got.Version < wrote.Version {
+		t.Fatalf("GET %s with the token of EU's write = version %d from %s, older than the session's %d: US vouched for EU's new write before it was made",
+			us, got.Version, h.Get("X-Served-By"), wrote.Version)
+	}
+	if status != http.StatusOK && status != http.StatusServiceUnavailable {
+		t.Fatalf("GET %s with the token = %d %+v", us, status, got)
+	}
+}

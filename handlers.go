@@ -151,13 +151,20 @@ type publishedAnswer struct {
 	// partition of the topic, read with it.
 	Published int64           `json:"published"`
 	Positions map[int32]int64 `json:"positions"`
+	// Watermark is the newest of this region's watermarks of Region, a
+	// time of Region's clock: Region's sessions are vouched for up to it
+	// here, so its new writes must not carry an earlier time (rejoin.go,
+	// clockBehind). Absent before the first heartbeat.
+	Watermark *time.Time `json:"watermark,omitempty"`
 }
 
 // publishedSQL reads publishedAnswer's figures in one statement, so that
 // they go together. Every event this region applies is the other
 // region's: the highest seq of them is the other region's (event.seq).
+// The watermarks are saved in the transaction that moves the positions.
 const publishedSQL = `
-SELECT coalesce(max(published), 0), coalesce(json_object_agg(partition, next_offset), '{}')
+SELECT coalesce(max(published), 0), coalesce(json_object_agg(partition, next_offset), '{}'),
+       (SELECT max(watermark) FROM replication_watermarks WHERE peer_region = $2)
 FROM replication_positions WHERE topic = $1`
 
 // handlePublished answers the other region's check (rejoin.go) on topic.
@@ -171,7 +178,7 @@ func handlePublished(logger *slog.Logger, region string, db *sql.DB, topic strin
 		ctx, cancel := context.WithTimeout(r.Context(), dbTimeout)
 		defer cancel()
 		var positions []byte
-		if err := db.QueryRowContext(ctx, publishedSQL, topic).Scan(&a.Published, &positions); err != nil {
+		if err := db.QueryRowContext(ctx, publishedSQL, topic, a.Region).Scan(&a.Published, &positions, &a.Watermark); err != nil {
 			encodeError(w, r, logger, err)
 			return
 		}

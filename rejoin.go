@@ -153,6 +153,9 @@ type rejoiner struct {
 	// peerDown remembers that the last check found no peer to ask, so
 	// that it is logged once, not every second.
 	peerDown bool
+	// clockBehind remembers that the last check found the database's clock
+	// behind the peer's watermark (clockPast), so that it is logged once.
+	clockBehind bool
 	// checked is when the database last checked had started
 	// (pg_postmaster_start_time), nil before the first check: a
 	// connection to a database started since is not admitted (admit).
@@ -257,6 +260,13 @@ func (j *rejoiner) step(ctx context.Context) {
 		switch {
 		case started == nil:
 			return // the database did not answer: check again
+		case errors.Is(err, errClockBehind):
+			// Not even at start, nor when it ran serving: until the clock
+			// is past what the peer vouches for, no request is answered.
+			if s := j.status.Load(); s.State == stateServing {
+				j.status.CompareAndSwap(s, &rejoinStatus{State: stateChecking})
+			}
+			return
 		case err != nil && j.restartedUnder(started):
 			// The database restarted under this instance, and the peer
 			// cannot say whether it came back from a backup. Serving it
@@ -351,7 +361,7 @@ func (j *rejoiner) check(ctx context.Context) (reason string, started *time.Time
 	if err := j.db.QueryRowContext(ctx, outboxSeqSQL).Scan(&local, &at); err != nil {
 		return "", nil, err
 	}
-	published, err := j.peerPublished(ctx, at)
+	published, watermark, err := j.peerPublished(ctx, at)
 	if err == nil {
 		// The outbox sequence again, after the peer's answer: the writes
 		// this region made and published while the question was on its
@@ -390,6 +400,9 @@ func (j *rejoiner) check(ctx context.Context) (reason string, started *time.Time
 	}
 	j.peerDown = false
 	if published <= local {
+		if err := j.clockPast(ctx, watermark); err != nil {
+			return "", &at, err
+		}
 		if j.checked.Load() == nil || !j.checked.Load().Equal(at) {
 			j.logger.Info("rejoin: the database checked against the peer", "outbox_seq", local, "peer_saw_published", published, "database_started", at)
 		}
@@ -397,6 +410,38 @@ func (j *rejoiner) check(ctx context.Context) (reason string, started *time.Time
 	}
 	return fmt.Sprintf("this database's outbox has handed out seqs up to %d, but %s saw this region publish up to %d: "+
 		"it lost writes that had left it (restored from an older backup, or replaced)", local, peerOf(j.region), published), &at, nil
+}
+
+// errClockBehind is a check that found this database's clock behind the
+// watermark the peer holds of this region.
+var errClockBehind = errors.New("this database's clock is behind the watermark the other region holds of this region")
+
+// clockPast returns errClockBehind until this database's clock has passed
+// watermark, the newest watermark the peer holds of this region. A
+// region's clock that stepped back (a database restarted under a clock
+// set back, or stepped by NTP) would stamp new writes with times the peer
+// has vouched for already: a session that saw one could be answered there
+// without it (session.go), and the lag could read low. So the region does
+// not serve until its clock is past every time it announced, which for a
+// clock set back by Δ is Δ after its last heartbeat at most.
+func (j *rejoiner) clockPast(ctx context.Context, watermark *time.Time) error {
+	if watermark == nil {
+		return nil
+	}
+	var now time.Time
+	if err := j.db.QueryRowContext(ctx, `SELECT clock_timestamp()`).Scan(&now); err != nil {
+		return err
+	}
+	if now.After(*watermark) {
+		j.clockBehind = false
+		return nil
+	}
+	if !j.clockBehind {
+		j.logger.Warn("rejoin: this database's clock is behind the watermark the other region holds of this region: it stepped back; not serving until it passes it",
+			"clock", now, "watermark", *watermark, "behind", watermark.Sub(now))
+	}
+	j.clockBehind = true
+	return fmt.Errorf("%w by %v", errClockBehind, watermark.Sub(now))
 }
 
 // readTopicOurselves reports whether this region's consumer has read
@@ -464,10 +509,10 @@ var errPeerBehind = errors.New("the peer has not read every record produced befo
 // published before that; then the peer's number is complete. For a
 // database that has run for a while the peer is long past that point, and
 // answers at once, under any load.
-func (j *rejoiner) peerPublished(ctx context.Context, started time.Time) (int64, error) {
+func (j *rejoiner) peerPublished(ctx context.Context, started time.Time) (int64, *time.Time, error) {
 	ends, err := j.endsBefore(ctx, started)
 	if err != nil {
-		return 0, fmt.Errorf("the topic's end: %w", err)
+		return 0, nil, fmt.Errorf("the topic's end: %w", err)
 	}
 	var errs []error
 	for _, base := range j.peers {
@@ -476,14 +521,14 @@ func (j *rejoiner) peerPublished(ctx context.Context, started time.Time) (int64,
 		if err == nil {
 			for p, end := range ends {
 				if body.Positions[p] < end {
-					return 0, fmt.Errorf("%w: partition %d at %d of %d", errPeerBehind, p, body.Positions[p], end)
+					return 0, nil, fmt.Errorf("%w: partition %d at %d of %d", errPeerBehind, p, body.Positions[p], end)
 				}
 			}
-			return body.Published, nil
+			return body.Published, body.Watermark, nil
 		}
 		errs = append(errs, err)
 	}
-	return 0, errors.Join(errs...)
+	return 0, nil, errors.Join(errs...)
 }
 
 // get GETs url within timeout and decodes its JSON answer into v.
