@@ -305,12 +305,19 @@ func newWriters(b *testing.B, s *stack) []*writer {
 	return writers
 }
 
-func BenchmarkGetProperty(b *testing.B) {
-	s := benchStack(b)
+// newConns returns one connection per benchmark client.
+func newConns(b *testing.B, s *stack) []*conn {
+	b.Helper()
 	conns := make([]*conn, benchClients)
 	for w := range conns {
 		conns[w] = newConn(b, s)
 	}
+	return conns
+}
+
+func BenchmarkGetProperty(b *testing.B) {
+	s := benchStack(b)
+	conns := newConns(b, s)
 	closedLoop(b, "req", func(worker, i int) (result, string) {
 		id := 1 + rand.IntN(1000)
 		status, _, err := conns[worker].do("GET", "/us/properties/"+strconv.Itoa(id), "", "")
@@ -337,10 +344,7 @@ func BenchmarkPutProperty(b *testing.B) {
 // (docs/benchmarks.md, "The HTTP tier's ceiling").
 func BenchmarkGetRejected(b *testing.B) {
 	s := benchStack(b)
-	conns := make([]*conn, benchClients)
-	for w := range conns {
-		conns[w] = newConn(b, s)
-	}
+	conns := newConns(b, s)
 	closedLoop(b, "req", func(worker, i int) (result, string) {
 		status, _, err := conns[worker].do("GET", "/us/properties/0", "", "")
 		return rejected(status, err, "GET")
@@ -349,10 +353,7 @@ func BenchmarkGetRejected(b *testing.B) {
 
 func BenchmarkPutRejected(b *testing.B) {
 	s := benchStack(b)
-	conns := make([]*conn, benchClients)
-	for w := range conns {
-		conns[w] = newConn(b, s)
-	}
+	conns := newConns(b, s)
 	run := time.Now().UnixNano()
 	closedLoop(b, "req", func(worker, i int) (result, string) {
 		id := 1 + i%1000
@@ -378,10 +379,7 @@ func rejected(status int, err error, method string) (result, string) {
 // fresh request id.
 func BenchmarkCreateProperty(b *testing.B) {
 	s := benchStack(b)
-	conns := make([]*conn, benchClients)
-	for w := range conns {
-		conns[w] = newConn(b, s)
-	}
+	conns := newConns(b, s)
 	run := time.Now().UnixNano()
 	closedLoop(b, "req", func(worker, i int) (result, string) {
 		status, _, err := conns[worker].do("POST", "/us/properties", fmt.Sprintf("bench-create-%d-%d", run, i),

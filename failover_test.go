@@ -505,7 +505,7 @@ func TestSessionReadsItsWriteAcrossFailover(t *testing.T) {
 	if status != http.StatusOK || !strings.Contains(token, "us=") {
 		t.Fatalf("PUT %s = %d %+v, token %q", path, status, wrote, token)
 	}
-	s.stop(t, "backend-us", true) // killed: a graceful stop would wait for the frozen broker
+	s.stop(t, "backend-us", true) // killed, as a crash: the write stays in its outbox
 
 	behind(t, s, path, token, "GET "+path+" with the token")
 	status, h, got := sessionDo(t, s, "GET", path, "", "", "")
