@@ -154,7 +154,7 @@ type publishedAnswer struct {
 	// Watermark is the newest of this region's watermarks of Region, a
 	// time of Region's clock: Region's sessions are vouched for up to it
 	// here, so its new writes must not carry an earlier time (rejoin.go,
-	// clockBehind). Absent before the first heartbeat.
+	// clockPast). Absent before the first heartbeat.
 	Watermark *time.Time `json:"watermark,omitempty"`
 }
 

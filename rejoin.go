@@ -1021,7 +1021,8 @@ func storedPositions(ctx context.Context, db *sql.DB, topic string) (map[int32]i
 // holds. A rejoin skips that many of the region's ids, so that none of
 // them is handed out again (docs/semantics.md, §12). Far more than an
 // outbox ever held (the relay drains a million events in under a minute);
-// the ids are 64-bit, so each rejoin spends a few billionths of them.
+// the ids are 64-bit, so each rejoin spends 2^31 of 2^63: one in four
+// billion.
 const lostIDsAtMost = 1 << 30
 
 // finish moves the region's id sequence past every id of its own that it
